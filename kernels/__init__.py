@@ -1,0 +1,240 @@
+"""The sparse-training kernels, callable from plain NumPy code.
+
+Every function takes the sparse weight W (m × n) as one of
+
+- a ``sparsecore.CSR`` (validated once when built, then trusted; it caches its transpose
+  structure and thread blocks, so repeated calls pay nothing for them),
+- a ``scipy.sparse`` matrix or array of any format and index dtype (converted on every call:
+  O(nnz); wrap it once with ``sparsecore.CSR.from_scipy`` when calling in a loop),
+- a tuple ``(indptr, indices, data, shape)`` of NumPy arrays (fully validated on every call),
+
+and dense operands as NumPy arrays. Activations are feature-major by default (``layout="feature"``:
+X is n × B, Y is m × B, so each nonzero touches one contiguous row of length B); with
+``layout="batch"`` they are batch-major (X is B × n, Y is B × m), at the cost of a transposed copy
+of each dense operand. Dense operands are used as float32 C-contiguous arrays (others are
+converted, a copy). ``out=`` must have exactly the result's shape, dtype float32 and be
+C-contiguous; it is overwritten entirely.
+
+CuPy arrays are recognised and refused with a clear NotImplementedError until the CUDA kernels
+land; importing this package never needs CuPy.
+
+Threads: see ``sparsecore.threading_info()`` for the setup that keeps Numba's and the BLAS's
+threads from spinning against each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import sparsecore  # noqa: F401  (configures threads before Numba starts)
+from kernels import config
+from kernels.cpu import drop as _drop
+from kernels.cpu import grow as _grow
+from kernels.cpu import merge as _merge
+from kernels.cpu import sddmm as _sddmm
+from kernels.cpu import spmm as _spmm
+from kernels.cpu import spmm_t as _spmm_t
+from sparsecore import validation as V
+from sparsecore.formats import CSR, as_csr
+
+__all__ = [
+    "spmm",
+    "spmm_t",
+    "sddmm",
+    "topk_grow",
+    "magnitude_drop",
+    "merge",
+    "remap",
+    "config",
+]
+
+
+def _dense_in(a, name, n_rows, layout, *, finite=False):
+    """Feature-major float32 C-contiguous view/copy of a dense operand, checked."""
+    if V.is_cupy_array(a):
+        V.raise_cupy(name)
+    if layout == "batch":
+        a = V.as_operand(a, name, None, finite=finite)
+        if a.shape[1] != n_rows:
+            raise ValueError(f"{name} has shape {a.shape}, expected (batch, {n_rows})")
+        return np.ascontiguousarray(a.T)
+    return V.as_operand(a, name, n_rows, finite=finite)
+
+
+def _dense_out(result_fm, out, name, layout):
+    """Return the feature-major result, or write it (transposed for 'batch') into ``out``."""
+    if layout == "batch":
+        if out is None:
+            return np.ascontiguousarray(result_fm.T)
+        out[...] = result_fm.T
+        return out
+    return result_fm
+
+
+def _prepare_out(out, name, rows, batch, layout):
+    shape = (batch, rows) if layout == "batch" else (rows, batch)
+    if out is not None:
+        V.check_out(out, name, shape)
+    if layout == "batch" or out is None:
+        return np.empty((rows, batch), dtype=np.float32)
+    return out
+
+
+def spmm(W, X, *, out=None, layout: str = "feature"):
+    """Forward product Y = W·X.
+
+    Maths: ``Y[i, b] = Σ_j W[i, j] X[j, b]`` over the stored entries of W.
+    Shapes: W (m, n); X (n, B) -> Y (m, B)  [layout="batch": X (B, n) -> Y (B, m)].
+    Dtypes: float32 values, int32/int64 indices; Y float32.
+    Cost: 2·nnz·B flops, O(m·B) memory for Y; threads split rows by nonzeros.
+    """
+    layout = V.check_layout(layout)
+    W = as_csr(W)
+    m, n = W.shape
+    X = _dense_in(X, "X", n, layout)
+    y = _prepare_out(out, "out", m, X.shape[1], layout)
+    _spmm.spmm(W.indptr, W.indices, W.data, X, y, W.row_blocks())
+    return _dense_out(y, out, "out", layout)
+
+
+def spmm_t(W, dY, *, out=None, layout: str = "feature"):
+    """Backward product to the inputs dX = Wᵀ·dY, race-free (no atomics).
+
+    Maths: ``dX[j, b] = Σ_i W[i, j] dY[i, b]``.
+    Shapes: W (m, n); dY (m, B) -> dX (n, B)  [layout="batch": dY (B, m) -> dX (B, n)].
+    Cost: 2·nnz·B flops; uses W's transpose structure (built once per pattern, O(nnz + n),
+    cached on a CSR, rebuilt on every call for scipy or raw-array input).
+    """
+    layout = V.check_layout(layout)
+    W = as_csr(W)
+    m, n = W.shape
+    dY = _dense_in(dY, "dY", m, layout)
+    dx = _prepare_out(out, "out", n, dY.shape[1], layout)
+    t_indptr, t_indices, t_perm = W.transpose_structure()
+    _spmm_t.spmm_t(t_indptr, t_indices, t_perm, W.data, dY, dx, W.col_blocks())
+    return _dense_out(dx, out, "out", layout)
+
+
+def sddmm(W, dY, X, *, out=None, layout: str = "feature"):
+    """Weight gradient at the stored entries only: dW[p] = (dY·Xᵀ)[i, j] for entry p = (i, j).
+
+    Maths: ``dW[p] = Σ_b dY[i, b] X[j, b]``.
+    Shapes: W (m, n); dY (m, B); X (n, B) -> dW (nnz,) in W's CSR order (aligned with W.data)
+    [layout="batch": dY (B, m), X (B, n)].
+    Cost: 2·nnz·B flops, nnz floats of output: never the dense m × n gradient.
+    """
+    layout = V.check_layout(layout)
+    W = as_csr(W)
+    m, n = W.shape
+    dY = _dense_in(dY, "dY", m, layout)
+    X = _dense_in(X, "X", n, layout)
+    if dY.shape[1] != X.shape[1]:
+        raise ValueError(f"dY and X disagree on the batch size: {dY.shape[1]} vs {X.shape[1]}")
+    if out is None:
+        out = np.empty(W.nnz, dtype=np.float32)
+    else:
+        V.check_out(out, "out", (W.nnz,))
+    return _sddmm.sddmm(W.indptr, W.indices, dY, X, out, W.row_blocks())
+
+
+def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=None):
+    """The k absent connections with the largest |dY·Xᵀ|: RigL's grow step, fused and tiled.
+
+    Maths: scores S = |dY·Xᵀ| (m × n, never formed whole); among (i, j) not stored in W (or
+    stored with ``keep[p] = False``), return the k largest, ties to the lower flat index i·n + j.
+    Shapes: W (m, n); dY (m, B); X (n, B) [layout="batch": (B, m), (B, n)]; keep (nnz,) bool.
+    Returns (rows, cols, scores): int32 (int64 when m·n needs it) and float32 arrays of length k,
+    listed in ascending (row, col) order, ready for ``merge``.
+    Cost: m·n·B multiply-adds (float32 BLAS, one tile at a time) + O(m·n) scans; extra memory
+    O(tile + k): ``config.TOPK_TILE_BYTES`` (or ``tile_bytes``) plus about 12·k bytes.
+    Scores are float32: pairs whose float64 scores differ by less than float32 rounding may be
+    ordered differently from a float64 computation.
+    """
+    layout = V.check_layout(layout)
+    W = as_csr(W)
+    m, n = W.shape
+    dY = _dense_in(dY, "dY", m, layout, finite=True)
+    X = _dense_in(X, "X", n, layout, finite=True)
+    if dY.shape[1] != X.shape[1]:
+        raise ValueError(f"dY and X disagree on the batch size: {dY.shape[1]} vs {X.shape[1]}")
+    if keep is not None:
+        keep = V.check_mask(keep, "keep", W.nnz)
+        n_present = int(np.count_nonzero(keep))
+    else:
+        n_present = W.nnz
+    k = V.check_int(k, "k", low=0, high=m * n - n_present)
+    if tile_bytes is not None:
+        tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
+    return _grow.topk_grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
+
+
+def magnitude_drop(W, k):
+    """Positions (into W.data, ascending, int64) of the k stored entries with the smallest |w|.
+
+    Ties go to the lower position, so the result is deterministic. W may be any accepted sparse
+    form, or a 1-D array of values. Cost O(nnz).
+    """
+    if isinstance(W, np.ndarray) and W.ndim == 1:
+        data = W
+        if data.dtype.kind not in "fiu":
+            raise TypeError(f"W values must be real numbers, got dtype {data.dtype}")
+        if data.size and not np.isfinite(data).all():
+            raise ValueError("W values must be finite, but they hold NaN or inf")
+    else:
+        data = as_csr(W).data
+        if data.size and not np.isfinite(data).all():
+            raise ValueError("W.data must be finite, but it holds NaN or inf")
+    k = V.check_int(k, "k", low=0, high=data.shape[0])
+    return _drop.magnitude_drop(data, k)
+
+
+def merge(W, keep, grow_rows, grow_cols):
+    """A topology update: keep some stored entries, add grown ones; returns (new W, src).
+
+    ``keep`` (nnz,) bool marks the entries that stay; (grow_rows, grow_cols) are the new
+    connections, each absent from the kept set, in any order and without repeats. A grown entry
+    that was stored before (dropped and regrown in the same update) keeps its old value; the
+    others start at 0. The new W is canonical CSR; ``src`` (new nnz,) int64 gives for each new
+    entry its position in the old arrays, or -1: carry per-nonzero state (optimizer moments) with
+    ``remap(src, old_array)``. Cost O(nnz + g) plus O(g log g) to order the grown entries.
+    """
+    W = as_csr(W)
+    m, n = W.shape
+    keep = V.check_mask(keep, "keep", W.nnz)
+    rows, cols = V.check_coords(grow_rows, grow_cols, W.shape, "grown")
+    needed = V.index_dtype_for(m, n, int(np.count_nonzero(keep)) + rows.shape[0])
+    idx = np.promote_types(W.indices.dtype, needed).type  # never narrower than W's
+    grow_indptr = np.zeros(m + 1, dtype=idx)
+    np.cumsum(np.bincount(rows, minlength=m), out=grow_indptr[1:])
+    indptr, indices = W.indptr, W.indices
+    if indptr.dtype != idx:
+        indptr, indices = indptr.astype(idx), indices.astype(idx)
+    new_indptr, new_indices, src, conflicts = _merge.merge(
+        indptr, indices, keep, grow_indptr, cols.astype(idx)
+    )
+    if conflicts:
+        raise ValueError(
+            f"{conflicts} grown entries are already present in W and kept; grow only "
+            "connections that are absent (or dropped in this update)"
+        )
+    data = _merge.remap(src, W.data)
+    return W.with_pattern(new_indptr, new_indices, data), src
+
+
+def remap(src, values, fill=0.0):
+    """Carry a per-nonzero array across ``merge``: out[w] = values[src[w]], or ``fill`` if src<0."""
+    src = np.asarray(src)
+    values = np.asarray(values)
+    if src.ndim != 1 or src.dtype.kind not in "iu":
+        raise TypeError(f"src must be a 1-D integer array, got {src.dtype} shape {src.shape}")
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+    if src.size and src.max() >= values.shape[0]:
+        raise ValueError(f"src points at position {src.max()}, but values has {values.shape[0]}")
+    return _merge.remap(src, values, fill)
+
+
+def __getattr__(name):
+    if name == "CSR":
+        return CSR
+    raise AttributeError(name)

@@ -1,0 +1,24 @@
+"""Tunables of the kernels, in one place.
+
+Launchers read these at call time (not at import), so tests can shrink tiles to force the
+multi-tile paths on small inputs, e.g.
+``monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)``.
+"""
+
+# Numba compile flags shared by every CPU kernel. fastmath lets LLVM reassociate the float32
+# sums (vectorised reductions, fused multiply-adds): results differ from a sequential sum by
+# rounding only, and are checked against float64 references with a tolerance.
+FASTMATH = True
+CACHE = True
+
+# Row blocks handed to the threads, per thread. Blocks hold about equal numbers of nonzeros
+# (not of rows), so rows of very different lengths after topology updates stay balanced.
+BLOCKS_PER_THREAD = 4
+
+# Bytes of the gradient tile that topk_grow computes at a time (dY[rows] @ X.T, float32).
+# Peak extra memory of topk_grow is this tile plus the candidate buffer (see kernels/cpu/grow.py).
+TOPK_TILE_BYTES = 2 << 20
+
+# Candidate buffer of topk_grow, in multiples of k: when full it is cut back to the best k and
+# the acceptance threshold rises. Larger means fewer cuts and more memory; must be > 1.
+TOPK_BUFFER_FACTOR = 1.5

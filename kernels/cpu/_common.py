@@ -1,0 +1,25 @@
+"""Helpers shared by the CPU launchers: thread blocks balanced by nonzeros."""
+
+import numba
+import numpy as np
+
+from kernels import config
+
+
+def row_blocks(indptr: np.ndarray, n_rows: int) -> np.ndarray:
+    """Split rows ``0..n_rows`` into contiguous blocks of about equal work.
+
+    Work of a row = its nonzeros + 1 (the +1 is the per-row cost of zeroing/writing an output row,
+    which matters for empty rows). Returns int64 boundaries ``b`` with ``b[0] = 0``,
+    ``b[-1] = n_rows``, nondecreasing; block t is rows ``b[t]:b[t+1]``. O(blocks · log n_rows).
+    """
+    n_blocks = max(1, min(n_rows, numba.get_num_threads() * config.BLOCKS_PER_THREAD))
+    nnz = int(indptr[n_rows])
+    total = nnz + n_rows
+    targets = np.linspace(0, total, n_blocks + 1)
+    # cumulative work before row i is indptr[i] + i; find the first row whose prefix reaches target
+    work = indptr[: n_rows + 1].astype(np.int64) + np.arange(n_rows + 1, dtype=np.int64)
+    bounds = np.searchsorted(work, targets, side="left").astype(np.int64)
+    bounds[0] = 0
+    bounds[-1] = n_rows
+    return np.maximum.accumulate(bounds)

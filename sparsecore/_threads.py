@@ -1,0 +1,54 @@
+"""The threading setup: Numba's threads and the BLAS's threads share two cores without spinning.
+
+Measured on the 2-core development machine (bench/RESULTS.md has the figures): a Numba kernel
+run right after a BLAS call, or a BLAS call right after a Numba kernel, is 2-4x slower with the
+libraries' defaults, because each pool's idle threads busy-wait for new work and steal the cores
+the other pool needs. Two settings stop that:
+
+- ``OMP_WAIT_POLICY=PASSIVE``: Numba's OpenMP workers sleep as soon as a parallel region ends
+  (read when Numba first starts its pool, i.e. on the first parallel kernel call);
+- ``OPENBLAS_THREAD_TIMEOUT=4``: OpenBLAS workers go to sleep after 2**4 cycles instead of spinning
+  (read when NumPy's OpenBLAS loads, i.e. only if sparsecore is imported before NumPy).
+
+Both are set with ``os.environ.setdefault``: a value the user exported wins. Their cost is a
+wake-up of a few tens of microseconds per parallel call. ``threading_info()`` reports what is in
+force.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+_state: dict = {}
+
+
+def configure_threads() -> None:
+    if _state:
+        return
+    _state["numpy_loaded_first"] = "numpy" in sys.modules
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def threading_info() -> dict:
+    """The thread pools of this process: Numba's layer and threads, the BLAS, the settings."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = f"not started (configured: {numba.config.THREADING_LAYER})"
+    return {
+        "numba_threading_layer": layer,
+        "numba_threads": numba.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in (*DEFAULTS, "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
+        "openblas_timeout_effective": not _state.get("numpy_loaded_first", True),
+        "blas": [
+            {k: p.get(k) for k in ("internal_api", "num_threads", "version", "threading_layer")}
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        ],
+    }

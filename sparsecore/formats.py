@@ -1,0 +1,265 @@
+"""Sparse weight storage: a canonical CSR container with a COO view and a transpose structure.
+
+A ``CSR`` holds an m × n float32 matrix as scipy does (``indptr``, ``indices``, ``data``), always
+canonical (columns sorted and unique within each row), with int32 indices unless the sizes need
+int64. It is validated once when built and trusted by every kernel afterwards, so its pattern
+arrays are read-only; its values (``data``) may be changed in place.
+
+Derived structures are built on first use and cached until the pattern changes:
+- the transpose structure (CSC indices + a permutation into ``data``), which makes dX = Wᵀ·dY a
+  race-free forward-style product, rebuilt in O(nnz + n) after a topology change;
+- the thread blocks (row ranges of about equal nonzeros) of both orientations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from sparsecore import validation as V
+
+
+class CSR:
+    """Canonical CSR matrix (float32 values, int32|int64 indices).
+
+    Build with ``CSR(indptr, indices, data, shape)`` (fully validated, O(nnz)), or with
+    ``CSR.from_dense``, ``CSR.from_scipy``, ``CSR.random``.
+    """
+
+    __slots__ = ("shape", "indptr", "indices", "data", "_cache")
+
+    def __init__(self, indptr, indices, data, shape, *, check: bool = True, index_dtype=None):
+        if check:
+            indptr, indices, data, shape = V.check_csr_arrays(
+                indptr, indices, data, shape, "W", index_dtype=index_dtype
+            )
+        self._set(indptr, indices, data, tuple(int(s) for s in shape))
+
+    def _set(self, indptr, indices, data, shape):
+        indptr.flags.writeable = False
+        indices.flags.writeable = False
+        self.indptr, self.indices, self.data, self.shape = indptr, indices, data, shape
+        self._cache = {}
+
+    @classmethod
+    def _trusted(cls, indptr, indices, data, shape) -> CSR:
+        """Internal: arrays already canonical and in kernel dtypes (no checks)."""
+        obj = cls.__new__(cls)
+        obj._set(indptr, indices, data, tuple(shape))
+        return obj
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, a, *, name: str = "a") -> CSR:
+        """The nonzero entries of a 2-D array (explicit zeros are not stored)."""
+        a = np.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+        if a.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{name} must be finite, but it holds NaN or inf")
+        m, n = a.shape
+        rows, cols = np.nonzero(a)  # row-major order: canonical already
+        idx = V.index_dtype_for(m, n, rows.shape[0])
+        indptr = np.zeros(m + 1, dtype=idx)
+        np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+        data = a[rows, cols].astype(np.float32)
+        return cls._trusted(indptr, cols.astype(idx), data, (m, n))
+
+    @classmethod
+    def from_scipy(cls, M, *, name: str = "W") -> CSR:
+        """From any scipy.sparse matrix or array (csr, csc, coo, ...; any index dtype).
+
+        Duplicates are summed and columns sorted (on a copy; M is not modified). Explicit zeros
+        that M stores are kept as connections: in a sparse network a weight may be zero.
+        """
+        if not sp.issparse(M):
+            raise TypeError(f"{name} must be a scipy.sparse matrix, got {type(M).__name__}")
+        if M.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got {M.ndim}-D")
+        if M.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must hold real numbers, got dtype {M.dtype}")
+        if M.format != "csr":
+            M = M.tocsr()
+        if not M.has_canonical_format:
+            M = M.copy()
+            M.sum_duplicates()  # sorts too
+        indptr, indices, data, shape = V.check_csr_arrays(
+            M.indptr, M.indices, M.data, M.shape, name, full=False
+        )
+        nnz = indices.shape[0]
+        if nnz:
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= shape[1]:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"{name}.indices must lie in [0, n_cols = {shape[1]}), found column index {bad}"
+                )
+            if not np.isfinite(data).all():
+                raise ValueError(f"{name} holds NaN or inf values")
+        # copy what aliases M, so that later changes to M cannot break our invariants
+        if np.shares_memory(indptr, M.indptr):
+            indptr = indptr.copy()
+        if np.shares_memory(indices, M.indices):
+            indices = indices.copy()
+        if np.shares_memory(data, M.data):
+            data = data.copy()
+        return cls._trusted(indptr, indices, data, shape)
+
+    @classmethod
+    def random(
+        cls,
+        shape,
+        density: float,
+        *,
+        seed=None,
+        per_row: bool = False,
+        scale: float = 1.0,
+        index_dtype=None,
+    ) -> CSR:
+        """A random pattern at the given density, values ~ Normal(0, scale²), float32.
+
+        per_row=False: nnz = round(density·m·n) positions drawn uniformly without replacement
+        over the whole matrix. per_row=True: every row gets the same count (round(density·n)),
+        its columns drawn uniformly without replacement (constant fan-in). ``seed`` is anything
+        numpy.random.default_rng accepts. Memory O(nnz) when density is small (NumPy's
+        set-based sampler); at high density the sampler may use O(m·n) scratch.
+        """
+        m, n = V.check_shape2(shape, "shape")
+        if not (isinstance(density, (int, float, np.floating)) and 0.0 <= density <= 1.0):
+            raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+        rng = np.random.default_rng(seed)
+        if per_row:
+            per = int(round(density * n))
+            nnz = per * m
+            idx = index_dtype if index_dtype is not None else V.index_dtype_for(m, n, nnz)
+            indices = np.empty(nnz, dtype=idx)
+            for i in range(m):
+                cols = rng.choice(n, size=per, replace=False, shuffle=False)
+                cols.sort()
+                indices[i * per : (i + 1) * per] = cols
+            indptr = np.arange(0, nnz + 1, max(per, 1), dtype=idx)[: m + 1]
+            if per == 0:
+                indptr = np.zeros(m + 1, dtype=idx)
+        else:
+            nnz = int(round(density * m * n))
+            idx = index_dtype if index_dtype is not None else V.index_dtype_for(m, n, nnz)
+            flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)
+            flat.sort()
+            rows = flat // n if n else flat
+            indices = (flat - rows * n).astype(idx)
+            indptr = np.zeros(m + 1, dtype=idx)
+            np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+        data = (rng.standard_normal(nnz, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+        return cls._trusted(indptr, indices, data, (m, n))
+
+    # ------------------------------------------------------------------ views and exports
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def density(self) -> float:
+        m, n = self.shape
+        return self.nnz / (m * n) if m * n else 0.0
+
+    def row_ids(self) -> np.ndarray:
+        """Row index of every stored entry (the COO rows), in CSR order. Cached."""
+        if "rows" not in self._cache:
+            m = self.shape[0]
+            rows = np.repeat(np.arange(m, dtype=self.indices.dtype), np.diff(self.indptr))
+            rows.flags.writeable = False
+            self._cache["rows"] = rows
+        return self._cache["rows"]
+
+    def coo(self):
+        """COO view (rows, cols, data); cols and data share memory with the CSR arrays."""
+        return self.row_ids(), self.indices, self.data
+
+    def to_dense(self, dtype=np.float32) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=dtype)
+        rows, cols, data = self.coo()
+        out[rows, cols] = data
+        return out
+
+    def to_scipy(self, format: str = "csr"):
+        """A scipy.sparse csr_array (or another format via .asformat), copying the arrays."""
+        M = sp.csr_array(
+            (self.data.copy(), self.indices.copy(), self.indptr.copy()), shape=self.shape
+        )
+        M.has_canonical_format = True
+        return M if format == "csr" else M.asformat(format)
+
+    def copy(self) -> CSR:
+        return CSR._trusted(self.indptr.copy(), self.indices.copy(), self.data.copy(), self.shape)
+
+    def with_pattern(self, indptr, indices, data) -> CSR:
+        """A new CSR of the same shape on another (trusted, canonical) pattern."""
+        return CSR._trusted(indptr, indices, data, self.shape)
+
+    # ------------------------------------------------------------------ derived structures
+    def transpose_structure(self):
+        """(t_indptr, t_indices, t_perm): the CSC form of the pattern, cached. O(nnz + n)."""
+        if "T" not in self._cache:
+            from kernels.cpu.structure import transpose
+
+            ts = transpose(self.indptr, self.indices, self.shape[1])
+            for a in ts:
+                a.flags.writeable = False
+            self._cache["T"] = ts
+        return self._cache["T"]
+
+    def row_blocks(self):
+        if "rb" not in self._cache:
+            from kernels.cpu._common import row_blocks
+
+            self._cache["rb"] = row_blocks(self.indptr, self.shape[0])
+        return self._cache["rb"]
+
+    def col_blocks(self):
+        if "cb" not in self._cache:
+            from kernels.cpu._common import row_blocks
+
+            self._cache["cb"] = row_blocks(self.transpose_structure()[0], self.shape[1])
+        return self._cache["cb"]
+
+    def nbytes(self, *, transpose: bool | None = None) -> dict:
+        """Bytes held, by array. transpose=None counts the transpose structure if it was built."""
+        out = {
+            "data": self.data.nbytes,
+            "indices": self.indices.nbytes,
+            "indptr": self.indptr.nbytes,
+        }
+        if transpose or (transpose is None and "T" in self._cache):
+            it = self.indices.itemsize
+            out["transpose"] = (self.shape[1] + 1) * it + 2 * self.nnz * it
+        out["total"] = sum(out.values())
+        return out
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        return (
+            f"CSR(shape=({m}, {n}), nnz={self.nnz}, density={self.density:.4g}, "
+            f"index={self.indices.dtype.name}, bytes={self.nbytes()['total']})"
+        )
+
+
+def as_csr(W, name: str = "W") -> CSR:
+    """Accept a CSR (trusted as is), a scipy.sparse matrix, or (indptr, indices, data, shape)."""
+    if isinstance(W, CSR):
+        return W
+    if V.is_cupy_array(W):
+        V.raise_cupy(name)
+    if sp.issparse(W):
+        return CSR.from_scipy(W, name=name)
+    if isinstance(W, tuple) and len(W) == 4:
+        indptr, indices, data, shape = W
+        for a, part in ((indptr, "indptr"), (indices, "indices"), (data, "data")):
+            if V.is_cupy_array(a):
+                V.raise_cupy(f"{name}.{part}")
+        return CSR._trusted(*V.check_csr_arrays(indptr, indices, data, shape, name))
+    raise TypeError(
+        f"{name} must be a sparsecore.CSR, a scipy.sparse matrix, or a tuple "
+        f"(indptr, indices, data, shape); got {type(W).__name__}"
+    )

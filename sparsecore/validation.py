@@ -1,0 +1,244 @@
+"""Every check of the public boundary, and every error message it raises.
+
+Checks come in two costs, as in scipy's check_format: O(1) ones (types, dtypes, shapes, lengths)
+always, and O(nnz) scans (index range, monotone indptr, sorted unique columns, finiteness) on
+input that has not been validated before. A sparsecore.CSR is validated once when it is built and
+trusted afterwards; the kernels themselves check nothing.
+
+Messages say which argument, what was expected and what arrived, e.g.
+``W.indptr has length 5, expected n_rows + 1 = 4``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+INDEX_MAX_32 = np.iinfo(np.int32).max
+
+
+def is_cupy_array(a) -> bool:
+    """True for CuPy arrays and cupyx sparse matrices, without importing CuPy."""
+    mod = type(a).__module__ or ""
+    return mod == "cupy" or mod.startswith(("cupy.", "cupyx."))
+
+
+def check_shape2(shape, name: str) -> tuple[int, int]:
+    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        raise ValueError(f"{name} must be a pair (n_rows, n_cols), got {shape!r}")
+    out = []
+    for axis, v in zip(("n_rows", "n_cols"), shape, strict=True):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name}: {axis} must be a non-negative integer, got {v!r}")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+def check_int(v, name: str, *, low: int = 0, high: int | None = None) -> int:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if v < low or (high is not None and v > high):
+        hi = "" if high is None else f", at most {high}"
+        raise ValueError(f"{name} must be at least {low}{hi}, got {v}")
+    return v
+
+
+def index_dtype_for(n_rows: int, n_cols: int, nnz: int):
+    """int32 while every index and offset fits, else int64."""
+    return np.int32 if max(n_rows, n_cols, nnz) <= INDEX_MAX_32 else np.int64
+
+
+def _check_index_array(a, name: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {a.dtype}")
+    return a
+
+
+def check_csr_arrays(
+    indptr, indices, data, shape, name: str = "W", *, full: bool = True, index_dtype=None
+):
+    """Validate raw CSR arrays; return (indptr, indices, data, (m, n)) in kernel dtypes.
+
+    Kernel dtypes: float32 data, indices and indptr both int32 (int64 when sizes need it), all
+    C-contiguous. Arrays already in those dtypes are passed through without a copy.
+    index_dtype forces int32 or int64 indices (default: int32 unless the sizes need int64).
+    full=True adds the O(nnz) scans: indptr monotone, indices in [0, n_cols), columns sorted and
+    unique within each row (canonical form), data finite.
+    """
+    m, n = check_shape2(shape, f"{name}.shape")
+    indptr = _check_index_array(indptr, f"{name}.indptr")
+    indices = _check_index_array(indices, f"{name}.indices")
+    if not isinstance(data, np.ndarray):
+        raise TypeError(f"{name}.data must be a NumPy array, got {type(data).__name__}")
+    if data.ndim != 1:
+        raise ValueError(f"{name}.data must be 1-D, got shape {data.shape}")
+    if data.dtype.kind not in "fiub":
+        raise TypeError(f"{name}.data must be real numbers, got dtype {data.dtype}")
+    if indptr.shape[0] != m + 1:
+        raise ValueError(
+            f"{name}.indptr has length {indptr.shape[0]}, expected n_rows + 1 = {m + 1}"
+        )
+    nnz = indices.shape[0]
+    if data.shape[0] != nnz:
+        raise ValueError(
+            f"{name}.data has length {data.shape[0]}, expected len({name}.indices) = {nnz}"
+        )
+    if int(indptr[0]) != 0:
+        raise ValueError(f"{name}.indptr[0] must be 0, got {int(indptr[0])}")
+    if int(indptr[-1]) != nnz:
+        raise ValueError(
+            f"{name}.indptr[-1] = {int(indptr[-1])} must equal len({name}.indices) = {nnz}"
+        )
+    idx_dtype = index_dtype_for(m, n, nnz)
+    if index_dtype is not None:
+        if np.dtype(index_dtype) not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise TypeError(f"index_dtype must be int32 or int64, got {np.dtype(index_dtype)}")
+        if np.dtype(index_dtype).itemsize < np.dtype(idx_dtype).itemsize:
+            raise ValueError(f"{name} needs int64 indices: its sizes exceed the int32 range")
+        idx_dtype = np.dtype(index_dtype).type
+    if full:
+        if m and np.any(np.diff(indptr) < 0):
+            row = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+            raise ValueError(
+                f"{name}.indptr must be nondecreasing, but indptr[{row + 1}] = "
+                f"{int(indptr[row + 1])} < indptr[{row}] = {int(indptr[row])}"
+            )
+        if nnz:
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= n:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"{name}.indices must lie in [0, n_cols = {n}), found column index {bad}"
+                )
+            check_canonical(indptr, indices, name)
+        if data.dtype.kind == "f" and nnz and not np.isfinite(data).all():
+            p = int(np.flatnonzero(~np.isfinite(data))[0])
+            raise ValueError(f"{name}.data must be finite, found {data[p]} at position {p}")
+    indptr = np.ascontiguousarray(indptr, dtype=idx_dtype)
+    indices = np.ascontiguousarray(indices, dtype=idx_dtype)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    return indptr, indices, data, (m, n)
+
+
+def check_canonical(indptr, indices, name: str = "W"):
+    """Columns strictly increasing within every row (sorted, no duplicates). O(nnz)."""
+    nnz = indices.shape[0]
+    if nnz < 2:
+        return
+    step_ok = np.diff(indices.astype(np.int64)) > 0
+    starts = indptr[1:-1].astype(np.int64)  # a new row may start lower
+    starts = starts[(starts > 0) & (starts < nnz)]
+    step_ok[starts - 1] = True
+    if not step_ok.all():
+        p = int(np.flatnonzero(~step_ok)[0]) + 1
+        row = int(np.searchsorted(indptr, p, side="right")) - 1
+        raise ValueError(
+            f"{name} is not canonical: in row {row}, column {int(indices[p])} follows column "
+            f"{int(indices[p - 1])} (columns must be sorted and unique within each row; "
+            "scipy's sum_duplicates() makes them so)"
+        )
+
+
+def as_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False) -> np.ndarray:
+    """A 2-D dense operand as a C-contiguous float32 array (copied only when it is not one).
+
+    n_rows, if given, is the required first dimension. Integer and other float dtypes are
+    converted (a copy); complex, object and other kinds are refused.
+    """
+    if is_cupy_array(a):
+        raise_cupy(name)
+    if not isinstance(a, np.ndarray):
+        if hasattr(a, "__array__") or isinstance(a, (list, tuple)):
+            a = np.asarray(a)
+        else:
+            raise TypeError(f"{name} must be a 2-D NumPy array, got {type(a).__name__}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got {a.ndim}-D with shape {a.shape}")
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {a.dtype}")
+    if n_rows is not None and a.shape[0] != n_rows:
+        raise ValueError(f"{name} has shape {a.shape}, expected {n_rows} rows")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if finite and a.size and not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite, but it holds NaN or inf")
+    return a
+
+
+def check_out(out, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """``out=`` must be exactly what the kernel writes: no silent copy, no broadcasting."""
+    if is_cupy_array(out):
+        raise_cupy(name)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype).name}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{name} must be a writeable C-contiguous array")
+    return out
+
+
+def check_layout(layout) -> str:
+    if layout not in ("feature", "batch"):
+        raise ValueError(
+            f"layout must be 'feature' (arrays are features × batch) or 'batch' "
+            f"(batch × features), got {layout!r}"
+        )
+    return layout
+
+
+def check_mask(mask, name: str, length: int) -> np.ndarray:
+    if is_cupy_array(mask):
+        raise_cupy(name)
+    if not isinstance(mask, np.ndarray) or mask.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D NumPy bool array of length {length}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name} must have dtype bool, got {mask.dtype}")
+    if mask.shape[0] != length:
+        raise ValueError(f"{name} has length {mask.shape[0]}, expected nnz = {length}")
+    return np.ascontiguousarray(mask)
+
+
+def check_coords(rows, cols, shape, name: str = "grown"):
+    """Coordinates of new entries: equal-length integer arrays inside the matrix, no repeats.
+
+    Returns int64 (rows, cols) sorted in row-major order. O(g log g).
+    """
+    m, n = shape
+    rows = np.asarray(rows)
+    cols = np.asarray(cols)
+    for a, nm in ((rows, f"{name} rows"), (cols, f"{name} cols")):
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise TypeError(f"{nm} must be a 1-D integer array, got {a.dtype} shape {a.shape}")
+    if rows.shape != cols.shape:
+        raise ValueError(
+            f"{name} rows and cols differ in length: {rows.shape[0]} vs {cols.shape[0]}"
+        )
+    rows = rows.astype(np.int64, copy=False)
+    cols = cols.astype(np.int64, copy=False)
+    if rows.size:
+        if rows.min() < 0 or rows.max() >= m:
+            raise ValueError(f"{name} rows must lie in [0, {m}), got [{rows.min()}, {rows.max()}]")
+        if cols.min() < 0 or cols.max() >= n:
+            raise ValueError(f"{name} cols must lie in [0, {n}), got [{cols.min()}, {cols.max()}]")
+    flat = rows * n + cols
+    order = np.argsort(flat, kind="stable")
+    flat = flat[order]
+    if flat.size > 1 and np.any(flat[1:] == flat[:-1]):
+        f = int(flat[1:][flat[1:] == flat[:-1]][0])
+        raise ValueError(f"{name} lists entry ({f // n}, {f % n}) more than once")
+    return rows[order], cols[order]
+
+
+def raise_cupy(name: str):
+    raise NotImplementedError(
+        f"{name} is a CuPy array: the CUDA kernels are not part of this build yet. "
+        "Pass NumPy arrays (cupy.asnumpy) to run on the CPU."
+    )

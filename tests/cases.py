@@ -1,0 +1,92 @@
+"""Named sparse matrices for the kernel tests, odd shapes and edge cases first."""
+
+import numpy as np
+import scipy.sparse as sp
+
+from sparsecore import CSR
+
+
+def _from_mask(mask, rng, index_dtype=np.int32):
+    m, n = mask.shape
+    rows, cols = np.nonzero(mask)
+    indptr = np.zeros(m + 1, dtype=index_dtype)
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    data = rng.standard_normal(rows.shape[0]).astype(np.float32)
+    return CSR(indptr, cols.astype(index_dtype), data, (m, n), index_dtype=index_dtype)
+
+
+def make(name, rng):
+    """Return a CSR for a named case."""
+    if name == "empty_0x0":  # no rows, no columns
+        return _from_mask(np.zeros((0, 0), bool), rng)
+    if name == "empty_0x5":  # no rows: Y is 0 × B
+        return _from_mask(np.zeros((0, 5), bool), rng)
+    if name == "empty_4x0":  # no columns: every row empty, Y = 0
+        return _from_mask(np.zeros((4, 0), bool), rng)
+    if name == "nnz0_3x4":
+        # . . . .
+        # . . . .
+        # . . . .
+        return _from_mask(np.zeros((3, 4), bool), rng)
+    if name == "empty_rows":
+        # x . x . .      rows 1 and 3 are empty, row 4 is full
+        # . . . . .
+        # . x . . x
+        # . . . . .
+        # x x x x x
+        mask = np.zeros((5, 5), bool)
+        mask[0, [0, 2]] = mask[2, [1, 4]] = mask[4, :] = True
+        return _from_mask(mask, rng)
+    if name == "row_1xN":  # x . x x . . . x ... (one row, 67 columns)
+        return _from_mask(rng.random((1, 67)) < 0.4, rng)
+    if name == "col_Nx1":  # one column, 61 rows, about half present
+        return _from_mask(rng.random((61, 1)) < 0.5, rng)
+    if name == "full_7x5":  # density 1
+        return _from_mask(np.ones((7, 5), bool), rng)
+    if name == "odd_37x53":
+        return _from_mask(rng.random((37, 53)) < 0.15, rng)
+    if name == "odd_int64":  # the same kernels on int64 indices
+        return _from_mask(rng.random((29, 41)) < 0.2, rng, np.int64)
+    if name == "skewed_rows":  # one long row among short ones: load balance by nonzeros
+        mask = rng.random((64, 300)) < 0.01
+        mask[17, :] = True
+        return _from_mask(mask, rng)
+    if name == "wide_3x5000":
+        return _from_mask(rng.random((3, 5000)) < 0.01, rng)
+    raise KeyError(name)
+
+
+NAMES = [
+    "empty_0x0",
+    "empty_0x5",
+    "empty_4x0",
+    "nnz0_3x4",
+    "empty_rows",
+    "row_1xN",
+    "col_Nx1",
+    "full_7x5",
+    "odd_37x53",
+    "odd_int64",
+    "skewed_rows",
+    "wide_3x5000",
+]
+
+
+def forms(W):
+    """The same matrix in every accepted input form."""
+    return {
+        "csr": W,
+        "tuple": (W.indptr.copy(), W.indices.copy(), W.data.copy(), W.shape),
+        "scipy_csr": sp.csr_array((W.data, W.indices, W.indptr), shape=W.shape),
+        "scipy_csc64": sp.csc_matrix(W.to_scipy().tocsc()).astype(np.float64),
+        "scipy_coo": W.to_scipy().tocoo(),
+    }
+
+
+def poisoned(shape):
+    return np.full(shape, np.nan, dtype=np.float32)
+
+
+def tol(absprod):
+    """Tolerance of a float32 sum against its float64 reference, from the sum of |terms|."""
+    return 1e-5 * absprod + 1e-30

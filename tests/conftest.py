@@ -1,0 +1,32 @@
+"""Shared fixtures: fresh random inputs every run, reproducible from the seed in the header.
+
+Set SPARSECORE_TEST_SEED=<int> to replay a run.
+"""
+
+import os
+import secrets
+
+import numpy as np
+import pytest
+
+import kernels
+import sparsecore  # noqa: F401
+
+SEED = int(os.environ.get("SPARSECORE_TEST_SEED", secrets.randbits(32)))
+
+
+def pytest_report_header(config):
+    return f"sparsecore test seed: {SEED} (replay with SPARSECORE_TEST_SEED={SEED})"
+
+
+@pytest.fixture
+def rng(request):
+    # a different stream per test, all derived from the run's seed
+    return np.random.default_rng([SEED, abs(hash(request.node.nodeid)) % (2**32)])
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Shrink the grow tile so that small inputs take the multi-tile paths."""
+    monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)
+    return 64

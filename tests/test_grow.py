@@ -1,0 +1,148 @@
+"""topk_grow: exact top-k of |dY·Xᵀ| over absent connections, tile by tile."""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import reference as R
+from kernels.cpu import grow as G
+from tests import cases
+
+
+def _int_operands(rng, m, n, batch, spread=2):
+    """Small integers: every score is exact in float32, and ties are plentiful."""
+    dY = rng.integers(-spread, spread + 1, size=(m, batch)).astype(np.float32)
+    X = rng.integers(-spread, spread + 1, size=(n, batch)).astype(np.float32)
+    return dY, X
+
+
+def _n_absent(W, keep=None):
+    return W.shape[0] * W.shape[1] - (W.nnz if keep is None else int(keep.sum()))
+
+
+def _assert_exact(W, dY, X, k, keep=None, **kw):
+    rows, cols, scores = kernels.topk_grow(W, dY, X, k, keep=keep, **kw)
+    rr, cc, ss = R.topk_grow(W.indptr, W.indices, W.shape, dY, X, k, keep)
+    np.testing.assert_array_equal(rows, rr)
+    np.testing.assert_array_equal(cols, cc)
+    np.testing.assert_array_equal(scores, ss.astype(np.float32))
+    assert rows.dtype == cols.dtype and scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", [n for n in cases.NAMES if not n.startswith("empty_0")])
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.3, 1.0])
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_exact_with_ties(name, frac, tiles, rng, monkeypatch):
+    if tiles == "tiny":  # 16 floats a tile: several rows cut into column blocks
+        monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)
+    W = cases.make(name, rng)
+    m, n = W.shape
+    dY, X = _int_operands(rng, m, n, 5)
+    k = int(frac * _n_absent(W))
+    _assert_exact(W, dY, X, k)
+
+
+@pytest.mark.parametrize("tile_bytes", [4, 64, 4 * 53, 4 * 53 * 3 + 8, 1 << 20])
+@pytest.mark.parametrize("buffer_factor", [1.01, 1.5, 4.0])
+def test_tiles_and_buffer_cuts(tile_bytes, buffer_factor, rng, monkeypatch):
+    """Every tiling and buffer size gives the reference answer (cuts happen with a small buffer)."""
+    monkeypatch.setattr(kernels.config, "TOPK_BUFFER_FACTOR", buffer_factor)
+    W = cases.make("odd_37x53", rng)
+    dY, X = _int_operands(rng, 37, 53, 4, spread=3)
+    for k in (1, 7, 100, 600):
+        _assert_exact(W, dY, X, k, tile_bytes=tile_bytes)
+
+
+def test_estimated_threshold_path_and_its_fallback(rng, monkeypatch):
+    """Large enough for the sampled threshold; then a sample that lies, forcing the second pass."""
+    W = kernels.CSR.random((512, 300), 0.05, seed=int(rng.integers(1 << 30)))
+    dY = rng.standard_normal((512, 8)).astype(np.float32)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    k = 2000
+    calls = []
+    real = G._stream
+    monkeypatch.setattr(G, "_stream", lambda *a: calls.append(a[8]) or real(*a))
+    monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 300 * 4 * 32)  # 32-row tiles
+    r1, c1, s1 = kernels.topk_grow(W, dY, X, k)
+    assert len(calls) == 1 and calls[0] > 0  # one pass, from an estimated threshold
+    # the sampled rows (every 16th) get huge gradients: the estimate overshoots
+    dY2 = dY.copy()
+    dY2[::16] *= 100
+    calls.clear()
+    r2, c2, s2 = kernels.topk_grow(W, dY2, X, k)
+    assert len(calls) == 2 and calls[1] < 0  # a second, exact pass
+    for dy, (r, c, s) in ((dY, (r1, c1, s1)), (dY2, (r2, c2, s2))):
+        _assert_valid_float_topk(W, dy, X, k, r, c, s)
+
+
+def _assert_valid_float_topk(W, dY, X, k, rows, cols, scores, keep=None):
+    """With float inputs, float32 rounding may reorder near-ties: check the set is a top-k
+    up to the rounding bound, and that the returned scores are right."""
+    S = R.grow_scores(W.indptr, W.indices, W.shape, dY, X, keep)
+    bound = cases.tol(np.abs(dY.astype(np.float64)) @ np.abs(X.astype(np.float64)).T)
+    assert rows.shape == (k,)
+    flat = rows.astype(np.int64) * W.shape[1] + cols
+    assert np.all(np.diff(flat) > 0), "listed in ascending flat order, no repeats"
+    chosen = np.zeros(S.shape, bool)
+    chosen.flat[flat] = True
+    assert np.all(np.isfinite(S[chosen])), "only absent connections are grown"
+    np.testing.assert_allclose(scores, S[chosen], rtol=0, atol=float(bound.max()))
+    if k and (~chosen & np.isfinite(S)).any():
+        # every chosen score is at least every unchosen absent score, up to rounding
+        assert (S + bound)[chosen].min() >= (S - bound)[~chosen & np.isfinite(S)].max()
+
+
+@pytest.mark.parametrize(
+    "shape,density,k,batch",
+    [
+        ((64, 64), 0.1, 50, 16),
+        ((200, 130), 0.02, 1300, 32),
+        ((1, 999), 0.3, 10, 3),
+        ((999, 1), 0.3, 10, 3),
+    ],
+)
+def test_float_inputs(shape, density, k, batch, rng, small_tiles):
+    W = kernels.CSR.random(shape, density, seed=int(rng.integers(1 << 30)))
+    dY = rng.standard_normal((shape[0], batch)).astype(np.float32)
+    X = rng.standard_normal((shape[1], batch)).astype(np.float32)
+    _assert_valid_float_topk(W, dY, X, k, *kernels.topk_grow(W, dY, X, k))
+
+
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_keep_mask_makes_dropped_entries_growable(tiles, rng, monkeypatch):
+    if tiles == "tiny":
+        monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)
+    W = cases.make("odd_37x53", rng)
+    keep = rng.random(W.nnz) < 0.6
+    dY, X = _int_operands(rng, 37, 53, 6)
+    for k in (0, 5, 300, _n_absent(W, keep)):
+        _assert_exact(W, dY, X, k, keep=keep)
+
+
+def test_all_zero_gradient_grows_lowest_flat_indices(rng):
+    W = cases.make("empty_rows", rng)
+    dY = np.zeros((5, 3), np.float32)
+    X = np.zeros((5, 3), np.float32)
+    rows, cols, scores = kernels.topk_grow(W, dY, X, 4)
+    # row 0 has columns 0 and 2 present: the first absent cells are (0,1), (0,3), (0,4), (1,0)
+    assert list(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (0, 3), (0, 4), (1, 0)]
+    assert np.all(scores == 0)
+
+
+def test_batch_layout(rng):
+    W = cases.make("odd_37x53", rng)
+    dY, X = _int_operands(rng, 37, 53, 5)
+    a = kernels.topk_grow(W, dY, X, 40)
+    b = kernels.topk_grow(
+        W, np.ascontiguousarray(dY.T), np.ascontiguousarray(X.T), 40, layout="batch"
+    )
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_tile_memory_stays_bounded():
+    # the launcher sizes its scratch from the budget, never from m·n
+    assert G.tile_shape(100_000, 100_000, 1 << 20) == (2, 100_000)
+    assert G.tile_shape(10, 1_000_000, 1 << 20) == (1, 1 << 18)
+    assert G.tile_shape(4096, 4096, 2 << 20) == (128, 4096)
+    assert G.tile_shape(3, 5, 1 << 20) == (3, 5)

@@ -1,0 +1,95 @@
+"""spmm, spmm_t and sddmm against float64 references: every case, every input form, both layouts."""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import reference as R
+from tests import cases
+
+BATCHES = [1, 3, 17, 128]
+
+
+def _ref_args(W):
+    return W.indptr, W.indices, W.data, W.shape
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_spmm(name, batch, rng):
+    W = cases.make(name, rng)
+    m, n = W.shape
+    X = rng.standard_normal((n, batch)).astype(np.float32)
+    ref = R.spmm(*_ref_args(W), X)
+    bound = cases.tol(np.abs(R.dense(*_ref_args(W))) @ np.abs(X.astype(np.float64)))
+    out = cases.poisoned((m, batch))
+    Y = kernels.spmm(W, X, out=out)
+    assert Y is out
+    assert np.all(np.abs(Y - ref) <= bound)
+    Yb = kernels.spmm(W, np.ascontiguousarray(X.T), layout="batch")
+    assert Yb.shape == (batch, m)
+    assert np.all(np.abs(Yb.T - ref) <= bound)
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_spmm_t(name, batch, rng):
+    W = cases.make(name, rng)
+    m, n = W.shape
+    dY = rng.standard_normal((m, batch)).astype(np.float32)
+    ref = R.spmm_t(*_ref_args(W), dY)
+    bound = cases.tol(np.abs(R.dense(*_ref_args(W))).T @ np.abs(dY.astype(np.float64)))
+    out = cases.poisoned((n, batch))
+    dX = kernels.spmm_t(W, dY, out=out)
+    assert dX is out
+    assert np.all(np.abs(dX - ref) <= bound)
+    outb = cases.poisoned((batch, n))
+    dXb = kernels.spmm_t(W, np.ascontiguousarray(dY.T), out=outb, layout="batch")
+    assert dXb is outb
+    assert np.all(np.abs(dXb.T - ref) <= bound)
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_sddmm(name, batch, rng):
+    W = cases.make(name, rng)
+    m, n = W.shape
+    dY = rng.standard_normal((m, batch)).astype(np.float32)
+    X = rng.standard_normal((n, batch)).astype(np.float32)
+    ref = R.sddmm(W.indptr, W.indices, W.shape, dY, X)
+    bound = cases.tol(R.sddmm(W.indptr, W.indices, W.shape, np.abs(dY), np.abs(X)))
+    out = cases.poisoned((W.nnz,))
+    dW = kernels.sddmm(W, dY, X, out=out)
+    assert dW is out
+    assert np.all(np.abs(dW - ref) <= bound)
+    dWb = kernels.sddmm(W, np.ascontiguousarray(dY.T), np.ascontiguousarray(X.T), layout="batch")
+    assert np.all(np.abs(dWb - ref) <= bound)
+
+
+@pytest.mark.parametrize("form", ["csr", "tuple", "scipy_csr", "scipy_csc64", "scipy_coo"])
+def test_every_input_form_gives_the_same_result(form, rng):
+    W = cases.make("odd_37x53", rng)
+    Win = cases.forms(W)[form]
+    X = rng.standard_normal((53, 9)).astype(np.float32)
+    dY = rng.standard_normal((37, 9)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.spmm(Win, X), kernels.spmm(W, X))
+    np.testing.assert_array_equal(kernels.spmm_t(Win, dY), kernels.spmm_t(W, dY))
+    np.testing.assert_array_equal(kernels.sddmm(Win, dY, X), kernels.sddmm(W, dY, X))
+
+
+def test_float64_and_noncontiguous_operands_are_converted(rng):
+    W = cases.make("odd_37x53", rng)
+    X64 = rng.standard_normal((9, 53)).T  # float64, Fortran-ordered view
+    ref = R.spmm(W.indptr, W.indices, W.data, W.shape, X64.astype(np.float32))
+    np.testing.assert_allclose(kernels.spmm(W, X64), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_threads_split_rows_by_nonzeros(rng):
+    W = cases.make("skewed_rows", rng)
+    blocks = W.row_blocks()
+    assert blocks[0] == 0 and blocks[-1] == W.shape[0]
+    assert np.all(np.diff(blocks) >= 0)
+    # the one dense row (300 of ~500 nonzeros) must not share a block with many other nonzeros
+    b = np.searchsorted(blocks, 17, side="right") - 1
+    lo, hi = blocks[b], blocks[b + 1]
+    assert W.indptr[hi] - W.indptr[lo] <= 300 + 60
