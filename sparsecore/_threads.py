@@ -10,7 +10,9 @@ the other pool needs. Two settings stop that:
 - ``OPENBLAS_THREAD_TIMEOUT=4``: OpenBLAS workers go to sleep after 2**4 cycles instead of spinning
   (read when NumPy's OpenBLAS loads, i.e. only if sparsecore is imported before NumPy).
 
-Both are set with ``os.environ.setdefault``: a value the user exported wins. Their cost is a
+Both are set with ``os.environ.setdefault``: a value the user exported wins, and
+``SPARSECORE_THREAD_SETUP=0`` leaves the environment alone (the benchmarks use it to measure the
+libraries' defaults). Their cost is a
 wake-up of a few tens of microseconds per parallel call. ``threading_info()`` reports what is in
 force.
 """
@@ -28,6 +30,8 @@ def configure_threads() -> None:
     if _state:
         return
     _state["numpy_loaded_first"] = "numpy" in sys.modules
+    if os.environ.get("SPARSECORE_THREAD_SETUP", "1") == "0":
+        return
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
 

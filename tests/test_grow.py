@@ -53,8 +53,13 @@ def test_tiles_and_buffer_cuts(tile_bytes, buffer_factor, rng, monkeypatch):
         _assert_exact(W, dY, X, k, tile_bytes=tile_bytes)
 
 
-def test_estimated_threshold_path_and_its_fallback(rng, monkeypatch):
-    """Large enough for the sampled threshold; then a sample that lies, forcing the second pass."""
+def test_estimated_threshold_path_and_its_fallback(monkeypatch):
+    """Large enough for the sampled threshold; then a sample that lies, forcing the second pass.
+
+    Fixed seed: whether the estimate holds is a matter of chance (that is why the fallback
+    exists); this test is about which path runs, and that both are right.
+    """
+    rng = np.random.default_rng(20261124)
     W = kernels.CSR.random((512, 300), 0.05, seed=int(rng.integers(1 << 30)))
     dY = rng.standard_normal((512, 8)).astype(np.float32)
     X = rng.standard_normal((300, 8)).astype(np.float32)

@@ -175,7 +175,7 @@ BELOW_ALL = np.float32(-0.5)
 
 # The estimated threshold aims at this many candidates per wanted entry; it must be a lower
 # bound of the true k-th score for the single pass to be exact (checked: else a second pass).
-ESTIMATE_MARGIN = 1.25
+ESTIMATE_MARGIN = 2.0
 ESTIMATE_MIN_RANK = 64
 
 

@@ -1,0 +1,99 @@
+"""What every benchmark needs: timing by medians, the machine's description, optional torch."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import sparsecore
+
+
+def median_time(fn, *, min_reps: int = 3, max_reps: int = 50, budget_s: float = 0.6) -> dict:
+    """Median wall time of fn() after one warm-up call; reps adapt to fit the budget."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times = np.array(times)
+    return {
+        "median_s": float(np.median(times)),
+        "q25_s": float(np.quantile(times, 0.25)),
+        "q75_s": float(np.quantile(times, 0.75)),
+        "reps": reps,
+    }
+
+
+def try_torch(threads: int | None = None):
+    """torch, set to the same thread count, or None when it is not installed."""
+    try:
+        import warnings
+
+        import torch
+
+        warnings.filterwarnings("ignore", message=".*Sparse.*")
+        if threads:
+            torch.set_num_threads(threads)
+        return torch
+    except ImportError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    keep = [x for x in flags if x.startswith(("avx", "fma", "amx"))]
+                    return " ".join(sorted(keep))
+    except OSError:
+        pass
+    return "unknown"
+
+
+def environment(torch=None) -> dict:
+    import numba
+    import scipy
+
+    env = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "numba": numba.__version__,
+        "torch": torch.__version__ if torch is not None else "not installed",
+        "sparsecore": sparsecore.__version__,
+        "threads": sparsecore.threading_info(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    return env
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,96 @@
+"""pytest-benchmark view of the kernels: python -m pytest bench/test_kernels_bench.py
+
+Each kernel beside the dense BLAS product of the same shape, scipy.sparse and torch.sparse (when
+installed), with readable ids; results are checked against a float64 reference first. Compare
+the groups' medians (same run) rather than absolute figures.
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from bench.common import try_torch
+from bench.kernels import check_products
+from sparsecore import CSR
+
+M, BATCH = 4096, 128
+torch = try_torch(2)
+
+
+@pytest.fixture(scope="module", params=[0.01, 0.1], ids=lambda d: f"density={d}")
+def case(request):
+    rng = np.random.default_rng(0)
+    W = CSR.random((M, M), request.param, seed=1)
+    W.transpose_structure()
+    X = rng.standard_normal((M, BATCH), dtype=np.float32)
+    dY = rng.standard_normal((M, BATCH), dtype=np.float32)
+    check_products(W, W.to_scipy(), X, dY, rng)
+    return W, X, dY
+
+
+def _impls(kernel, W, X, dY):
+    Wsp = W.to_scipy()
+    out = {}
+    if kernel == "spmm":
+        Wd = W.to_dense()
+        out = {
+            "sparsecore": lambda: kernels.spmm(W, X),
+            "scipy": lambda: Wsp @ X,
+            "dense": lambda: Wd @ X,
+        }
+    elif kernel == "spmm_t":
+        Wd = W.to_dense()
+        WT = Wsp.T.tocsr()
+        out = {
+            "sparsecore": lambda: kernels.spmm_t(W, dY),
+            "scipy": lambda: WT @ dY,
+            "dense": lambda: Wd.T @ dY,
+        }
+    elif kernel == "sddmm":
+        out = {"sparsecore": lambda: kernels.sddmm(W, dY, X), "dense": lambda: dY @ X.T}
+    if torch is not None:
+        Wt = torch.sparse_csr_tensor(
+            torch.from_numpy(W.indptr.astype(np.int64)),
+            torch.from_numpy(W.indices.astype(np.int64)),
+            torch.from_numpy(W.data),
+            size=W.shape,
+        )
+        Xt, dYt = torch.from_numpy(X), torch.from_numpy(dY)
+        out["torch"] = {
+            "spmm": lambda: torch.sparse.mm(Wt, Xt),
+            "spmm_t": lambda: torch.sparse.mm(Wt.t(), dYt),
+            "sddmm": lambda: torch.sparse.sampled_addmm(Wt, dYt, Xt.t(), beta=0.0),
+        }[kernel]
+    return out
+
+
+@pytest.mark.parametrize("impl", ["sparsecore", "scipy", "torch", "dense"])
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t", "sddmm"])
+def test_products(benchmark, case, kernel, impl):
+    W, X, dY = case
+    fns = _impls(kernel, W, X, dY)
+    if impl not in fns:
+        pytest.skip(f"{impl} has no {kernel} here")
+    benchmark.group = f"{kernel} m={M} batch={BATCH} density={W.density:.2f}"
+    fns[impl]()  # warm-up
+    benchmark(fns[impl])
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_grow(benchmark, impl):
+    rng = np.random.default_rng(0)
+    W = CSR.random((M, M), 0.01, seed=1)
+    X = rng.standard_normal((M, BATCH), dtype=np.float32)
+    dY = rng.standard_normal((M, BATCH), dtype=np.float32)
+    k = M * M // 100
+    rows, cols = W.row_ids(), W.indices
+
+    def naive():
+        G = np.abs(dY @ X.T)
+        G[rows, cols] = -1.0
+        return np.argpartition(G.ravel(), G.size - k)[G.size - k :]
+
+    fn = {"fused": lambda: kernels.topk_grow(W, dY, X, k), "naive": naive}[impl]
+    benchmark.group = f"grow m={M} batch={BATCH} k=1%"
+    fn()
+    benchmark.pedantic(fn, rounds=5, iterations=1)

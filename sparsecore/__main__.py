@@ -1,0 +1,5 @@
+import sys
+
+from sparsecore.cli import main
+
+sys.exit(main())
