@@ -24,18 +24,22 @@ threads from spinning against each other.
 
 from __future__ import annotations
 
-import numpy as np
+# First, before NumPy loads OpenBLAS: the thread-pool settings (see sparsecore/_threads.py).
+from sparsecore._threads import configure_threads  # noqa: I001
 
-import sparsecore  # noqa: F401  (configures threads before Numba starts)
-from kernels import config
-from kernels.cpu import drop as _drop
-from kernels.cpu import grow as _grow
-from kernels.cpu import merge as _merge
-from kernels.cpu import sddmm as _sddmm
-from kernels.cpu import spmm as _spmm
-from kernels.cpu import spmm_t as _spmm_t
-from sparsecore import validation as V
-from sparsecore.formats import CSR, as_csr
+configure_threads()
+
+import numpy as np  # noqa: E402
+
+from kernels import config  # noqa: E402
+from kernels.cpu import drop as _drop  # noqa: E402
+from kernels.cpu import grow as _grow  # noqa: E402
+from kernels.cpu import merge as _merge  # noqa: E402
+from kernels.cpu import sddmm as _sddmm  # noqa: E402
+from kernels.cpu import spmm as _spmm  # noqa: E402
+from kernels.cpu import spmm_t as _spmm_t  # noqa: E402
+from sparsecore import validation as V  # noqa: E402
+from sparsecore.formats import CSR, as_csr  # noqa: E402
 
 __all__ = [
     "spmm",
@@ -71,10 +75,11 @@ def _dense_out(result_fm, out, name, layout):
     return result_fm
 
 
-def _prepare_out(out, name, rows, batch, layout):
+def _prepare_out(out, name, rows, batch, layout, W, *inputs):
     shape = (batch, rows) if layout == "batch" else (rows, batch)
     if out is not None:
         V.check_out(out, name, shape)
+        V.check_no_overlap(out, name, W.data, *inputs)
     if layout == "batch" or out is None:
         return np.empty((rows, batch), dtype=np.float32)
     return out
@@ -92,7 +97,7 @@ def spmm(W, X, *, out=None, layout: str = "feature"):
     W = as_csr(W)
     m, n = W.shape
     X = _dense_in(X, "X", n, layout)
-    y = _prepare_out(out, "out", m, X.shape[1], layout)
+    y = _prepare_out(out, "out", m, X.shape[1], layout, W, X)
     _spmm.spmm(W.indptr, W.indices, W.data, X, y, W.row_blocks())
     return _dense_out(y, out, "out", layout)
 
@@ -109,7 +114,7 @@ def spmm_t(W, dY, *, out=None, layout: str = "feature"):
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
-    dx = _prepare_out(out, "out", n, dY.shape[1], layout)
+    dx = _prepare_out(out, "out", n, dY.shape[1], layout, W, dY)
     t_indptr, t_indices, t_perm = W.transpose_structure()
     _spmm_t.spmm_t(t_indptr, t_indices, t_perm, W.data, dY, dx, W.col_blocks())
     return _dense_out(dx, out, "out", layout)
@@ -134,6 +139,7 @@ def sddmm(W, dY, X, *, out=None, layout: str = "feature"):
         out = np.empty(W.nnz, dtype=np.float32)
     else:
         V.check_out(out, "out", (W.nnz,))
+        V.check_no_overlap(out, "out", W.data, dY, X)
     return _sddmm.sddmm(W.indptr, W.indices, dY, X, out, W.row_blocks())
 
 
@@ -143,7 +149,7 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
     Maths: scores S = |dY·Xᵀ| (m × n, never formed whole); among (i, j) not stored in W (or
     stored with ``keep[p] = False``), return the k largest, ties to the lower flat index i·n + j.
     Shapes: W (m, n); dY (m, B); X (n, B) [layout="batch": (B, m), (B, n)]; keep (nnz,) bool.
-    Returns (rows, cols, scores): int32 (int64 when m·n needs it) and float32 arrays of length k,
+    Returns (rows, cols, scores): int32 (int64 when m or n needs it) and float32 arrays of length k,
     listed in ascending (row, col) order, ready for ``merge``.
     Cost: m·n·B multiply-adds (float32 BLAS, one tile at a time) + O(m·n) scans; extra memory
     O(tile + k): ``config.TOPK_TILE_BYTES`` (or ``tile_bytes``) plus about 12·k bytes.
@@ -165,7 +171,25 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
     k = V.check_int(k, "k", low=0, high=m * n - n_present)
     if tile_bytes is not None:
         tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
-    return _grow.topk_grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
+    _check_scores_fit_float32(dY, X)
+    rows, cols, scores = _grow.topk_grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
+    if rows.shape[0] != k:  # cannot happen with finite scores; never return a short answer
+        raise RuntimeError(f"topk_grow found {rows.shape[0]} entries, expected {k}")
+    return rows, cols, scores
+
+
+def _check_scores_fit_float32(dY, X):
+    """|G[i, j]| <= ||dY_i||·||X_j|| (Cauchy-Schwarz): if that bound fits float32 with room for
+    rounding, no score can overflow to inf (or to NaN via inf - inf). O((m + n)·B)."""
+    if not dY.size or not X.size:
+        return
+    a = float(np.sqrt(np.max(np.einsum("ij,ij->i", dY, dY, dtype=np.float64))))
+    b = float(np.sqrt(np.max(np.einsum("ij,ij->i", X, X, dtype=np.float64))))
+    if a * b > 1e37:
+        raise OverflowError(
+            f"dY·Xᵀ may overflow float32: the largest row norms are {a:.3g} (dY) and {b:.3g} (X); "
+            "rescale dY or X (the ranking of |dY·Xᵀ| does not change under scaling)"
+        )
 
 
 def magnitude_drop(W, k):
@@ -178,6 +202,8 @@ def magnitude_drop(W, k):
         data = W
         if data.dtype.kind not in "fiu":
             raise TypeError(f"W values must be real numbers, got dtype {data.dtype}")
+        if data.dtype.kind in "iu":  # abs(int8(-128)) is -128: rank integers as floats
+            data = data.astype(np.float64)
         if data.size and not np.isfinite(data).all():
             raise ValueError("W values must be finite, but they hold NaN or inf")
     else:
@@ -229,8 +255,11 @@ def remap(src, values, fill=0.0):
         raise TypeError(f"src must be a 1-D integer array, got {src.dtype} shape {src.shape}")
     if values.ndim != 1:
         raise ValueError(f"values must be 1-D, got shape {values.shape}")
-    if src.size and src.max() >= values.shape[0]:
-        raise ValueError(f"src points at position {src.max()}, but values has {values.shape[0]}")
+    if src.size and (src.max() >= values.shape[0] or src.min() < -1):
+        raise ValueError(
+            f"src must hold positions in [0, {values.shape[0]}) or -1 (new entry), "
+            f"got values in [{src.min()}, {src.max()}]"
+        )
     return _merge.remap(src, values, fill)
 
 

@@ -13,6 +13,8 @@ Derived structures are built on first use and cached until the pattern changes:
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -30,8 +32,9 @@ class CSR:
 
     def __init__(self, indptr, indices, data, shape, *, check: bool = True, index_dtype=None):
         if check:
-            indptr, indices, data, shape = V.check_csr_arrays(
-                indptr, indices, data, shape, "W", index_dtype=index_dtype
+            indptr, indices, data, shape = _owned_pattern(
+                (indptr, indices),
+                V.check_csr_arrays(indptr, indices, data, shape, "W", index_dtype=index_dtype),
             )
         self._set(indptr, indices, data, tuple(int(s) for s in shape))
 
@@ -57,14 +60,14 @@ class CSR:
             raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
         if a.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise ValueError(f"{name} must be finite, but it holds NaN or inf")
         m, n = a.shape
         rows, cols = np.nonzero(a)  # row-major order: canonical already
         idx = V.index_dtype_for(m, n, rows.shape[0])
         indptr = np.zeros(m + 1, dtype=idx)
         np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
-        data = a[rows, cols].astype(np.float32)
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            data = a[rows, cols].astype(np.float32)
+        V.check_finite_values(data, name)
         return cls._trusted(indptr, cols.astype(idx), data, (m, n))
 
     @classmethod
@@ -82,6 +85,9 @@ class CSR:
             raise TypeError(f"{name} must hold real numbers, got dtype {M.dtype}")
         if M.format != "csr":
             M = M.tocsr()
+        # scipy does not check these by default, and its canonicalisation crashes without them
+        V.check_csr_arrays(M.indptr, M.indices, M.data, M.shape, name, full=False)
+        V.check_indptr_monotone(M.indptr, name)
         if not M.has_canonical_format:
             M = M.copy()
             M.sum_duplicates()  # sorts too
@@ -96,8 +102,7 @@ class CSR:
                 raise ValueError(
                     f"{name}.indices must lie in [0, n_cols = {shape[1]}), found column index {bad}"
                 )
-            if not np.isfinite(data).all():
-                raise ValueError(f"{name} holds NaN or inf values")
+            V.check_finite_values(data, f"{name}.data")
         # copy what aliases M, so that later changes to M cannot break our invariants
         if np.shares_memory(indptr, M.indptr):
             indptr = indptr.copy()
@@ -127,13 +132,17 @@ class CSR:
         set-based sampler); at high density the sampler may use O(m·n) scratch.
         """
         m, n = V.check_shape2(shape, "shape")
-        if not (isinstance(density, (int, float, np.floating)) and 0.0 <= density <= 1.0):
+        if (
+            not isinstance(density, numbers.Real)
+            or isinstance(density, bool)
+            or not 0.0 <= density <= 1.0
+        ):
             raise ValueError(f"density must be a number in [0, 1], got {density!r}")
         rng = np.random.default_rng(seed)
         if per_row:
             per = int(round(density * n))
             nnz = per * m
-            idx = index_dtype if index_dtype is not None else V.index_dtype_for(m, n, nnz)
+            idx = V.choose_index_dtype(m, n, nnz, index_dtype, "random matrix")
             indices = np.empty(nnz, dtype=idx)
             for i in range(m):
                 cols = rng.choice(n, size=per, replace=False, shuffle=False)
@@ -144,7 +153,7 @@ class CSR:
                 indptr = np.zeros(m + 1, dtype=idx)
         else:
             nnz = int(round(density * m * n))
-            idx = index_dtype if index_dtype is not None else V.index_dtype_for(m, n, nnz)
+            idx = V.choose_index_dtype(m, n, nnz, index_dtype, "random matrix")
             flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)
             flat.sort()
             rows = flat // n if n else flat
@@ -245,6 +254,17 @@ class CSR:
         )
 
 
+def _owned_pattern(given, checked):
+    """Copy the pattern arrays that still alias the caller's: a CSR's pattern is trusted by
+    kernels that skip bounds checks, so nobody else may hold a writeable view of it."""
+    indptr, indices, data, shape = checked
+    if any(np.may_share_memory(indptr, g) for g in given):
+        indptr = indptr.copy()
+    if any(np.may_share_memory(indices, g) for g in given):
+        indices = indices.copy()
+    return indptr, indices, data, shape
+
+
 def as_csr(W, name: str = "W") -> CSR:
     """Accept a CSR (trusted as is), a scipy.sparse matrix, or (indptr, indices, data, shape)."""
     if isinstance(W, CSR):
@@ -258,7 +278,8 @@ def as_csr(W, name: str = "W") -> CSR:
         for a, part in ((indptr, "indptr"), (indices, "indices"), (data, "data")):
             if V.is_cupy_array(a):
                 V.raise_cupy(f"{name}.{part}")
-        return CSR._trusted(*V.check_csr_arrays(indptr, indices, data, shape, name))
+        checked = V.check_csr_arrays(indptr, indices, data, shape, name)
+        return CSR._trusted(*_owned_pattern((indptr, indices), checked))
     raise TypeError(
         f"{name} must be a sparsecore.CSR, a scipy.sparse matrix, or a tuple "
         f"(indptr, indices, data, shape); got {type(W).__name__}"

@@ -95,20 +95,9 @@ def check_csr_arrays(
         raise ValueError(
             f"{name}.indptr[-1] = {int(indptr[-1])} must equal len({name}.indices) = {nnz}"
         )
-    idx_dtype = index_dtype_for(m, n, nnz)
-    if index_dtype is not None:
-        if np.dtype(index_dtype) not in (np.dtype(np.int32), np.dtype(np.int64)):
-            raise TypeError(f"index_dtype must be int32 or int64, got {np.dtype(index_dtype)}")
-        if np.dtype(index_dtype).itemsize < np.dtype(idx_dtype).itemsize:
-            raise ValueError(f"{name} needs int64 indices: its sizes exceed the int32 range")
-        idx_dtype = np.dtype(index_dtype).type
+    idx_dtype = choose_index_dtype(m, n, nnz, index_dtype, name)
     if full:
-        if m and np.any(np.diff(indptr) < 0):
-            row = int(np.flatnonzero(np.diff(indptr) < 0)[0])
-            raise ValueError(
-                f"{name}.indptr must be nondecreasing, but indptr[{row + 1}] = "
-                f"{int(indptr[row + 1])} < indptr[{row}] = {int(indptr[row])}"
-            )
+        check_indptr_monotone(indptr, name)
         if nnz:
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= n:
@@ -117,13 +106,46 @@ def check_csr_arrays(
                     f"{name}.indices must lie in [0, n_cols = {n}), found column index {bad}"
                 )
             check_canonical(indptr, indices, name)
-        if data.dtype.kind == "f" and nnz and not np.isfinite(data).all():
-            p = int(np.flatnonzero(~np.isfinite(data))[0])
-            raise ValueError(f"{name}.data must be finite, found {data[p]} at position {p}")
     indptr = np.ascontiguousarray(indptr, dtype=idx_dtype)
     indices = np.ascontiguousarray(indices, dtype=idx_dtype)
-    data = np.ascontiguousarray(data, dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        data = np.ascontiguousarray(data, dtype=np.float32)
+    if full:
+        check_finite_values(data, f"{name}.data")
     return indptr, indices, data, (m, n)
+
+
+def check_finite_values(data, name: str):
+    """After the cast to float32: 1e300 is finite in float64 but inf in float32."""
+    if data.size and not np.isfinite(data).all():
+        p = int(np.flatnonzero(~np.isfinite(data))[0])
+        raise ValueError(
+            f"{name} must be finite in float32, found {data[p]} at position {p} "
+            "(NaN, inf, or a value beyond float32's range)"
+        )
+
+
+def choose_index_dtype(m: int, n: int, nnz: int, index_dtype=None, name: str = "W"):
+    """int32 unless the sizes need int64; a requested dtype must be int32/int64 and wide enough."""
+    needed = index_dtype_for(m, n, nnz)
+    if index_dtype is None:
+        return needed
+    dt = np.dtype(index_dtype)
+    if dt not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError(f"index_dtype must be int32 or int64, got {dt}")
+    if dt.itemsize < np.dtype(needed).itemsize:
+        raise ValueError(f"{name} needs int64 indices: its sizes exceed the int32 range")
+    return dt.type
+
+
+def check_indptr_monotone(indptr, name: str = "W"):
+    d = np.diff(indptr)
+    if d.size and (d < 0).any():
+        row = int(np.flatnonzero(d < 0)[0])
+        raise ValueError(
+            f"{name}.indptr must be nondecreasing, but indptr[{row + 1}] = "
+            f"{int(indptr[row + 1])} < indptr[{row}] = {int(indptr[row])}"
+        )
 
 
 def check_canonical(indptr, indices, name: str = "W"):
@@ -164,10 +186,18 @@ def as_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False)
         raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {a.dtype}")
     if n_rows is not None and a.shape[0] != n_rows:
         raise ValueError(f"{name} has shape {a.shape}, expected {n_rows} rows")
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is reported below where it matters
+        a = np.ascontiguousarray(a, dtype=np.float32)
     if finite and a.size and not np.isfinite(a).all():
-        raise ValueError(f"{name} must be finite, but it holds NaN or inf")
+        raise ValueError(f"{name} must be finite in float32, but it holds NaN or inf")
     return a
+
+
+def check_no_overlap(out, name: str, *inputs):
+    """``out`` must not share memory with an input: kernels read inputs while writing out."""
+    for a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{name} overlaps an input array; pass a separate output buffer")
 
 
 def check_out(out, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:

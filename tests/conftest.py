@@ -5,6 +5,7 @@ Set SPARSECORE_TEST_SEED=<int> to replay a run.
 
 import os
 import secrets
+import zlib
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ def pytest_report_header(config):
 @pytest.fixture
 def rng(request):
     # a different stream per test, all derived from the run's seed
-    return np.random.default_rng([SEED, abs(hash(request.node.nodeid)) % (2**32)])
+    return np.random.default_rng([SEED, zlib.crc32(request.node.nodeid.encode())])
 
 
 @pytest.fixture

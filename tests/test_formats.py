@@ -45,6 +45,10 @@ def test_scipy_any_format_with_duplicates(m, n, nnz, fmt, idx, seed):
     cols = rng.integers(0, max(n, 1), nnz).astype(idx)
     vals = rng.integers(-3, 4, nnz).astype(np.float64)
     M = sp.coo_matrix((vals, (rows, cols)), shape=(m, n)).asformat(fmt)
+    if fmt == "coo":
+        M.row, M.col = M.row.astype(idx), M.col.astype(idx)  # scipy picks int32 by itself
+    else:
+        M.indices, M.indptr = M.indices.astype(idx), M.indptr.astype(idx)
     before = M.toarray()
     W = CSR.from_scipy(M)
     np.testing.assert_array_equal(W.to_dense(np.float64), before)  # duplicates summed

@@ -80,6 +80,18 @@ def test_estimated_threshold_path_and_its_fallback(monkeypatch):
         _assert_valid_float_topk(W, dy, X, k, r, c, s)
 
 
+@pytest.mark.parametrize("lying_sample", [False, True])
+def test_estimated_path_is_exact_with_ties(lying_sample, rng, monkeypatch):
+    """Integer scores (exact, many ties) through the sampled-threshold pass and its fallback."""
+    monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 300 * 4 * 32)  # 32-row tiles
+    W = kernels.CSR.random((512, 300), 0.05, seed=int(rng.integers(1 << 30)))
+    dY, X = _int_operands(rng, 512, 300, 6, spread=3)
+    if lying_sample:
+        dY[::16] *= 8  # the sampled rows (every 16th) look far larger than the rest
+    for k in (1500, 4000):
+        _assert_exact(W, dY, X, k)
+
+
 def _assert_valid_float_topk(W, dY, X, k, rows, cols, scores, keep=None):
     """With float inputs, float32 rounding may reorder near-ties: check the set is a top-k
     up to the rounding bound, and that the returned scores are right."""

@@ -51,7 +51,7 @@ def _raw(indptr, indices, data, shape):
         (
             _raw([0, 1, 2], [0, 1], [1, np.nan], (2, 2)),
             ValueError,
-            r"W.data must be finite, found nan at position 1",
+            r"W.data must be finite in float32, found nan at position 1",
         ),
         (
             _raw([0, 1], [0], [1, 2], (1, 2)),
@@ -129,11 +129,80 @@ def test_bad_grow_arguments(rng):
         kernels.topk_grow(W, dY, X, 1, keep=np.ones(9, np.int64))
 
 
+def test_values_beyond_float32_are_refused():
+    # 1e300 is finite in float64 but inf once stored as float32
+    with pytest.raises(ValueError, match=r"W.data must be finite in float32, found inf"):
+        CSR(I([0, 1]), I([0]), I([1e300]), (1, 1))
+    with pytest.raises(ValueError, match=r"a must be finite in float32"):
+        CSR.from_dense([[1e300]])
+    with pytest.raises(ValueError, match=r"W.data must be finite in float32"):
+        kernels.spmm((I([0, 1]), I([0]), I([1e300]), (1, 1)), np.ones((1, 1), np.float32))
+
+
+def test_scipy_with_broken_indptr_gets_a_clear_error():
+    import scipy.sparse as sp
+
+    M = sp.csr_matrix((I([1.0, 2.0]), I([0, 1]), I([0, 2, 2])), shape=(2, 2))
+    M.indptr = I([0, 2, 1]).astype(M.indptr.dtype)  # scipy does not check this
+    with pytest.raises(ValueError, match=r"W.indptr\[-1\] = 1 must equal|nondecreasing"):
+        CSR.from_scipy(M)
+
+
+def test_callers_arrays_never_alias_a_trusted_pattern():
+    """A CSR's pattern is trusted by kernels without bounds checks: it must own it."""
+    base = I([0, 1, 0, 1])
+    indptr = I([0, 2, 4])
+    W = CSR(indptr, base[:], np.ones(4, np.float32), (2, 2))
+    base[1] = 50_000_000  # the caller changes its array...
+    assert W.indices[1] == 1  # ...the CSR does not see it
+    assert base.flags.writeable and indptr.flags.writeable  # and the caller's arrays stay writeable
+    raw = (I([0, 1]), I([0]), np.ones(1, np.float32), (1, 1))
+    kernels.spmm(raw, np.ones((1, 2), np.float32))
+    assert raw[0].flags.writeable and raw[1].flags.writeable
+
+
+def test_random_index_dtype_is_checked():
+    with pytest.raises(TypeError, match=r"index_dtype must be int32 or int64, got int8"):
+        CSR.random((20, 20), 0.5, seed=0, index_dtype=np.int8)
+    with pytest.raises(TypeError, match=r"index_dtype must be int32 or int64, got float32"):
+        CSR.random((20, 20), 0.5, seed=0, index_dtype=np.float32)
+    with pytest.raises(ValueError, match=r"density must be a number in \[0, 1\], got True"):
+        CSR.random((2, 2), True)
+    assert CSR.random((2, 2), np.int64(1), seed=0).nnz == 4
+
+
+def test_out_may_not_overlap_an_input():
+    # W swaps the two rows: writing into X while reading it would give [2, 2]
+    W = CSR(I([0, 1, 2]), I([1, 0]), np.ones(2, np.float32), (2, 2))
+    X = I([[1.0], [2.0]], np.float32)
+    with pytest.raises(ValueError, match=r"out overlaps an input array"):
+        kernels.spmm(W, X, out=X)
+    with pytest.raises(ValueError, match=r"out overlaps an input array"):
+        kernels.spmm_t(W, X, out=X)
+    with pytest.raises(ValueError, match=r"out overlaps an input array"):
+        kernels.sddmm(W, X, X, out=W.data)
+
+
+def test_grow_refuses_scores_that_overflow_float32():
+    W = CSR(I([0, 0, 0]), I([], np.int32), I([], np.float32), (2, 3))
+    dY = I([[0.0, 0.0], [1e20, 1e20]], np.float32)
+    X = I([[1.0, 0.0], [0.0, 1.0], [1e20, -1e20]], np.float32)  # score (1, 2) is 0, not inf
+    with pytest.raises(OverflowError, match=r"dY·Xᵀ may overflow float32"):
+        kernels.topk_grow(W, dY, X, 1)
+
+
+def test_remap_checks_src():
+    with pytest.raises(ValueError, match=r"src must hold positions in \[0, 3\) or -1"):
+        kernels.remap(I([0, -5]), np.ones(3))
+
+
 def test_drop_arguments():
     with pytest.raises(ValueError, match=r"k must be at least 0, at most 3, got 4"):
         kernels.magnitude_drop(np.ones(3, np.float32), 4)
     with pytest.raises(ValueError, match=r"must be finite"):
         kernels.magnitude_drop(np.array([1.0, np.nan], np.float32), 1)
+    # abs(int8(-128)) wraps to -128 in NumPy: integers are ranked as floats
+    np.testing.assert_array_equal(kernels.magnitude_drop(np.array([-128, 1, 2], np.int8), 1), [1])
 
 
 class _FakeCupyArray:
@@ -160,5 +229,11 @@ def test_validated_container_is_not_rechecked(rng, monkeypatch):
 
     W = CSR.random((50, 40), 0.1, seed=1)
     monkeypatch.setattr(validation, "check_csr_arrays", lambda *a, **k: pytest.fail("revalidated"))
-    kernels.spmm(W, np.ones((40, 2), np.float32))
-    kernels.spmm_t(W, np.ones((50, 2), np.float32))
+    monkeypatch.setattr(validation, "check_canonical", lambda *a, **k: pytest.fail("revalidated"))
+    X, dY = np.ones((40, 2), np.float32), np.ones((50, 2), np.float32)
+    kernels.spmm(W, X)
+    kernels.spmm_t(W, dY)
+    kernels.sddmm(W, dY, X)
+    kernels.topk_grow(W, dY, X, 3)
+    kernels.magnitude_drop(W, 3)
+    kernels.merge(W, np.ones(W.nnz, bool), np.array([], int), np.array([], int))

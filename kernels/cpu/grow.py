@@ -134,7 +134,8 @@ def tile_shape(m, n, tile_bytes):
 def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=None):
     """Launcher (trusts its inputs: k <= number of absent entries, canonical pattern, finite data).
 
-    Returns (rows, cols, scores): index dtype int32 when m·n < 2**31 else int64, scores float32,
+    Returns (rows, cols, scores): index dtype int32 when m and n < 2**31 else int64 (the flat
+    index i·n + j is int64 internally when m·n needs it), scores float32,
     listed in ascending flat order.
     """
     m, n = dy.shape[0], x.shape[0]
