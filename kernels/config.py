@@ -19,6 +19,11 @@ BLOCKS_PER_THREAD = 4
 # Peak extra memory of topk_grow is this tile plus the candidate buffer (see kernels/cpu/grow.py).
 TOPK_TILE_BYTES = 2 << 20
 
+# ... but never fewer rows than this in a tile (sgemm with few rows runs far below its peak:
+# at m = n = 16384, 32-row tiles made the grow 45% slower than 128-row ones), as long as the
+# tile stays within 1/16 of the dense gradient. Applies when the tile size is not given per call.
+TOPK_MIN_TILE_ROWS = 128
+
 # Candidate buffer of topk_grow, in multiples of k: when full it is cut back to the best k and
 # the acceptance threshold rises. Larger means fewer cuts and more memory; must be > 1. It
 # exceeds grow.ESTIMATE_MARGIN (1.5) so that the usual pass, from a sampled threshold, needs no

@@ -1,4 +1,4 @@
-"""Command line: ``sparsecore info`` (more subcommands arrive with the training engine)."""
+"""Command line: ``sparsecore train`` and ``sparsecore info`` (also ``python -m sparsecore``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,60 @@ import json
 import sys
 
 
+def _arch(s: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in s.split("-")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--arch must look like 784-300-100-10, got {s!r}"
+        ) from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--arch needs at least two positive sizes, got {s!r}")
+    return sizes
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train an MLP with RigL / SET / static sparsity / dense")
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        help="'mnist' (bundled) or a path to an .npz with x_train, y_train, x_test, y_test",
+    )
+    p.add_argument(
+        "--arch", type=_arch, default=[784, 300, 100, 10], help="layer sizes, e.g. 784-300-100-10"
+    )
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--distribution", choices=["erk", "uniform"], default="erk")
+    p.add_argument("--method", choices=["rigl", "set", "static", "dense"], default="rigl")
+    p.add_argument("--delta-t", type=int, default=100, help="steps between topology updates (ΔT)")
+    p.add_argument("--alpha", type=float, default=0.3, help="initial drop fraction")
+    p.add_argument(
+        "--t-end",
+        type=float,
+        default=0.75,
+        help="fraction of training after which the topology is frozen",
+    )
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=["cosine", "step", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--out", default="runs/default", help="folder for metrics, plot and checkpoint")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="sparsecore", description="True-sparse training engine.")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
     sub.add_parser("info", help="versions and the threading setup in force")
     args = ap.parse_args(argv)
     if args.cmd == "info":
@@ -19,15 +70,62 @@ def main(argv=None) -> int:
 
         import sparsecore
 
-        info = {
-            "sparsecore": sparsecore.__version__,
-            "numpy": numpy.__version__,
-            "scipy": scipy.__version__,
-            "numba": numba.__version__,
-            "threads": sparsecore.threading_info(),
-        }
-        print(json.dumps(info, indent=2))
-    return 0
+        print(
+            json.dumps(
+                {
+                    "sparsecore": sparsecore.__version__,
+                    "numpy": numpy.__version__,
+                    "scipy": scipy.__version__,
+                    "numba": numba.__version__,
+                    "threads": sparsecore.threading_info(),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    if args.cmd == "train":
+        from sparsecore.cost import describe
+        from sparsecore.train import TrainConfig, TrainingDiverged, train
+
+        cfg = TrainConfig(
+            dataset=args.dataset,
+            arch=args.arch,
+            sparsity=args.sparsity,
+            distribution=args.distribution,
+            method=args.method,
+            delta_t=args.delta_t,
+            alpha=args.alpha,
+            t_end=args.t_end,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            nesterov=args.nesterov,
+            weight_decay=args.weight_decay,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=args.warmup_steps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            max_steps=args.max_steps,
+            out=args.out,
+            progress=not args.no_progress,
+        )
+        try:
+            tr, summary = train(cfg, resume=args.resume)
+        except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+            print(f"sparsecore train: error: {e}", file=sys.stderr)
+            return 2
+        print(f"cost: {describe(summary['cost'])}")
+        if summary["time_per_step_s"]:
+            print(
+                f"measured time per step: {1e3 * summary['time_per_step_s']:.2f} ms "
+                f"(batch {cfg.batch_size}, topology updates included)"
+            )
+        print(f"outputs: {args.out}/metrics.jsonl, learning_curve.png, checkpoint.npz")
+        print(f"test accuracy: {100 * summary['test_acc']:.2f}%")
+        return 0
+    return 1
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ def test_batch_layout(rng):
 def test_tile_memory_stays_bounded():
     # the launcher sizes its scratch from the budget, never from m·n
     assert G.tile_shape(100_000, 100_000, 1 << 20) == (2, 100_000)
+    assert G.tile_shape(100_000, 100_000, 1 << 20, min_rows=128) == (128, 100_000)
+    assert G.tile_shape(16384, 16384, 2 << 20, min_rows=128) == (128, 16384)
+    assert G.tile_shape(1000, 16384, 2 << 20, min_rows=128) == (62, 16384)  # <= 1/16 of m·n
     assert G.tile_shape(10, 1_000_000, 1 << 20) == (1, 1 << 18)
     assert G.tile_shape(4096, 4096, 2 << 20) == (128, 4096)
     assert G.tile_shape(3, 5, 1 << 20) == (3, 5)

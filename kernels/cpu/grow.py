@@ -7,8 +7,9 @@ Maths:    G = dY·Xᵀ (m × n), the dense weight gradient of a layer Y = W·X.
 Buffers:  indptr (m+1,), indices (nnz,) canonical CSR pattern of W                      [in]
           keep (nnz,) bool, or None: entries with keep=False count as absent            [in]
           dY (m, B), X (n, B) float32, C-contiguous, finite, |dY·Xᵀ| < float32 max       [in]
-Scratch:  one gradient tile (TOPK_TILE_BYTES: R full rows, or one row cut into column
-          blocks when a single row is larger), a candidate buffer of cap = TOPK_BUFFER_FACTOR·k
+Scratch:  one gradient tile (TOPK_TILE_BYTES, or TOPK_MIN_TILE_ROWS full rows if that is more
+          and at most 1/16 of the gradient; one row cut into column blocks when a single row is
+          larger than the tile), a candidate buffer of cap = TOPK_BUFFER_FACTOR·k
           (score float32 + flat index int32|int64), and at each cut one float32 copy of the
           buffer for the partition. Never the dense m × n gradient.
 Cost:     m·n·B multiply-adds in float32 BLAS (one sgemm per tile, on the BLAS threads), one
@@ -175,11 +176,13 @@ def _cut(buf_s, buf_f, n_buf, k):
     return _compact(buf_s, buf_f, n_buf, k, kth), np.float32(kth)
 
 
-def tile_shape(m, n, tile_bytes):
-    """(rows, cols) of the gradient tile: full rows when one fits, else one row in column blocks."""
+def tile_shape(m, n, tile_bytes, min_rows=0):
+    """(rows, cols) of the gradient tile: full rows when one fits (at least min(min_rows, m//16)
+    of them), else one row in column blocks."""
     row_bytes = 4 * max(n, 1)
     if row_bytes <= tile_bytes:
-        return max(1, min(m, tile_bytes // row_bytes)), n
+        rows = max(tile_bytes // row_bytes, min(min_rows, m // 16))
+        return max(1, min(m, rows)), n
     return 1, max(1, tile_bytes // 4)
 
 
@@ -194,6 +197,7 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     idx_dtype = np.int32 if max(m, n) < 2**31 else np.int64
     if k == 0:
         return (np.empty(0, idx_dtype), np.empty(0, idx_dtype), np.empty(0, np.float32))
+    min_rows = config.TOPK_MIN_TILE_ROWS if tile_bytes is None else 0
     tile_bytes = config.TOPK_TILE_BYTES if tile_bytes is None else tile_bytes
     factor = config.TOPK_BUFFER_FACTOR if buffer_factor is None else buffer_factor
     cap = max(k + 1, int(factor * k))
@@ -202,7 +206,7 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     use_keep = keep is not None
     keep_arr = keep if use_keep else np.ones(1, dtype=np.bool_)
     n_present = int(np.count_nonzero(keep)) if use_keep else int(indptr[m])
-    tr, tc = tile_shape(m, n, tile_bytes)
+    tr, tc = tile_shape(m, n, tile_bytes, min_rows)
     tile = np.empty(tr * tc, dtype=np.float32)
     pattern = (indptr, indices, keep_arr, use_keep)
 

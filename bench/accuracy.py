@@ -1,0 +1,100 @@
+"""Accuracy of RigL, SET, static sparsity and dense training on MNIST (LeNet-300-100), by seed.
+
+    python bench/accuracy.py --epochs 20 --seeds 0 1 2 --out bench/results/accuracy.jsonl
+
+Each configuration is one `sparsecore train` run with the same defaults (SGD momentum 0.9,
+lr 0.1 cosine, weight decay 1e-4, batch 128, ERK, ΔT 100, α 0.3, T_end 75%). Results are
+appended as JSON lines (a rerun skips what is done) and summarised as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sparsecore  # noqa: E402,F401,I001
+import numpy as np  # noqa: E402
+
+from sparsecore import data as D  # noqa: E402
+from sparsecore.train import TrainConfig, Trainer  # noqa: E402
+
+
+def table(rows):
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["sparsity"]), []).append(r["test_acc"])
+    sparsities = sorted({s for m, s in by if m != "dense"})
+    lines = [
+        "| method | " + " | ".join(f"sparsity {s:.0%}" for s in sparsities) + " |",
+        "|---|" + "---|" * len(sparsities),
+    ]
+    for m in ("rigl", "set", "static"):
+        cells = []
+        for s in sparsities:
+            a = by.get((m, s))
+            cells.append(
+                f"{100 * np.mean(a):.2f} ± {100 * np.std(a):.2f} (n={len(a)})" if a else "–"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    d = [v for (m, _), a in by.items() if m == "dense" for v in a]
+    if d:
+        lines.append(
+            f"| dense | {100 * np.mean(d):.2f} ± {100 * np.std(d):.2f} (n={len(d)}) (all weights) |"
+            + " |" * (len(sparsities) - 1)
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    ap.add_argument("--methods", nargs="+", default=["rigl", "set", "static", "dense"])
+    ap.add_argument("--out", default="bench/results/accuracy.jsonl")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(l) for l in out.read_text().splitlines()] if out.exists() else []
+    key = {(r["method"], r["sparsity"], r["seed"], r["epochs"]) for r in done}
+    data = D.load("mnist")
+    for seed in args.seeds:
+        for method in args.methods:
+            for s in [0.0] if method == "dense" else args.sparsities:
+                if (method, s, seed, args.epochs) in key:
+                    continue
+                cfg = TrainConfig(
+                    method=method,
+                    sparsity=s if s else 0.5,
+                    seed=seed,
+                    epochs=args.epochs,
+                    progress=False,
+                )
+                tr = Trainer(cfg, data)
+                summary = tr.run()
+                row = {
+                    "method": method,
+                    "sparsity": s,
+                    "seed": seed,
+                    "epochs": args.epochs,
+                    "test_acc": summary["test_acc"],
+                    "time_per_step_s": summary["time_per_step_s"],
+                    "params": summary["cost"]["params"],
+                }
+                print(json.dumps(row), flush=True)
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done.append(row)
+    print(table([r for r in done if r["epochs"] == args.epochs]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""What a run costs: parameters, bytes of training state and FLOPs per step, sparse vs dense."""
+
+from __future__ import annotations
+
+from sparsecore.layers import Linear, SparseLinear
+
+
+def model_cost(
+    model, batch: int, optimizer=None, schedule=None, total_steps: int = 0, method: str = "rigl"
+) -> dict:
+    """Analytical costs of one training step of ``model`` at a batch size, beside the same
+    architecture trained densely with the same optimizer.
+
+    FLOPs count multiply-adds as 2: forward 2·nnz·B per layer; backward 2·nnz·B for dW (SDDMM)
+    plus 2·nnz·B for dX (none for the first layer); RigL's grow costs 2·m·n·B per layer per
+    update, amortised over the run's steps. Bytes count every array of training state: values,
+    indices, indptr, the transpose structure, gradients and optimizer moments (activations are
+    batch-sized and the same for both, so left out).
+    """
+    n_moments = len(getattr(optimizer, "state_names", ())) if optimizer is not None else 1
+    out = {
+        "params": 0,
+        "params_dense": 0,
+        "state_bytes": 0,
+        "state_bytes_dense": 0,
+        "flops_per_step": 0.0,
+        "flops_per_step_dense": 0.0,
+        "layers": [],
+    }
+    n_updates = schedule.n_updates() if (schedule is not None and method == "rigl") else 0
+    for l, layer in enumerate(model.weighted()):
+        m, n = layer.shape
+        dense_w = m * n
+        first = l == 0
+        if isinstance(layer, SparseLinear):
+            nnz = layer.W.nnz
+            it = layer.W.indices.itemsize
+            state = (
+                4 * nnz * (2 + n_moments)  # values, gradient, moments
+                + it * nnz
+                + it * (m + 1)  # indices, indptr
+                + it * (2 * nnz + n + 1)
+            )  # transpose structure: indices, perm, indptr
+        else:
+            nnz = dense_w
+            state = 4 * dense_w * (2 + n_moments)
+        bias = 4 * m * (2 + n_moments)
+        fwd, fwd_d = 2.0 * nnz * batch, 2.0 * dense_w * batch
+        bwd = fwd * (1 if first else 2)
+        bwd_d = fwd_d * (1 if first else 2)
+        grow = (
+            2.0 * dense_w * batch * n_updates / max(total_steps, 1)
+            if isinstance(layer, SparseLinear)
+            else 0.0
+        )
+        out["layers"].append(
+            {
+                "shape": [m, n],
+                "nnz": nnz,
+                "density": nnz / dense_w,
+                "state_bytes": state + bias,
+                "flops_per_step": fwd + bwd + grow,
+            }
+        )
+        out["params"] += nnz + m
+        out["params_dense"] += dense_w + m
+        out["state_bytes"] += state + bias
+        out["state_bytes_dense"] += 4 * dense_w * (2 + n_moments) + bias
+        out["flops_per_step"] += fwd + bwd + grow
+        out["flops_per_step_dense"] += fwd_d + bwd_d
+        out["grow_flops_per_step"] = out.get("grow_flops_per_step", 0.0) + grow
+    return out
+
+
+def describe(cost: dict) -> str:
+    def mib(b):
+        return f"{b / 2**20:.2f} MiB"
+
+    c = cost
+    p, pd = c["params"], c["params_dense"]
+    s, sd = c["state_bytes"], c["state_bytes_dense"]
+    f, fd = c["flops_per_step"] / 1e6, c["flops_per_step_dense"] / 1e6
+    grow = c.get("grow_flops_per_step", 0) / 1e6
+    return (
+        f"parameters {p:,} vs dense {pd:,} ({p / pd:.1%}); "
+        f"training state {mib(s)} vs dense {mib(sd)} ({s / sd:.1%}); "
+        f"FLOPs/step {f:.1f} M vs dense {fd:.1f} M ({f / fd:.1%}, grow amortised {grow:.1f} M)"
+    )
+
+
+__all__ = ["model_cost", "describe", "Linear"]

@@ -1,0 +1,125 @@
+"""Datasets: the bundled MNIST, or the user's own arrays; normalisation and a validation split.
+
+Arrays are kept batch-major (N, features) float32 as users hold them; the training loop
+transposes each mini-batch to the kernels' feature-major layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BUNDLED = {"mnist": Path(__file__).parent / "datasets" / "mnist.npz"}
+MNIST_SHA256 = {
+    "x_train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "y_train": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "x_test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "y_test": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+def _labels(y, name):
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D integer labels, got shape {y.shape}")
+    if y.size and y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise ValueError(f"{name} holds a negative label ({int(y.min())}); labels are 0..C-1")
+    return y.astype(np.int64)
+
+
+def _features(x, name):
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be (N, features...) with at least 2 dims, got {x.shape}")
+    if x.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+    x = x.reshape(x.shape[0], -1).astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf")
+    return x
+
+
+def from_arrays(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    *,
+    name="arrays",
+    val_fraction=0.0,
+    seed=0,
+    normalize: str = "standard",
+) -> Dataset:
+    """Build a Dataset from arrays: flatten, standardise with training statistics, split off
+    a validation set (val_fraction of the training set, seeded)."""
+    xtr, xte = _features(x_train, "x_train"), _features(x_test, "x_test")
+    ytr, yte = _labels(y_train, "y_train"), _labels(y_test, "y_test")
+    if xtr.shape[0] != ytr.shape[0]:
+        raise ValueError(f"x_train has {xtr.shape[0]} rows but y_train has {ytr.shape[0]} labels")
+    if xte.shape[0] != yte.shape[0]:
+        raise ValueError(f"x_test has {xte.shape[0]} rows but y_test has {yte.shape[0]} labels")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
+    if xtr.shape[0] == 0:
+        raise ValueError("x_train is empty")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_classes = int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
+    if normalize == "standard":
+        mean = float(xtr.mean(dtype=np.float64))
+        std = float(xtr.std(dtype=np.float64)) or 1.0
+        xtr = (xtr - np.float32(mean)) / np.float32(std)
+        xte = (xte - np.float32(mean)) / np.float32(std)
+    elif normalize != "none":
+        raise ValueError(f"normalize must be 'standard' or 'none', got {normalize!r}")
+    n_val = int(round(val_fraction * xtr.shape[0]))
+    perm = np.random.default_rng(seed).permutation(xtr.shape[0])
+    val, tr = perm[:n_val], perm[n_val:]
+    return Dataset(name, xtr[tr], ytr[tr], xtr[val], ytr[val], xte, yte, n_classes)
+
+
+def load(name_or_path: str, *, val_fraction: float = 0.0, seed: int = 0, verify=True) -> Dataset:
+    """'mnist' (bundled), or a path to an .npz with x_train, y_train, x_test, y_test."""
+    path = BUNDLED.get(name_or_path)
+    if path is None:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"dataset {name_or_path!r}: not a bundled dataset ({', '.join(BUNDLED)}) and no "
+                "such file (expected an .npz with x_train, y_train, x_test, y_test)"
+            )
+    with np.load(path, allow_pickle=False) as d:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
+        if missing:
+            raise ValueError(f"{path} lacks array(s) {', '.join(missing)}; it has {d.files}")
+        arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    if verify and name_or_path == "mnist":
+        for k, h in MNIST_SHA256.items():
+            if hashlib.sha256(np.ascontiguousarray(arrays[k]).tobytes()).hexdigest() != h:
+                raise ValueError(f"bundled MNIST array {k} does not match its SHA-256")
+    name = name_or_path if name_or_path in BUNDLED else Path(name_or_path).stem
+    return from_arrays(**arrays, name=name, val_fraction=val_fraction, seed=seed)

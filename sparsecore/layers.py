@@ -1,0 +1,350 @@
+"""Layers with explicit forward/backward (no autograd tape), activations feature-major.
+
+Every activation is a (features, batch) float32 C-contiguous array, so a sparse layer's kernels
+touch one contiguous row of length batch per nonzero. A layer keeps what its backward pass needs
+from its forward pass (its input; for RigL also the gradient at its output), by reference.
+
+Shapes: ``SparseLinear(W: m × n)`` maps x (n, B) to y (m, B) = W·x + b. Its weight gradient is
+nnz-sized (SDDMM at the stored entries), aligned with ``W.data``: no dense m × n array is formed
+in forward, backward or the optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.cpu import sddmm as _sddmm
+from kernels.cpu import spmm as _spmm
+from kernels.cpu import spmm_t as _spmm_t
+from sparsecore.formats import CSR
+
+
+@dataclass
+class Param:
+    """A trainable array, its gradient (same shape), and where it lives."""
+
+    name: str
+    value: np.ndarray
+    grad: np.ndarray
+    sparse: bool = False  # True: aligned with a CSR's data (remapped on topology changes)
+
+
+class Layer:
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def params(self) -> list[Param]:
+        return []
+
+    def clear(self):
+        """Drop references to the last batch (inputs, output gradients)."""
+
+
+class SparseLinear(Layer):
+    """y = W·x + b with W a canonical CSR (m × n) and b dense (m,)."""
+
+    def __init__(self, W: CSR, bias: np.ndarray | None = None, name: str = "sparse"):
+        if not isinstance(W, CSR):
+            raise TypeError(f"W must be a sparsecore.CSR, got {type(W).__name__}")
+        self.name = name
+        m = W.shape[0]
+        self.b = np.zeros(m, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        if self.b.shape != (m,):
+            raise ValueError(f"bias has shape {self.b.shape}, expected ({m},)")
+        self.gb = np.zeros_like(self.b)
+        self.set_weight(W)
+        self.x = None  # input of the last forward (n, B)
+        self.dy = None  # gradient at the output of the last backward (m, B)
+
+    def set_weight(self, W: CSR):
+        """Install a (new) CSR weight, e.g. after a topology update; resets its gradient."""
+        self.W = W
+        self.gW = np.zeros(W.nnz, np.float32)
+
+    @property
+    def shape(self):
+        return self.W.shape
+
+    def forward(self, x):
+        W = self.W
+        self.x = x
+        y = np.empty((W.shape[0], x.shape[1]), np.float32)
+        _spmm.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks())
+        y += self.b[:, None]
+        return y
+
+    def backward(self, dy, need_dx=True):
+        W = self.W
+        self.dy = dy
+        _sddmm.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks())
+        np.sum(dy, axis=1, out=self.gb)
+        if not need_dx:
+            return None
+        dx = np.empty((W.shape[1], dy.shape[1]), np.float32)
+        t_indptr, t_indices, t_perm = W.transpose_structure()
+        _spmm_t.spmm_t(t_indptr, t_indices, t_perm, W.data, dy, dx, W.col_blocks())
+        return dx
+
+    def params(self):
+        return [
+            Param(f"{self.name}.W", self.W.data, self.gW, sparse=True),
+            Param(f"{self.name}.b", self.b, self.gb),
+        ]
+
+    def clear(self):
+        self.x = self.dy = None
+
+
+class Linear(Layer):
+    """Dense y = W·x + b (for comparison, and for layers a user keeps dense)."""
+
+    def __init__(self, W: np.ndarray, bias: np.ndarray | None = None, name: str = "dense"):
+        self.name = name
+        self.W = np.ascontiguousarray(W, np.float32)
+        if self.W.ndim != 2:
+            raise ValueError(f"W must be 2-D, got shape {self.W.shape}")
+        m = self.W.shape[0]
+        self.b = np.zeros(m, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        self.gW = np.zeros_like(self.W)
+        self.gb = np.zeros_like(self.b)
+        self.x = None
+
+    @property
+    def shape(self):
+        return self.W.shape
+
+    def forward(self, x):
+        self.x = x
+        y = self.W @ x
+        y += self.b[:, None]
+        return y
+
+    def backward(self, dy, need_dx=True):
+        np.matmul(dy, self.x.T, out=self.gW)
+        np.sum(dy, axis=1, out=self.gb)
+        return self.W.T @ dy if need_dx else None
+
+    def params(self):
+        return [Param(f"{self.name}.W", self.W, self.gW), Param(f"{self.name}.b", self.b, self.gb)]
+
+    def clear(self):
+        self.x = None
+
+
+class ReLU(Layer):
+    def forward(self, x):
+        self.mask = x > 0
+        return np.multiply(x, self.mask, dtype=np.float32)
+
+    def backward(self, dy, need_dx=True):
+        return np.multiply(dy, self.mask, dtype=np.float32)
+
+    def clear(self):
+        self.mask = None
+
+
+class LeakyReLU(Layer):
+    def __init__(self, slope: float = 0.01):
+        self.slope = np.float32(slope)
+
+    def forward(self, x):
+        self.scale = np.where(x > 0, np.float32(1), self.slope).astype(np.float32)
+        return x * self.scale
+
+    def backward(self, dy, need_dx=True):
+        return dy * self.scale
+
+    def clear(self):
+        self.scale = None
+
+
+class Tanh(Layer):
+    def forward(self, x):
+        self.y = np.tanh(x)
+        return self.y
+
+    def backward(self, dy, need_dx=True):
+        return dy * (1 - self.y * self.y)
+
+    def clear(self):
+        self.y = None
+
+
+class Sigmoid(Layer):
+    def forward(self, x):
+        self.y = (1 / (1 + np.exp(-x))).astype(np.float32)
+        return self.y
+
+    def backward(self, dy, need_dx=True):
+        return dy * self.y * (1 - self.y)
+
+    def clear(self):
+        self.y = None
+
+
+ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+
+
+class SoftmaxCrossEntropy:
+    """Mean cross-entropy of softmax(logits) against integer labels; logits (C, B)."""
+
+    def __call__(self, logits: np.ndarray, labels: np.ndarray):
+        """Returns (loss, dlogits, n_correct); a non-finite loss is the caller's to report."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self._compute(logits, labels)
+
+    def _compute(self, logits, labels):
+        z = logits - logits.max(axis=0, keepdims=True)
+        e = np.exp(z)
+        s = e.sum(axis=0, keepdims=True)
+        batch = logits.shape[1]
+        cols = np.arange(batch)
+        logp_true = z[labels, cols] - np.log(s[0])
+        loss = float(-logp_true.mean(dtype=np.float64))
+        grad = e / s
+        grad[labels, cols] -= 1.0
+        grad /= np.float32(batch)
+        correct = int(np.count_nonzero(np.argmax(logits, axis=0) == labels))
+        return loss, grad.astype(np.float32, copy=False), correct
+
+
+class Sequential:
+    """Layers applied in order; backward in reverse (the first layer needs no dX)."""
+
+    def __init__(self, layers: list[Layer]):
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for i in range(len(self.layers) - 1, -1, -1):
+            dy = self.layers[i].backward(dy, need_dx=i > 0)
+        return dy
+
+    def params(self) -> list[Param]:
+        return [p for layer in self.layers for p in layer.params()]
+
+    def weighted(self) -> list[Layer]:
+        """The layers that hold weights (SparseLinear or Linear), in order."""
+        return [l for l in self.layers if isinstance(l, (SparseLinear, Linear))]
+
+    def sparse_layers(self) -> list[SparseLinear]:
+        return [l for l in self.layers if isinstance(l, SparseLinear)]
+
+    def clear(self):
+        for layer in self.layers:
+            layer.clear()
+
+    def to_scipy(self) -> list:
+        """The weights as scipy.sparse csr_arrays (dense layers too), with the biases: [(W, b)]."""
+        import scipy.sparse as sp
+
+        return [
+            (l.W.to_scipy() if isinstance(l, SparseLinear) else sp.csr_array(l.W), l.b.copy())
+            for l in self.weighted()
+        ]
+
+    @classmethod
+    def from_matrices(cls, weights, biases=None, activation: str = "relu") -> Sequential:
+        """An MLP from weight matrices (scipy.sparse -> SparseLinear, NumPy -> Linear), each
+        (out × in), with ``activation`` between layers."""
+        import scipy.sparse as sp
+
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        biases = biases if biases is not None else [None] * len(weights)
+        if len(biases) != len(weights):
+            raise ValueError(f"{len(weights)} weights but {len(biases)} biases")
+        layers: list[Layer] = []
+        for l, (W, b) in enumerate(zip(weights, biases, strict=True)):
+            if l and W.shape[1] != weights[l - 1].shape[0]:
+                raise ValueError(
+                    f"weight {l} has {W.shape[1]} inputs, but weight {l - 1} has "
+                    f"{weights[l - 1].shape[0]} outputs"
+                )
+            if sp.issparse(W):
+                layers.append(
+                    SparseLinear(CSR.from_scipy(W, name=f"weights[{l}]"), b, name=f"fc{l}")
+                )
+            else:
+                layers.append(Linear(np.asarray(W), b, name=f"fc{l}"))
+            if l < len(weights) - 1:
+                layers.append(ACTIVATIONS[activation]())
+        return cls(layers)
+
+    def predict(self, x, batch_size: int = 1024) -> np.ndarray:
+        """Logits for x given batch-major (N, features): evaluated in feature-major batches."""
+        out = []
+        for s in range(0, x.shape[0], batch_size):
+            xb = np.ascontiguousarray(x[s : s + batch_size].T, dtype=np.float32)
+            out.append(self.forward(xb).T.copy())
+        self.clear()
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def sparse_init(
+    n_in: int,
+    n_out: int,
+    density: float,
+    rng: np.random.Generator,
+    *,
+    fan_in: str = "sparse",
+    gain: float = float(np.sqrt(2.0)),
+) -> CSR:
+    """Random pattern at the density (uniform over positions), Kaiming-uniform values.
+
+    fan_in="sparse" scales row i by its own number of inputs (its nonzeros), which keeps
+    activations at the right scale in very sparse layers; "dense" uses n_in as a dense layer would.
+    """
+    W = CSR.random((n_out, n_in), density, seed=rng)
+    if fan_in == "sparse":
+        fan = np.maximum(np.diff(W.indptr), 1).astype(np.float32)
+        bound = gain * np.sqrt(3.0 / fan)
+        scale = np.repeat(bound, np.diff(W.indptr))
+    elif fan_in == "dense":
+        scale = np.float32(gain * np.sqrt(3.0 / max(n_in, 1)))
+    else:
+        raise ValueError(f"fan_in must be 'sparse' or 'dense', got {fan_in!r}")
+    W.data[:] = (rng.uniform(-1.0, 1.0, W.nnz) * scale).astype(np.float32)
+    return W
+
+
+def dense_init(n_in, n_out, rng, gain: float = float(np.sqrt(2.0))) -> np.ndarray:
+    bound = gain * np.sqrt(3.0 / max(n_in, 1))
+    return rng.uniform(-bound, bound, (n_out, n_in)).astype(np.float32)
+
+
+def mlp(
+    sizes: list[int],
+    densities: list[float | None],
+    *,
+    activation: str = "relu",
+    seed=0,
+    fan_in: str = "sparse",
+) -> Sequential:
+    """An MLP from layer sizes, e.g. [784, 300, 100, 10]; densities[l] None (or 1.0) = dense."""
+    if len(sizes) < 2:
+        raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
+    if len(densities) != len(sizes) - 1:
+        raise ValueError(f"densities has {len(densities)} entries, expected {len(sizes) - 1}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    rng = np.random.default_rng(seed)
+    layers: list[Layer] = []
+    for l, (n_in, n_out, d) in enumerate(zip(sizes[:-1], sizes[1:], densities, strict=True)):
+        if d is None or d >= 1.0:
+            layers.append(Linear(dense_init(n_in, n_out, rng), name=f"fc{l}"))
+        else:
+            W = sparse_init(n_in, n_out, d, rng, fan_in=fan_in)
+            layers.append(SparseLinear(W, name=f"fc{l}"))
+        if l < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return Sequential(layers)

@@ -1,0 +1,408 @@
+"""The training loop: mini-batches, RigL/SET/static/dense, metrics, checkpoints, cost report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from sparsecore import data as data_mod
+from sparsecore.layers import Linear, Sequential, SoftmaxCrossEntropy, SparseLinear, mlp
+from sparsecore.optim import SGD, Adam, lr_at
+from sparsecore.rigl.distributions import layer_densities
+from sparsecore.rigl.schedule import UpdateSchedule
+from sparsecore.rigl.updater import UPDATERS
+
+METHODS = ("rigl", "set", "static", "dense")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    arch: list = field(default_factory=lambda: [784, 300, 100, 10])
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    method: str = "rigl"
+    delta_t: int = 100
+    alpha: float = 0.3
+    t_end: float = 0.75
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    epochs: int = 20
+    batch_size: int = 128
+    seed: int = 0
+    val_fraction: float = 0.0
+    activation: str = "relu"
+    fan_in: str = "sparse"
+    step_on_update: bool = False  # official RigL: no optimizer step on an update iteration
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    out: str | None = None
+    progress: bool = True
+
+    def validate(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if len(self.arch) < 2 or any(not isinstance(a, int) or a < 1 for a in self.arch):
+            raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {self.arch!r}")
+        if self.method != "dense" and not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity!r}")
+        if not isinstance(self.delta_t, int) or self.delta_t <= 0:
+            raise ValueError(f"delta_t (ΔT) must be a positive integer, got {self.delta_t!r}")
+        if not 0.0 <= self.t_end <= 1.0:
+            raise ValueError(f"t_end must be a fraction of training in [0, 1], got {self.t_end!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        return self
+
+
+def build_model(cfg: TrainConfig) -> Sequential:
+    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
+    if cfg.method == "dense":
+        dens = [None] * len(shapes)
+    else:
+        dens = layer_densities(cfg.sparsity, shapes, cfg.distribution)
+    return mlp(cfg.arch, dens, activation=cfg.activation, seed=cfg.seed, fan_in=cfg.fan_in)
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "sgd":
+        return SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    return Adam(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=cfg.optimizer == "adamw"
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
+        self.cfg = cfg.validate()
+        self.data = dataset or data_mod.load(
+            cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed
+        )
+        if self.data.n_features != cfg.arch[0]:
+            raise ValueError(
+                f"arch starts with {cfg.arch[0]} inputs but the dataset has "
+                f"{self.data.n_features} features"
+            )
+        if self.data.n_classes > cfg.arch[-1]:
+            raise ValueError(
+                f"arch ends with {cfg.arch[-1]} outputs but the labels go up to "
+                f"{self.data.n_classes - 1}"
+            )
+        self.model = build_model(cfg)
+        self.loss_fn = SoftmaxCrossEntropy()
+        self.opt = make_optimizer(cfg, self.model.params())
+        self.steps_per_epoch = self.data.x_train.shape[0] // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} exceeds the {self.data.x_train.shape[0]} "
+                "training examples"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.schedule = UpdateSchedule.for_training(
+            self.total_steps, end_fraction=cfg.t_end, delta_t=cfg.delta_t, alpha=cfg.alpha
+        )
+        self.updater = (
+            None if cfg.method == "dense" else UPDATERS[cfg.method](self.schedule, cfg.seed)
+        )
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.updates: list[dict] = []
+        self.out = Path(cfg.out) if cfg.out else None
+
+    # ------------------------------------------------------------------ one step
+    def lr(self) -> float:
+        return lr_at(
+            self.step,
+            base=self.cfg.lr,
+            total=self.total_steps,
+            schedule=self.cfg.lr_schedule,
+            warmup=self.cfg.warmup_steps,
+        )
+
+    def train_step(self, xb: np.ndarray, yb: np.ndarray):
+        """xb feature-major (features, B). Returns (loss, n_correct, topology report or None)."""
+        logits = self.model.forward(xb)
+        loss, dlogits, correct = self.loss_fn(logits, yb)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {self.step} (epoch {self.epoch}); lower the "
+                "learning rate"
+                + (f"; the last good checkpoint is {self.ckpt_path()}" if self.out else "")
+            )
+        self.model.backward(dlogits)
+        report = None
+        if self.updater is not None and self.updater.is_update_step(self.step):
+            report = self.updater.update(self.step, self.model, self.opt)
+            if self.cfg.step_on_update:
+                self.opt.step(self.lr())
+        else:
+            self.opt.step(self.lr())
+        self.step += 1
+        return loss, correct, report
+
+    def batches(self, epoch: int):
+        """Indices of each mini-batch of an epoch: a permutation seeded by (seed, epoch)."""
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.data.x_train.shape[0])
+        bs = self.cfg.batch_size
+        for s in range(self.steps_per_epoch):
+            yield perm[s * bs : (s + 1) * bs]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        x, y = self.data.x_train, self.data.y_train
+        step_times, update_times = [], []
+        while self.epoch < cfg.epochs and self.step < self.total_steps:
+            t_epoch = time.perf_counter()
+            losses, correct, seen = [], 0, 0
+            bar = tqdm(
+                total=min(self.steps_per_epoch, self.total_steps - self.step),
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                disable=not cfg.progress,
+                leave=False,
+            )
+            for idx in self.batches(self.epoch):
+                if self.step >= self.total_steps:
+                    break
+                xb = np.ascontiguousarray(x[idx].T)
+                t0 = time.perf_counter()
+                loss, c, report = self.train_step(xb, y[idx])
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                if report is not None:
+                    update_times.append(sum(d["seconds"] for d in report.per_layer))
+                    self.updates.append(
+                        {
+                            "step": report.step,
+                            "drop_fraction": report.drop_fraction,
+                            "layers": report.per_layer,
+                        }
+                    )
+                losses.append(loss)
+                correct += c
+                seen += idx.shape[0]
+                bar.update()
+            bar.close()
+            self.model.clear()
+            self.epoch += 1
+            row = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "train_acc": correct / max(seen, 1),
+                **{
+                    f"test_{k}": v
+                    for k, v in self.evaluate(self.data.x_test, self.data.y_test).items()
+                },
+                "nnz": int(sum(l.W.nnz for l in self.model.sparse_layers())),
+                "time_per_step_s": float(np.mean(step_times[-len(losses) :])) if losses else 0.0,
+                "topology_update_s": float(sum(update_times)),
+                "epoch_s": time.perf_counter() - t_epoch,
+                "lr": self.lr(),
+            }
+            if self.data.x_val.shape[0]:
+                row.update(
+                    {
+                        f"val_{k}": v
+                        for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()
+                    }
+                )
+            update_times.clear()
+            self.history.append(row)
+            if cfg.progress:
+                print(
+                    f"epoch {self.epoch:3d}  loss {row['train_loss']:.4f}  "
+                    f"train {row['train_acc']:.4f}  test {row['test_acc']:.4f}  "
+                    f"{1e3 * row['time_per_step_s']:.2f} ms/step"
+                )
+            if self.out:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                self.save_checkpoint(self.ckpt_path())
+        if self.out:
+            self.plot(self.out / "learning_curve.png")
+        return self.summary(step_times)
+
+    def evaluate(self, x, y) -> dict:
+        if x.shape[0] == 0:
+            return {"acc": float("nan"), "loss": float("nan")}
+        logits = self.model.predict(x)
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return {
+            "acc": float(np.mean(np.argmax(logits, axis=1) == y)),
+            "loss": float(-logp[np.arange(y.shape[0]), y].mean()),
+        }
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self, step_times) -> dict:
+        from sparsecore.cost import model_cost
+
+        cost = model_cost(
+            self.model,
+            self.cfg.batch_size,
+            self.opt,
+            self.schedule,
+            self.total_steps,
+            self.cfg.method,
+        )
+        last = self.history[-1] if self.history else {}
+        return {
+            "test_acc": last.get("test_acc"),
+            "epochs": self.epoch,
+            "steps": self.step,
+            "time_per_step_s": float(np.mean(step_times)) if step_times else None,
+            "cost": cost,
+        }
+
+    def plot(self, path: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.history:
+            return
+        ep = [r["epoch"] for r in self.history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(ep, [r["train_loss"] for r in self.history], label="train")
+        a.plot(ep, [r["test_loss"] for r in self.history], label="test")
+        a.set_xlabel("epoch")
+        a.set_ylabel("loss")
+        a.legend()
+        b.plot(ep, [r["train_acc"] for r in self.history], label="train")
+        b.plot(ep, [r["test_acc"] for r in self.history], label="test")
+        b.set_xlabel("epoch")
+        b.set_ylabel("accuracy")
+        b.legend()
+        fig.suptitle(
+            f"{self.cfg.method} at sparsity {self.cfg.sparsity} ({self.cfg.distribution}), "
+            f"{'-'.join(map(str, self.cfg.arch))}"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+    # ------------------------------------------------------------------ checkpoints
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.npz"
+
+    def save_checkpoint(self, path):
+        """Everything needed to resume, in one .npz, written to a temporary file and renamed."""
+        path = Path(path)
+        arrays = {
+            "meta": np.array(
+                json.dumps(
+                    {
+                        "config": dataclasses.asdict(self.cfg),
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "history": self.history,
+                        "format": 1,
+                    }
+                )
+            ),
+        }
+        for l, layer in enumerate(self.model.weighted()):
+            if isinstance(layer, SparseLinear):
+                W = layer.W
+                arrays.update(
+                    {
+                        f"L{l}/indptr": W.indptr,
+                        f"L{l}/indices": W.indices,
+                        f"L{l}/data": W.data,
+                        f"L{l}/shape": np.array(W.shape),
+                    }
+                )
+            else:
+                arrays[f"L{l}/W"] = layer.W
+            arrays[f"L{l}/b"] = layer.b
+        for k, v in self.opt.state_dict().items():
+            arrays[f"opt/{k}"] = v
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path):
+        """Restore model, optimizer, step and epoch; the architecture must match."""
+        from sparsecore.formats import CSR
+
+        with np.load(path, allow_pickle=False) as d:
+            meta = json.loads(str(d["meta"]))
+            saved = meta["config"]
+            for key in ("arch", "method", "optimizer"):
+                if saved[key] != getattr(self.cfg, key):
+                    raise ValueError(
+                        f"checkpoint {path} was written with {key}={saved[key]!r}, "
+                        f"this run has {key}={getattr(self.cfg, key)!r}"
+                    )
+            for l, layer in enumerate(self.model.weighted()):
+                if isinstance(layer, SparseLinear):
+                    W = CSR(
+                        d[f"L{l}/indptr"],
+                        d[f"L{l}/indices"],
+                        d[f"L{l}/data"].copy(),
+                        tuple(int(s) for s in d[f"L{l}/shape"]),
+                    )
+                    if W.shape != layer.W.shape:
+                        raise ValueError(
+                            f"checkpoint layer {l} has shape {W.shape}, expected {layer.W.shape}"
+                        )
+                    layer.set_weight(W)
+                else:
+                    if d[f"L{l}/W"].shape != layer.W.shape:
+                        raise ValueError(
+                            f"checkpoint layer {l} has shape {d[f'L{l}/W'].shape}, "
+                            f"expected {layer.W.shape}"
+                        )
+                    layer.W[...] = d[f"L{l}/W"]
+                layer.b[...] = d[f"L{l}/b"]
+            self.opt.rebind(self.model.params())
+            self.opt.load_state_dict({k[4:]: d[k] for k in d.files if k.startswith("opt/")})
+        self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
+        self.history = meta["history"]
+
+
+def train(cfg: TrainConfig, dataset=None, resume: str | None = None) -> tuple[Trainer, dict]:
+    tr = Trainer(cfg, dataset)
+    if resume:
+        tr.load_checkpoint(resume)
+    return tr, tr.run()
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "build_model", "Linear"]
