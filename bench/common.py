@@ -48,6 +48,16 @@ def try_torch(threads: int | None = None):
         return None
 
 
+def torch_csr(torch, W):
+    """A sparsecore CSR as a torch sparse CSR tensor (int64 indices, shared float32 values)."""
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(W.indptr.astype(np.int64)),
+        torch.from_numpy(W.indices.astype(np.int64)),
+        torch.from_numpy(W.data),
+        size=W.shape,
+    )
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import kernels  # noqa: E402
-from bench.common import environment, median_time, try_torch  # noqa: E402
+from bench.common import environment, median_time, torch_csr, try_torch  # noqa: E402
 from sparsecore import CSR  # noqa: E402
 
 PRESETS = {
@@ -118,12 +118,7 @@ def sweep_products(cfg, torch, rng, progress=True):
                 "sddmm": {"sparsecore": lambda: kernels.sddmm(W, dY, X)},
             }
             if torch is not None:
-                Wt = torch.sparse_csr_tensor(
-                    torch.from_numpy(W.indptr.astype(np.int64)),
-                    torch.from_numpy(W.indices.astype(np.int64)),
-                    torch.from_numpy(W.data),
-                    size=W.shape,
-                )
+                Wt = torch_csr(torch, W)
                 Xt, dYt = torch.from_numpy(X), torch.from_numpy(dY)
                 Wtt = Wt.t()  # what autograd does for dX: the transposed CSR (a CSC view)
                 impls["spmm"]["torch"] = lambda: torch.sparse.mm(Wt, Xt)

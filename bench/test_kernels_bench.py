@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kernels
-from bench.common import try_torch
+from bench.common import torch_csr, try_torch
 from bench.kernels import check_products
 from sparsecore import CSR
 
@@ -49,12 +49,7 @@ def _impls(kernel, W, X, dY):
     elif kernel == "sddmm":
         out = {"sparsecore": lambda: kernels.sddmm(W, dY, X), "dense": lambda: dY @ X.T}
     if torch is not None:
-        Wt = torch.sparse_csr_tensor(
-            torch.from_numpy(W.indptr.astype(np.int64)),
-            torch.from_numpy(W.indices.astype(np.int64)),
-            torch.from_numpy(W.data),
-            size=W.shape,
-        )
+        Wt = torch_csr(torch, W)
         Xt, dYt = torch.from_numpy(X), torch.from_numpy(dY)
         out["torch"] = {
             "spmm": lambda: torch.sparse.mm(Wt, Xt),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.cpu import elementwise as _ew
 from kernels.cpu import sddmm as _sddmm
 from kernels.cpu import spmm as _spmm
 from kernels.cpu import spmm_t as _spmm_t
@@ -74,15 +75,13 @@ class SparseLinear(Layer):
         W = self.W
         self.x = x
         y = np.empty((W.shape[0], x.shape[1]), np.float32)
-        _spmm.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks())
-        y += self.b[:, None]
+        _spmm.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks(), bias=self.b)
         return y
 
     def backward(self, dy, need_dx=True):
         W = self.W
         self.dy = dy
-        _sddmm.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks())
-        np.sum(dy, axis=1, out=self.gb)
+        _sddmm.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks(), bias_grad=self.gb)
         if not need_dx:
             return None
         dx = np.empty((W.shape[1], dy.shape[1]), np.float32)
@@ -138,14 +137,14 @@ class Linear(Layer):
 
 class ReLU(Layer):
     def forward(self, x):
-        self.mask = x > 0
-        return np.multiply(x, self.mask, dtype=np.float32)
+        self.y = _ew.relu(x, np.empty_like(x))
+        return self.y
 
     def backward(self, dy, need_dx=True):
-        return np.multiply(dy, self.mask, dtype=np.float32)
+        return _ew.relu_backward(dy, self.y, np.empty_like(dy))
 
     def clear(self):
-        self.mask = None
+        self.y = None
 
 
 class LeakyReLU(Layer):

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from kernels.cpu import elementwise as _ew
 from kernels.cpu import merge as _merge
 
 
@@ -84,14 +85,20 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, p, st, lr):
+        if self.momentum:  # one fused pass over the (flattened) arrays
+            _ew.sgd_momentum(
+                p.value.reshape(-1),
+                p.grad.reshape(-1),
+                st["momentum"].reshape(-1),
+                np.float32(lr),
+                np.float32(self.momentum),
+                np.float32(self.weight_decay),
+                self.nesterov,
+            )
+            return
         g = p.grad
         if self.weight_decay:
             g = g + np.float32(self.weight_decay) * p.value
-        if self.momentum:
-            v = st["momentum"]
-            v *= np.float32(self.momentum)
-            v += g
-            g = g + np.float32(self.momentum) * v if self.nesterov else v
         p.value -= np.float32(lr) * g
 
 

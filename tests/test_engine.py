@@ -428,3 +428,41 @@ def test_dense_layers_and_dense_method(tmp_path):
     )
     assert seq.forward(np.ones((6, 2), np.float32)).shape == (3, 2)
     assert SGD(seq.params(), lr=0.1).state_bytes() > 0
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_sgd_matches_its_formula(nesterov, wd, rng):
+    from sparsecore.layers import Param
+
+    p = rng.standard_normal(5000).astype(np.float32)
+    g = rng.standard_normal(5000).astype(np.float32)
+    opt = SGD([Param("w", p.copy(), g)], lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd)
+    v = np.zeros(5000)
+    w = p.astype(np.float64)
+    for _ in range(3):
+        opt.step()
+        gg = g + wd * w
+        v = 0.9 * v + gg
+        w -= 0.1 * (gg + 0.9 * v if nesterov else v)
+    np.testing.assert_allclose(opt.params["w"].value, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(opt.state["w"]["momentum"], v, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_matches_its_formula(rng):
+    from sparsecore.layers import Param
+
+    p = rng.standard_normal(100).astype(np.float32)
+    g = rng.standard_normal(100).astype(np.float32)
+    for decoupled in (False, True):
+        opt = Adam([Param("w", p.copy(), g)], lr=0.01, weight_decay=0.1, decoupled=decoupled)
+        w, m, v = p.astype(np.float64), np.zeros(100), np.zeros(100)
+        for t in range(1, 4):
+            opt.step()
+            gg = g if decoupled else g + 0.1 * w
+            m = 0.9 * m + 0.1 * gg
+            v = 0.999 * v + 0.001 * gg * gg
+            if decoupled:
+                w = w - 0.01 * 0.1 * w
+            w = w - 0.01 / (1 - 0.9**t) * m / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        np.testing.assert_allclose(opt.params["w"].value, w, rtol=1e-4, atol=1e-6)

@@ -93,3 +93,25 @@ def test_threads_split_rows_by_nonzeros(rng):
     b = np.searchsorted(blocks, 17, side="right") - 1
     lo, hi = blocks[b], blocks[b + 1]
     assert W.indptr[hi] - W.indptr[lo] <= 300 + 60
+
+
+@pytest.mark.parametrize("name", ["empty_rows", "odd_37x53", "empty_4x0", "odd_int64"])
+def test_launchers_fold_the_bias(name, rng):
+    """The layers' fused paths: spmm adds the bias, sddmm also returns Σ_b dY (bias gradient)."""
+    from kernels.cpu import sddmm as S
+    from kernels.cpu import spmm as P
+
+    W = cases.make(name, rng)
+    m, n = W.shape
+    X = rng.standard_normal((n, 6)).astype(np.float32)
+    dY = rng.standard_normal((m, 6)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    Y = P.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 6)), bias=b)
+    ref = R.spmm(*_ref_args(W), X) + b[:, None]
+    np.testing.assert_allclose(Y, ref, rtol=1e-5, atol=1e-5)
+    gb = cases.poisoned((m,))
+    dW = S.sddmm(W.indptr, W.indices, dY, X, cases.poisoned((W.nnz,)), bias_grad=gb)
+    np.testing.assert_allclose(gb, dY.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        dW, R.sddmm(W.indptr, W.indices, W.shape, dY, X), rtol=1e-4, atol=1e-5
+    )

@@ -6,6 +6,8 @@ Buffers:  indptr (m+1,), indices (nnz,) int32|int64                             
           X (k, B) float32, C-contiguous (the layer's input)                            [in]
           out (nnz,) float32, in W's CSR order, every element overwritten              [out]
           blocks (T+1,) int64 row-block boundaries                                      [in]
+          bias_grad (m,) float32 or None: if given, also Σ_b dY[i, b] (the bias gradient),
+          computed while dY[i] is in L1                                                [out]
 Cost:     2·nnz·B flops; per row, dY[i] stays in L1 while one X row per nonzero streams by.
 Threads:  prange over row blocks balanced by nonzeros; each thread writes its own slice of out.
           Four dot products run in one pass over b (four vector accumulators, fastmath
@@ -13,16 +15,22 @@ Threads:  prange over row blocks balanced by nonzeros; each thread writes its ow
 """
 
 import numba
+import numpy as np
 
 from kernels import config
 from kernels.cpu._common import row_blocks
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
-def _sddmm_kernel(indptr, indices, dy, x, out, blocks):
+def _sddmm_kernel(indptr, indices, dy, x, out, blocks, bias_grad, has_bias):
     n_batch = x.shape[1]
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
+            if has_bias:
+                sb = numba.float32(0.0)
+                for b in range(n_batch):
+                    sb += dy[i, b]
+                bias_grad[i] = sb
             p = indptr[i]
             end = indptr[i + 1]
             while p + 4 <= end:
@@ -54,10 +62,16 @@ def _sddmm_kernel(indptr, indices, dy, x, out, blocks):
                 p += 1
 
 
-def sddmm(indptr, indices, dy, x, out, blocks=None):
-    """Launcher (trusts its inputs). Fills and returns ``out`` (nnz,)."""
+_NO_BIAS = np.zeros(1, dtype=np.float32)
+
+
+def sddmm(indptr, indices, dy, x, out, blocks=None, bias_grad=None):
+    """Launcher (trusts its inputs). Fills and returns ``out`` (nnz,) (and ``bias_grad``)."""
     if blocks is None:
         blocks = row_blocks(indptr, dy.shape[0])
-    if out.shape[0]:
-        _sddmm_kernel(indptr, indices, dy, x, out, blocks)
+    has_bias = bias_grad is not None
+    if out.shape[0] or (has_bias and bias_grad.shape[0]):
+        _sddmm_kernel(
+            indptr, indices, dy, x, out, blocks, bias_grad if has_bias else _NO_BIAS, has_bias
+        )
     return out

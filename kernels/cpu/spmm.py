@@ -1,10 +1,11 @@
 """Y = W·X on the CPU: a CSR weight times a dense feature-major operand.
 
-Maths:    Y[i, b] = Σ_{p in row i} data[p] · X[indices[p], b]
+Maths:    Y[i, b] = bias[i] + Σ_{p in row i} data[p] · X[indices[p], b]   (bias optional)
 Buffers:  indptr (m+1,) int32|int64, indices (nnz,) int32|int64, data (nnz,) float32   [in]
           X (k, B) float32, C-contiguous                                                [in]
           out (m, B) float32, C-contiguous, every element overwritten                  [out]
           blocks (T+1,) int64 row-block boundaries from _common.row_blocks              [in]
+          bias (m,) float32 or None: added to every column of Y (the layer's bias)        [in]
 Cost:     2·nnz·B flops; reads one contiguous X row (4·B bytes) per nonzero, writes m·B floats.
           Arithmetic intensity is 0.5 flop per byte of X streamed from cache, whatever the density:
           the kernel is bound by L2→core bandwidth, not by the FMA units (see bench/RESULTS.md).
@@ -18,18 +19,20 @@ Requires: indices in [0, k); columns within a row in any order, duplicates summe
 """
 
 import numba
+import numpy as np
 
 from kernels import config
 from kernels.cpu._common import row_blocks
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
-def _spmm_kernel(indptr, indices, data, x, out, blocks):
+def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias):
     n_batch = x.shape[1]
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
+            b0 = bias[i] if has_bias else numba.float32(0.0)
             for b in range(n_batch):
-                out[i, b] = 0.0
+                out[i, b] = b0
             p = indptr[i]
             end = indptr[i + 1]
             while p + 4 <= end:
@@ -52,12 +55,16 @@ def _spmm_kernel(indptr, indices, data, x, out, blocks):
                 p += 1
 
 
-def spmm(indptr, indices, data, x, out, blocks=None):
+_NO_BIAS = np.zeros(1, dtype=np.float32)
+
+
+def spmm(indptr, indices, data, x, out, blocks=None, bias=None):
     """Launcher (trusts its inputs; the public API validates). Fills and returns ``out``."""
     if blocks is None:
         blocks = row_blocks(indptr, out.shape[0])
     if out.shape[0] and out.shape[1]:
-        _spmm_kernel(indptr, indices, data, x, out, blocks)
-    elif out.size:
-        out[...] = 0.0
+        has_bias = bias is not None
+        _spmm_kernel(
+            indptr, indices, data, x, out, blocks, bias if has_bias else _NO_BIAS, has_bias
+        )
     return out
