@@ -230,15 +230,19 @@ def interleaved(budget_s=0.4):
 
 def interleaved_in_subprocesses():
     out = {}
-    for label, extra in (
+    setups = (
         ("sparsecore setup", {}),
+        ("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}),
         ("library defaults", {"SPARSECORE_THREAD_SETUP": "0"}),
-    ):
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
-        }
+    )
+    ours = (
+        "GOMP_SPINCOUNT",
+        "OMP_WAIT_POLICY",
+        "OPENBLAS_THREAD_TIMEOUT",
+        "SPARSECORE_THREAD_SETUP",
+    )
+    for label, extra in setups:
+        env = {k: v for k, v in os.environ.items() if k not in ours}
         env.update(extra)
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--interleave-only"],
