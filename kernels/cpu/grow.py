@@ -216,10 +216,10 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
         n_buf = _stream(dy, x, k, tr, tc, tile, pattern, thr, buf_s, buf_f)
     if n_buf < k:  # no estimate, or it was too high: fewer than k entries reached it
         n_buf = _stream(dy, x, k, tr, tc, tile, pattern, BELOW_ALL, buf_s, buf_f)
-    flat = buf_f[:n_buf].astype(np.int64)
-    rows = (flat // n).astype(idx_dtype)
-    cols = (flat % n).astype(idx_dtype)
-    return rows, cols, buf_s[:n_buf].copy()
+    flat = buf_f[:n_buf]  # int32 when m·n fits: no int64 temporaries
+    rows = (flat // n).astype(idx_dtype, copy=False)
+    cols = flat - rows * n
+    return rows, cols.astype(idx_dtype, copy=False), buf_s[:n_buf].copy()
 
 
 def _estimate_threshold(dy, x, k, tr, tc, tile, pattern, n_present):
