@@ -51,6 +51,7 @@ PRESETS = {
     ),
 }
 KERNELS = ("spmm", "spmm_t", "sddmm")
+COLORS = {"sparsecore": "C3", "scipy": "C0", "torch": "C2"}  # the same in every panel
 REF_SHAPE = dict(m=4096, batch=128, density=0.01)
 
 
@@ -426,10 +427,11 @@ def plots(rows, out: Path):
                         and r["impl"] == impl
                     )
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+                        color = COLORS.get(impl, "C7")
+                        ax.plot(*zip(*pts, strict=True), marker="o", label=impl, color=color)
                         be = break_even(rows, k, impl, m, b)
                         if be and be != float("inf"):
-                            ax.axvline(be, ls=":", lw=1, color=ax.lines[-1].get_color())
+                            ax.axvline(be, ls=":", lw=1, color=color)
                 ax.axhline(1.0, color="k", lw=1)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
@@ -468,7 +470,24 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="leave torch.sparse out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--interleave-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--from-json", default=None, help="rebuild the report and plots from a saved JSON"
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        md = markdown(
+            saved["environment"],
+            saved["products"],
+            saved["grow"],
+            saved["interleaved"],
+            args.preset,
+        )
+        plots(saved["products"], Path(args.out))
+        if args.results:
+            write_results(md, Path(args.results))
+        print(md)
+        return 0
     if args.interleave_only:
         print(json.dumps(interleaved()))
         return 0
