@@ -42,6 +42,7 @@ from sparsecore import validation as V  # noqa: E402
 from sparsecore.formats import CSR, as_csr  # noqa: E402
 
 __all__ = [
+    "CSR",
     "spmm",
     "spmm_t",
     "sddmm",
@@ -262,8 +263,3 @@ def remap(src, values, fill=0.0):
         )
     return _merge.remap(src, values, fill)
 
-
-def __getattr__(name):
-    if name == "CSR":
-        return CSR
-    raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparsecore.layers import Linear, SparseLinear
+from sparsecore.layers import SparseLinear
 
 
 def model_cost(
@@ -88,4 +88,4 @@ def describe(cost: dict) -> str:
     )
 
 
-__all__ = ["model_cost", "describe", "Linear"]
+__all__ = ["model_cost", "describe"]

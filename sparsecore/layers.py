@@ -66,6 +66,7 @@ class SparseLinear(Layer):
         """Install a (new) CSR weight, e.g. after a topology update; resets its gradient."""
         self.W = W
         self.gW = np.zeros(W.nnz, np.float32)
+        self._t_data = np.empty(W.nnz, np.float32)  # scratch of spmm_t, reused every step
 
     @property
     def shape(self):
@@ -86,7 +87,7 @@ class SparseLinear(Layer):
             return None
         dx = np.empty((W.shape[1], dy.shape[1]), np.float32)
         t_indptr, t_indices, t_perm = W.transpose_structure()
-        _spmm_t.spmm_t(t_indptr, t_indices, t_perm, W.data, dy, dx, W.col_blocks())
+        _spmm_t.spmm_t(t_indptr, t_indices, t_perm, W.data, dy, dx, W.col_blocks(), self._t_data)
         return dx
 
     def params(self):

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparsecore import data as data_mod
-from sparsecore.layers import Linear, Sequential, SoftmaxCrossEntropy, SparseLinear, mlp
+from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.rigl.schedule import UpdateSchedule
@@ -405,4 +405,4 @@ def train(cfg: TrainConfig, dataset=None, resume: str | None = None) -> tuple[Tr
     return tr, tr.run()
 
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "build_model", "Linear"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "build_model"]
