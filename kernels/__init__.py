@@ -262,4 +262,3 @@ def remap(src, values, fill=0.0):
             f"got values in [{src.min()}, {src.max()}]"
         )
     return _merge.remap(src, values, fill)
-
