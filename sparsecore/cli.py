@@ -46,6 +46,8 @@ def _add_train(sub):
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--lr-schedule", choices=["cosine", "step", "constant"], default="cosine")
+    p.add_argument("--lr-step-every", type=int, default=0, help="with --lr-schedule step")
+    p.add_argument("--lr-gamma", type=float, default=0.1, help="with --lr-schedule step")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
             nesterov=args.nesterov,
             weight_decay=args.weight_decay,
             lr_schedule=args.lr_schedule,
+            lr_step_every=args.lr_step_every,
+            lr_gamma=args.lr_gamma,
             warmup_steps=args.warmup_steps,
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
         )
         try:
             tr, summary = train(cfg, resume=args.resume)
-        except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+        except (ValueError, OSError, TrainingDiverged) as e:
             print(f"sparsecore train: error: {e}", file=sys.stderr)
             return 2
         print(f"cost: {describe(summary['cost'])}")

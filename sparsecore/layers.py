@@ -218,6 +218,13 @@ class Sequential:
 
     def __init__(self, layers: list[Layer]):
         self.layers = list(layers)
+        names = [l.name for l in self.weighted()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"layer name(s) {dup} appear more than once: optimizer state and topology "
+                "updates are keyed by name, so give every weighted layer a unique name="
+            )
 
     def forward(self, x):
         for layer in self.layers:

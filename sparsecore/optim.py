@@ -24,6 +24,13 @@ class Optimizer:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        params = list(params)
+        names = [p.name for p in params]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"parameter name(s) {dup} appear more than once: give every layer a unique name"
+            )
         self.params = {p.name: p for p in params}
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)

@@ -21,6 +21,27 @@ from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
 
 METHODS = ("rigl", "set", "static", "dense")
+# A checkpoint must match these to be loaded at all (they decide the shapes of the state) ...
+STRUCTURE_KEYS = ("arch", "method", "optimizer", "sparsity", "distribution", "activation", "fan_in")
+# ... and these to resume into the same result as a run that never stopped (else a warning).
+RESULT_KEYS = (
+    "seed",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "lr_step_every",
+    "lr_gamma",
+    "warmup_steps",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "delta_t",
+    "alpha",
+    "t_end",
+    "epochs",
+    "max_steps",
+    "step_on_update",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,6 +64,8 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"
+    lr_step_every: int = 0  # the "step" schedule: multiply by lr_gamma every this many steps
+    lr_gamma: float = 0.1
     warmup_steps: int = 0
     epochs: int = 20
     batch_size: int = 128
@@ -72,6 +95,12 @@ class TrainConfig:
             )
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        if self.lr_schedule not in ("cosine", "step", "constant"):
+            raise ValueError(
+                f"lr_schedule must be cosine, step or constant, got {self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "step" and self.lr_step_every <= 0:
+            raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
         return self
 
 
@@ -146,6 +175,8 @@ class Trainer:
             total=self.total_steps,
             schedule=self.cfg.lr_schedule,
             warmup=self.cfg.warmup_steps,
+            step_every=self.cfg.lr_step_every,
+            gamma=self.cfg.lr_gamma,
         )
 
     def train_step(self, xb: np.ndarray, yb: np.ndarray):
@@ -155,8 +186,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss} at step {self.step} (epoch {self.epoch}); lower the "
-                "learning rate"
-                + (f"; the last good checkpoint is {self.ckpt_path()}" if self.out else "")
+                "learning rate" + self._last_good()
             )
         self.model.backward(dlogits)
         report = None
@@ -240,6 +270,7 @@ class Trainer:
                     }
                 )
             update_times.clear()
+            self._check_finite(row)
             self.history.append(row)
             if cfg.progress:
                 print(
@@ -259,8 +290,9 @@ class Trainer:
         if x.shape[0] == 0:
             return {"acc": float("nan"), "loss": float("nan")}
         logits = self.model.predict(x)
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        with np.errstate(invalid="ignore", over="ignore"):  # a diverged model: reported by caller
+            z = logits - logits.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         return {
             "acc": float(np.mean(np.argmax(logits, axis=1) == y)),
             "loss": float(-logp[np.arange(y.shape[0]), y].mean()),
@@ -315,6 +347,21 @@ class Trainer:
         fig.savefig(path, dpi=90)
         plt.close(fig)
 
+    def _last_good(self) -> str:
+        if self.out and self.ckpt_path().exists():
+            return f"; the last good checkpoint is {self.ckpt_path()}"
+        return "; no checkpoint was written yet"
+
+    def _check_finite(self, row):
+        """Before a checkpoint replaces the last one: weights and the epoch's losses finite."""
+        bad = [p.name for p in self.model.params() if not np.isfinite(p.value).all()]
+        if bad or not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
+            what = ", ".join(bad) if bad else "loss"
+            raise TrainingDiverged(
+                f"training diverged in epoch {self.epoch} (non-finite {what}); lower the "
+                "learning rate" + self._last_good()
+            )
+
     # ------------------------------------------------------------------ checkpoints
     def ckpt_path(self) -> Path:
         return self.out / "checkpoint.npz"
@@ -365,12 +412,27 @@ class Trainer:
         with np.load(path, allow_pickle=False) as d:
             meta = json.loads(str(d["meta"]))
             saved = meta["config"]
-            for key in ("arch", "method", "optimizer"):
-                if saved[key] != getattr(self.cfg, key):
+            for key in STRUCTURE_KEYS:
+                if saved.get(key) != getattr(self.cfg, key):
                     raise ValueError(
-                        f"checkpoint {path} was written with {key}={saved[key]!r}, "
+                        f"checkpoint {path} was written with {key}={saved.get(key)!r}, "
                         f"this run has {key}={getattr(self.cfg, key)!r}"
                     )
+            changed = [k for k in RESULT_KEYS if saved.get(k) != getattr(self.cfg, k)]
+            if changed:
+                import warnings
+
+                diffs = ", ".join(
+                    f"{k} ({saved.get(k)!r} -> {getattr(self.cfg, k)!r})" for k in changed
+                )
+                warnings.warn(
+                    f"resuming with different {diffs}: the run will not equal one that never "
+                    "stopped",
+                    stacklevel=2,
+                )
+            missing = [l for l in range(len(self.model.weighted())) if f"L{l}/b" not in d.files]
+            if missing:
+                raise ValueError(f"checkpoint {path} lacks weighted layer(s) {missing}")
             for l, layer in enumerate(self.model.weighted()):
                 if isinstance(layer, SparseLinear):
                     W = CSR(

@@ -285,7 +285,8 @@ def test_resume_gives_the_same_result_as_not_stopping(tmp_path):
     b.cfg.epochs = 2  # stop half way (a checkpoint is written every epoch)...
     b.run()
     c = Trainer(_cfg(tmp_path / "b", epochs=4), data)  # ...and resume in a fresh process state
-    c.load_checkpoint(tmp_path / "b" / "checkpoint.npz")
+    with pytest.warns(UserWarning, match=r"resuming with different epochs \(2 -> 4\)"):
+        c.load_checkpoint(tmp_path / "b" / "checkpoint.npz")
     assert c.step == b.step and c.epoch == 2
     c.run()
     for la, lc in zip(a.model.weighted(), c.model.weighted(), strict=True):
@@ -305,14 +306,14 @@ def test_divergence_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
     tr.run()
     good = (tmp_path / "checkpoint.npz").read_bytes()
     tr.cfg.epochs = 3
-    tr.opt.lr = 1e30
     tr.cfg.lr = 1e30
     with pytest.raises(
         TrainingDiverged, match=r"the loss became (nan|inf) at step \d+ .* last good checkpoint"
     ):
         tr.run()
     assert (tmp_path / "checkpoint.npz").read_bytes() == good
-    Trainer(_cfg(tmp_path, epochs=3), data).load_checkpoint(tmp_path / "checkpoint.npz")
+    with pytest.warns(UserWarning, match="resuming with different"):
+        Trainer(_cfg(tmp_path, epochs=3), data).load_checkpoint(tmp_path / "checkpoint.npz")
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
@@ -466,3 +467,104 @@ def test_adam_matches_its_formula(rng):
                 w = w - 0.01 * 0.1 * w
             w = w - 0.01 / (1 - 0.9**t) * m / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
         np.testing.assert_allclose(opt.params["w"].value, w, rtol=1e-4, atol=1e-6)
+
+
+def test_divergence_on_the_last_step_of_an_epoch_is_not_saved(tmp_path):
+    """The loss is checked before each step; a step that blows up the weights at the end of an
+    epoch must still not reach the checkpoint."""
+    data = _mnist_subset(n_train=640, n_test=128)
+    tr = Trainer(_cfg(tmp_path, epochs=2, method="static"), data)
+    tr.cfg.epochs = 1
+    tr.run()
+    good = (tmp_path / "checkpoint.npz").read_bytes()
+    tr.cfg.epochs = 2
+    last = 2 * tr.steps_per_epoch - 1
+    real_lr = tr.lr
+    tr.lr = lambda: 1e38 if tr.step == last else real_lr()
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 2 .* last good checkpoint"):
+        tr.run()
+    assert (tmp_path / "checkpoint.npz").read_bytes() == good
+
+
+def test_resume_refuses_a_different_structure(tmp_path):
+    data = _mnist_subset(n_train=256, n_test=64)
+    Trainer(_cfg(tmp_path, epochs=1), data).run()
+    other = Trainer(_cfg(tmp_path / "o", epochs=1, sparsity=0.8), data)
+    with pytest.raises(ValueError, match=r"written with sparsity=0.9, this run has sparsity=0.8"):
+        other.load_checkpoint(tmp_path / "checkpoint.npz")
+
+
+def test_duplicate_layer_names_are_refused():
+    from sparsecore.layers import Param
+
+    W = kernels.CSR.random((4, 4), 0.5, seed=0)
+    with pytest.raises(ValueError, match=r"layer name\(s\) \['sparse'\] appear more than once"):
+        Sequential([SparseLinear(W), ReLU(), SparseLinear(W.copy())])
+    with pytest.raises(ValueError, match=r"parameter name\(s\) \['w'\] appear more than once"):
+        SGD([Param("w", np.ones(2), np.ones(2)), Param("w", np.ones(2), np.ones(2))], lr=0.1)
+
+
+def test_step_on_update_uses_the_batch_gradient(rng):
+    model = _small_model(rng, (30, 40, 5), 0.3)
+    opt = SGD(model.params(), lr=0.1, momentum=0.0)
+    x = rng.standard_normal((30, 16)).astype(np.float32)
+    y = rng.integers(0, 5, 16)
+    model.backward(SoftmaxCrossEntropy()(model.forward(x), y)[1])
+    layer = model.sparse_layers()[0]
+    W0 = layer.W
+    before = {
+        (int(r), int(c)): (v, g)
+        for r, c, v, g in zip(W0.row_ids(), W0.indices, W0.data, layer.gW, strict=True)
+    }
+    RigL(UpdateSchedule(t_end=100, delta_t=10), seed=0).update(10, model, opt)
+    opt.step()  # what TrainConfig(step_on_update=True) does after an update
+    W1 = layer.W
+    assert W1 is not W0
+    n_old = 0
+    for r, c, v in zip(W1.row_ids(), W1.indices, W1.data, strict=True):
+        if (int(r), int(c)) in before:
+            v0, g0 = before[(int(r), int(c))]
+            assert v == pytest.approx(v0 - 0.1 * g0, abs=1e-6)
+            n_old += 1
+        else:
+            assert v == 0.0
+    assert 0 < n_old < W1.nnz
+
+
+def test_cli_lr_schedules_and_bad_resume(tmp_path, capsys):
+    from sparsecore.cli import main
+
+    rng = np.random.default_rng(0)
+    p = tmp_path / "toy.npz"
+    np.savez(
+        p,
+        x_train=rng.standard_normal((200, 20)),
+        y_train=rng.integers(0, 3, 200),
+        x_test=rng.standard_normal((50, 20)),
+        y_test=rng.integers(0, 3, 50),
+    )
+    base = [
+        "train",
+        "--dataset",
+        str(p),
+        "--arch",
+        "20-32-3",
+        "--sparsity",
+        "0.5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--no-progress",
+    ]
+    assert main([*base, "--lr-schedule", "step", "--out", str(tmp_path / "a")]) == 2
+    assert "needs lr_step_every > 0" in capsys.readouterr().err
+    assert (
+        main([*base, "--lr-schedule", "step", "--lr-step-every", "3", "--out", str(tmp_path / "b")])
+        == 0
+    )
+    capsys.readouterr()
+    assert main([*base, "--resume", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert (
+        "error" in capsys.readouterr().err
+    )  # a folder is not a checkpoint: an error, not a traceback

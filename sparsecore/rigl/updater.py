@@ -19,6 +19,7 @@ import numpy as np
 import kernels
 from kernels.cpu import drop as _drop
 from kernels.cpu import grow as _grow
+from kernels.cpu import merge as _merge
 from sparsecore.layers import Sequential, SparseLinear
 from sparsecore.rigl.schedule import UpdateSchedule
 
@@ -64,8 +65,7 @@ class TopologyUpdater:
         for index, layer in enumerate(model.sparse_layers()):
             t0 = time.perf_counter()
             W = layer.W
-            k = int(f * W.nnz)
-            k = min(k, W.shape[0] * W.shape[1] - W.nnz + k)  # cannot grow more than is absent
+            k = int(f * W.nnz)  # <= nnz, so the absent-after-drop set always holds k
             dropped = self.drop(layer, k)
             keep = np.ones(W.nnz, dtype=bool)
             keep[dropped] = False
@@ -73,7 +73,9 @@ class TopologyUpdater:
             W2, src = kernels.merge(W, keep, rows, cols)
             if W2.nnz != W.nnz:
                 raise RuntimeError(f"layer {layer.name}: nnz changed from {W.nnz} to {W2.nnz}")
+            old_grad = layer.gW
             layer.set_weight(W2)
+            _merge.remap(src, old_grad, 0.0, out=layer.gW)  # for a step taken on this batch
             if optimizer is not None:
                 optimizer.remap(f"{layer.name}.W", src)
                 optimizer.rebind(layer.params())
