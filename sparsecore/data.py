@@ -102,21 +102,36 @@ def from_arrays(
     return Dataset(name, xtr[tr], ytr[tr], xtr[val], ytr[val], xte, yte, n_classes)
 
 
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _load_npy_dir(path: Path) -> dict:
+    missing = [k for k in KEYS if not (path / f"{k}.npy").exists()]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(f'{k}.npy' for k in missing)}")
+    return {k: np.load(path / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in KEYS}
+
+
 def load(name_or_path: str, *, val_fraction: float = 0.0, seed: int = 0, verify=True) -> Dataset:
-    """'mnist' (bundled), or a path to an .npz with x_train, y_train, x_test, y_test."""
+    """'mnist' (bundled), a path to an .npz with x_train, y_train, x_test, y_test, or a folder
+    holding those four arrays as .npy files."""
     path = BUNDLED.get(name_or_path)
     if path is None:
         path = Path(name_or_path)
         if not path.exists():
             raise FileNotFoundError(
                 f"dataset {name_or_path!r}: not a bundled dataset ({', '.join(BUNDLED)}) and no "
-                "such file (expected an .npz with x_train, y_train, x_test, y_test)"
+                "such file (expected an .npz with x_train, y_train, x_test, y_test, or a folder "
+                "of those four .npy files)"
             )
-    with np.load(path, allow_pickle=False) as d:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
-        if missing:
-            raise ValueError(f"{path} lacks array(s) {', '.join(missing)}; it has {d.files}")
-        arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    if path.is_dir():
+        arrays = _load_npy_dir(path)
+    else:
+        with np.load(path, allow_pickle=False) as d:
+            missing = [k for k in KEYS if k not in d.files]
+            if missing:
+                raise ValueError(f"{path} lacks array(s) {', '.join(missing)}; it has {d.files}")
+            arrays = {k: d[k] for k in KEYS}
     if verify and name_or_path == "mnist":
         for k, h in MNIST_SHA256.items():
             if hashlib.sha256(np.ascontiguousarray(arrays[k]).tobytes()).hexdigest() != h:

@@ -568,3 +568,22 @@ def test_cli_lr_schedules_and_bad_resume(tmp_path, capsys):
     assert (
         "error" in capsys.readouterr().err
     )  # a folder is not a checkpoint: an error, not a traceback
+
+
+def test_dataset_from_a_folder_of_npy_files(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.standard_normal((50, 6)),
+        "y_train": rng.integers(0, 3, 50),
+        "x_test": rng.standard_normal((10, 6)),
+        "y_test": rng.integers(0, 3, 10),
+    }
+    for k, v in arrays.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    d = D.load(str(tmp_path))
+    ref = D.from_arrays(**arrays)
+    np.testing.assert_array_equal(d.x_train, ref.x_train)
+    assert d.n_classes == ref.n_classes and d.name == tmp_path.name
+    (tmp_path / "y_test.npy").unlink()
+    with pytest.raises(ValueError, match=r"lacks y_test.npy"):
+        D.load(str(tmp_path))
