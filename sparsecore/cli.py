@@ -24,7 +24,8 @@ def _add_train(sub):
     p.add_argument(
         "--dataset",
         default="mnist",
-        help="'mnist' (bundled) or a path to an .npz with x_train, y_train, x_test, y_test",
+        help="'mnist' (bundled), an .npz with x_train, y_train, x_test, y_test, or a folder of "
+        "those four .npy files",
     )
     p.add_argument(
         "--arch", type=_arch, default=[784, 300, 100, 10], help="layer sizes, e.g. 784-300-100-10"
