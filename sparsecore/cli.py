@@ -58,12 +58,31 @@ def _add_train(sub):
     p.add_argument("--out", default="runs/default", help="folder for metrics, plot and checkpoint")
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="refuse, before allocating, a run whose memory plan exceeds this (e.g. 8GB)",
+    )
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="bytes of every piece of training state, before training")
+    p.add_argument(
+        "--arch", type=_arch, required=True, help="layer sizes, e.g. 784-100000-100000-10"
+    )
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--distribution", choices=["erk", "uniform"], default="erk")
+    p.add_argument("--method", choices=["rigl", "set", "static", "dense"], default="rigl")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="sparsecore", description="True-sparse training engine.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
+    _add_plan(sub)
     sub.add_parser("info", help="versions and the threading setup in force")
     args = ap.parse_args(argv)
     if args.cmd == "info":
@@ -86,8 +105,32 @@ def main(argv=None) -> int:
             )
         )
         return 0
+    if args.cmd == "plan":
+        from sparsecore.plan import describe_plan, memory_plan
+
+        try:
+            plan = memory_plan(
+                args.arch,
+                args.sparsity,
+                distribution=args.distribution,
+                batch_size=args.batch_size,
+                optimizer=args.optimizer,
+                method=args.method,
+            )
+        except ValueError as e:
+            print(f"sparsecore plan: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(plan, indent=1) if args.json else describe_plan(plan))
+        return 0
     if args.cmd == "train":
         from sparsecore.cost import describe
+        from sparsecore.plan import parse_bytes
+
+        try:
+            max_memory = None if args.max_memory is None else parse_bytes(args.max_memory)
+        except ValueError as e:
+            print(f"sparsecore train: error: --max-memory: {e}", file=sys.stderr)
+            return 2
         from sparsecore.train import TrainConfig, TrainingDiverged, train
 
         cfg = TrainConfig(
@@ -113,6 +156,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             val_fraction=args.val_fraction,
             max_steps=args.max_steps,
+            max_memory=max_memory,
             out=args.out,
             progress=not args.no_progress,
         )

@@ -77,6 +77,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, smoke runs)
     out: str | None = None
     progress: bool = True
+    max_memory: int | None = None  # bytes: refuse (before allocating) a run whose plan exceeds it
 
     def validate(self):
         if self.method not in METHODS:
@@ -102,6 +103,33 @@ class TrainConfig:
         if self.lr_schedule == "step" and self.lr_step_every <= 0:
             raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
         return self
+
+
+class MemoryBudgetExceeded(ValueError):
+    """The run's memory plan does not fit in --max-memory; nothing was allocated."""
+
+
+def check_memory(cfg: TrainConfig) -> dict:
+    """The run's memory plan; raises MemoryBudgetExceeded if it exceeds cfg.max_memory."""
+    from sparsecore.plan import describe_plan, memory_plan
+
+    plan = memory_plan(
+        cfg.arch,
+        cfg.sparsity,
+        distribution=cfg.distribution,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        alpha=cfg.alpha,
+        method=cfg.method,
+    )
+    if cfg.max_memory is not None and plan["total_bytes"] > cfg.max_memory:
+        raise MemoryBudgetExceeded(
+            f"this run needs about {plan['total_bytes'] / 2**20:.1f} MiB at its peak, more than "
+            f"--max-memory ({cfg.max_memory / 2**20:.1f} MiB); nothing was allocated.\n"
+            + describe_plan(plan)
+        )
+    return plan
 
 
 def build_model(cfg: TrainConfig) -> Sequential:
@@ -130,6 +158,7 @@ def make_optimizer(cfg: TrainConfig, params):
 class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
         self.cfg = cfg.validate()
+        self.plan = check_memory(cfg)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed
         )

@@ -587,3 +587,65 @@ def test_dataset_from_a_folder_of_npy_files(tmp_path):
     (tmp_path / "y_test.npy").unlink()
     with pytest.raises(ValueError, match=r"lacks y_test.npy"):
         D.load(str(tmp_path))
+
+
+def test_memory_plan_matches_the_arrays_the_engine_allocates(tmp_path):
+    """The plan's state bytes within 10% of the arrays a built trainer actually holds."""
+    data = _mnist_subset(n_train=256, n_test=64)
+    for optimizer, method in (("sgd", "rigl"), ("adam", "static"), ("sgd", "dense")):
+        tr = Trainer(
+            _cfg(tmp_path, optimizer=optimizer, method=method, arch=[784, 200, 50, 10]), data
+        )
+        held = 0
+        for layer in tr.model.weighted():
+            if isinstance(layer, SparseLinear):
+                W = layer.W
+                held += sum(
+                    a.nbytes
+                    for a in (
+                        W.data,
+                        W.indices,
+                        W.indptr,
+                        *W.transpose_structure(),
+                        layer.gW,
+                        layer._t_data,
+                    )
+                )
+            else:
+                held += layer.W.nbytes + layer.gW.nbytes
+            held += layer.b.nbytes + layer.gb.nbytes
+        held += sum(a.nbytes for st in tr.opt.state.values() for a in st.values())
+        planned = tr.plan["state_bytes"]
+        assert abs(planned - held) <= 0.1 * held, (optimizer, method, planned, held)
+        assert tr.plan["dense_state_bytes"] >= planned
+
+
+def test_max_memory_refuses_before_allocating(tmp_path, capsys):
+    from sparsecore.cli import main
+    from sparsecore.plan import parse_bytes
+    from sparsecore.train import MemoryBudgetExceeded
+
+    assert parse_bytes("8GB") == 8 * 10**9 and parse_bytes("512 MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match=r"a memory size must look like 8GB"):
+        parse_bytes("lots")
+    with pytest.raises(
+        MemoryBudgetExceeded, match=r"more than --max-memory .*\nmemory plan: 784-100000-10"
+    ):
+        Trainer(_cfg(tmp_path, arch=[784, 100000, 10], sparsity=0.999, max_memory=10**6))
+    rc = main(
+        [
+            "train",
+            "--arch",
+            "784-100000-100000-10",
+            "--sparsity",
+            "0.999",
+            "--max-memory",
+            "100MB",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert rc == 2 and "nothing was allocated" in capsys.readouterr().err
+    assert main(["plan", "--arch", "784-100000-100000-10", "--sparsity", "0.999"]) == 0
+    out = capsys.readouterr().out
+    assert "transpose structure" in out and "dense equivalent" in out and "GiB" in out

@@ -1,0 +1,175 @@
+"""A memory plan: the bytes of every piece of training state, before anything is allocated.
+
+``memory_plan(arch, sparsity, ...)`` counts, per layer, exactly the arrays the engine allocates
+(values, indices, indptr, the transpose structure, the weight gradient, the transposed-values
+scratch of dX, optimizer moments, biases) and adds the batch-sized activations, the largest
+topology update's transients (the grow tile and candidate buffer, and the new pattern built
+beside the old one), and the dense equivalent of the same run. ``sparsecore plan`` prints it;
+``sparsecore train --max-memory`` refuses a run whose plan exceeds the budget, before building
+anything.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kernels import config
+from sparsecore.rigl.distributions import layer_densities
+from sparsecore.validation import index_dtype_for
+
+MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
+UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GB', '512 MiB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"a memory size must look like 8GB or 512MiB, got {text!r}")
+    unit = (m.group(2) or "b").lower()
+    return int(float(m.group(1)) * UNITS[unit])
+
+
+def memory_plan(
+    arch,
+    sparsity: float,
+    *,
+    distribution: str = "erk",
+    batch_size: int = 128,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    alpha: float = 0.3,
+    method: str = "rigl",
+) -> dict:
+    """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin."""
+    if optimizer not in MOMENTS:
+        raise ValueError(f"optimizer must be one of {sorted(MOMENTS)}, got {optimizer!r}")
+    n_mom = MOMENTS[optimizer] if (optimizer != "sgd" or momentum > 0) else 0
+    shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
+    dens = (
+        [1.0] * len(shapes)
+        if method == "dense"
+        else layer_densities(sparsity, shapes, distribution)
+    )
+    B = batch_size
+    layers, totals = [], {}
+
+    def add(piece, nbytes):
+        totals[piece] = totals.get(piece, 0) + int(nbytes)
+        return int(nbytes)
+
+    update_peak = 0
+    for (m, n), d in zip(shapes, dens, strict=True):
+        row = {"shape": [m, n], "density": d}
+        if d >= 1.0:
+            row.update(
+                nnz=m * n,
+                weights=add("weights", 4 * m * n),
+                gradients=add("gradients", 4 * m * n),
+                moments=add("optimizer moments", 4 * m * n * n_mom),
+            )
+        else:
+            nnz = int(round(d * m * n))
+            it = 4 if index_dtype_for(m, n, nnz).__name__ == "int32" else 8
+            row.update(
+                nnz=nnz,
+                weights=add("weights", 4 * nnz),
+                indices=add("indices + indptr", it * nnz + it * (m + 1)),
+                transpose=add("transpose structure", it * (2 * nnz + n + 1)),
+                gradients=add("gradients", 4 * nnz + 4 * nnz),  # dW and dX's permuted values
+                moments=add("optimizer moments", 4 * nnz * n_mom),
+            )
+            if method in ("rigl", "set"):
+                k = int(alpha * nnz)
+                rows = max(
+                    1,
+                    min(
+                        m,
+                        max(
+                            config.TOPK_TILE_BYTES // (4 * n),
+                            min(config.TOPK_MIN_TILE_ROWS, m // 16),
+                        ),
+                    ),
+                )
+                grow = 4 * rows * n + int(config.TOPK_BUFFER_FACTOR * k) * (
+                    4 + (4 if m * n < 2**31 else 8)
+                )
+                grow += 4 * int(config.TOPK_BUFFER_FACTOR * k)  # the last cut's partition copy
+                rebuild = (
+                    nnz  # keep mask
+                    + (4 + it) * nnz
+                    + it * (m + 1)  # the new pattern and values
+                    + 8 * nnz  # src map
+                    + 4 * nnz * (2 + n_mom)  # new gradient, scratch, remapped moments
+                    + 8 * k * 3
+                )  # dropped positions, grown rows and cols
+                row["update_transient"] = grow + rebuild
+                update_peak = max(update_peak, grow + rebuild)
+        row["biases"] = add("biases", 4 * m * (2 + n_mom))
+        layers.append(row)
+    acts = (
+        4
+        * B
+        * (
+            sum(n for _, n in shapes)  # every layer's input, kept for backward
+            + sum(m for (m, _), d in zip(shapes, dens, strict=True) if d < 1.0)  # dY kept for RigL
+            + max(2 * m + n for m, n in shapes)
+        )
+    )  # the largest backward transient
+    totals[f"activations (batch {B})"] = acts
+    if update_peak:
+        totals["topology update (transient)"] = update_peak
+    state = sum(v for k, v in totals.items() if not k.startswith(("activations", "topology")))
+    dense_w = sum(m * n for m, n in shapes)
+    dense_state = 4 * dense_w * (2 + n_mom) + sum(4 * m * (2 + n_mom) for m, _ in shapes)
+    dense_acts = 4 * B * (sum(n for _, n in shapes) + max(2 * m + n for m, n in shapes))
+    return {
+        "arch": list(arch),
+        "sparsity": sparsity,
+        "distribution": distribution,
+        "batch_size": B,
+        "optimizer": optimizer,
+        "method": method,
+        "layers": layers,
+        "pieces": totals,
+        "state_bytes": state,
+        "total_bytes": sum(totals.values()),
+        "dense_state_bytes": dense_state,
+        "dense_total_bytes": dense_state + dense_acts,
+    }
+
+
+def _fmt(b: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def describe_plan(plan: dict) -> str:
+    arch = "-".join(map(str, plan["arch"]))
+    lines = [
+        f"memory plan: {arch}, {plan['method']} at sparsity {plan['sparsity']} "
+        f"({plan['distribution']}), batch {plan['batch_size']}, {plan['optimizer']}"
+    ]
+    for k, v in plan["pieces"].items():
+        lines.append(f"  {k:32s} {_fmt(v):>12s}")
+    lines.append(f"  {'total (peak)':32s} {_fmt(plan['total_bytes']):>12s}")
+    lines.append(
+        f"  {'dense equivalent (peak)':32s} {_fmt(plan['dense_total_bytes']):>12s}  "
+        f"(weights, gradients and moments alone: {_fmt(plan['dense_state_bytes'])})"
+    )
+    for l, row in enumerate(plan["layers"]):
+        m, n = row["shape"]
+        lines.append(f"  layer {l}: {m} x {n}, density {row['density']:.3g}, nnz {row['nnz']:,}")
+    return "\n".join(lines)
