@@ -318,7 +318,7 @@ class Trainer:
     def evaluate(self, x, y) -> dict:
         if x.shape[0] == 0:
             return {"acc": float("nan"), "loss": float("nan")}
-        logits = self.model.predict(x)
+        logits = self.model.predict(x, batch_size=self.cfg.batch_size)  # the plan's activations
         with np.errstate(invalid="ignore", over="ignore"):  # a diverged model: reported by caller
             z = logits - logits.max(axis=1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
