@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from kernels import config
+from kernels.cpu.grow import tile_shape
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.validation import index_dtype_for
 
@@ -80,7 +83,7 @@ def memory_plan(
             )
         else:
             nnz = int(round(d * m * n))
-            it = 4 if index_dtype_for(m, n, nnz).__name__ == "int32" else 8
+            it = np.dtype(index_dtype_for(m, n, nnz)).itemsize
             row.update(
                 nnz=nnz,
                 weights=add("weights", 4 * nnz),
@@ -91,20 +94,13 @@ def memory_plan(
             )
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
-                rows = max(
-                    1,
-                    min(
-                        m,
-                        max(
-                            config.TOPK_TILE_BYTES // (4 * n),
-                            min(config.TOPK_MIN_TILE_ROWS, m // 16),
-                        ),
-                    ),
+                # the grow's scratch, sized by the launcher's own rule (none for SET's random grow)
+                tr, tc = tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
+                cap = int(config.TOPK_BUFFER_FACTOR * k)
+                grow = (
+                    4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8)) if method == "rigl" else 0
                 )
-                grow = 4 * rows * n + int(config.TOPK_BUFFER_FACTOR * k) * (
-                    4 + (4 if m * n < 2**31 else 8)
-                )
-                grow += 4 * int(config.TOPK_BUFFER_FACTOR * k)  # the last cut's partition copy
+                grow += 4 * cap if method == "rigl" else 0  # the last cut's partition copy
                 rebuild = (
                     nnz  # keep mask
                     + (4 + it) * nnz
