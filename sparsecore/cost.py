@@ -36,7 +36,7 @@ def model_cost(
             nnz = layer.W.nnz
             it = layer.W.indices.itemsize
             state = (
-                4 * nnz * (2 + n_moments)  # values, gradient, moments
+                4 * nnz * (3 + n_moments)  # values, gradient, dX scratch, moments
                 + it * nnz
                 + it * (m + 1)  # indices, indptr
                 + it * (2 * nnz + n + 1)
