@@ -1,4 +1,4 @@
-"""Command line: ``sparsecore train`` and ``sparsecore info`` (also ``python -m sparsecore``)."""
+"""Command line: ``sparsecore train | plan | bench | info`` (also ``python -m sparsecore``)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def _add_train(sub):
     p.add_argument("--distribution", choices=["erk", "uniform"], default="erk")
     p.add_argument("--method", choices=["rigl", "set", "static", "dense"], default="rigl")
     p.add_argument("--delta-t", type=int, default=100, help="steps between topology updates (ΔT)")
+    p.add_argument(
+        "--grow",
+        choices=["exact", "sampled"],
+        default="exact",
+        help="RigL's grow: exact top-k of |dY·Xᵀ| (m·n·batch per update), or the top-k of "
+        "uniformly sampled absent candidates (cost ∝ nnz)",
+    )
+    p.add_argument(
+        "--grow-candidates",
+        type=float,
+        default=10,
+        help="with --grow sampled: candidates scored per grown connection",
+    )
     p.add_argument("--alpha", type=float, default=0.3, help="initial drop fraction")
     p.add_argument(
         "--t-end",
@@ -75,6 +88,19 @@ def _add_plan(sub):
     p.add_argument("--method", choices=["rigl", "set", "static", "dense"], default="rigl")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument(
+        "--grow",
+        choices=["exact", "sampled"],
+        default="exact",
+        help="RigL's grow: exact top-k of |dY·Xᵀ| (m·n·batch per update), or the top-k of "
+        "uniformly sampled absent candidates (cost ∝ nnz)",
+    )
+    p.add_argument(
+        "--grow-candidates",
+        type=float,
+        default=10,
+        help="with --grow sampled: candidates scored per grown connection",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -84,7 +110,20 @@ def main(argv=None) -> int:
     _add_train(sub)
     _add_plan(sub)
     sub.add_parser("info", help="versions and the threading setup in force")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark sparse vs dense (kernels, step, width scaling): tables, JSON, plots",
+        description="What sparsity buys on your shapes: kernels, training steps and width "
+        "scaling against dense BLAS, scipy.sparse, torch.sparse and masked-dense PyTorch RigL.",
+    )
+    from sparsecore.benchmarks.suite import add_arguments
+
+    add_arguments(bench)
     args = ap.parse_args(argv)
+    if args.cmd == "bench":
+        from sparsecore.benchmarks.suite import run
+
+        return run(args)
     if args.cmd == "info":
         import numba
         import numpy
@@ -116,6 +155,8 @@ def main(argv=None) -> int:
                 batch_size=args.batch_size,
                 optimizer=args.optimizer,
                 method=args.method,
+                grow=args.grow,
+                grow_candidates=args.grow_candidates,
             )
         except ValueError as e:
             print(f"sparsecore plan: error: {e}", file=sys.stderr)
@@ -139,6 +180,8 @@ def main(argv=None) -> int:
             sparsity=args.sparsity,
             distribution=args.distribution,
             method=args.method,
+            grow=args.grow,
+            grow_candidates=args.grow_candidates,
             delta_t=args.delta_t,
             alpha=args.alpha,
             t_end=args.t_end,

@@ -17,6 +17,7 @@ import numpy as np
 
 from kernels import config
 from kernels.cpu.grow import tile_shape
+from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.validation import index_dtype_for
 
@@ -53,8 +54,12 @@ def memory_plan(
     momentum: float = 0.9,
     alpha: float = 0.3,
     method: str = "rigl",
+    grow: str = "exact",
+    grow_candidates: float = 10,
 ) -> dict:
     """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin."""
+    if grow not in ("exact", "sampled"):
+        raise ValueError(f"grow must be exact or sampled, got {grow!r}")
     if optimizer not in MOMENTS:
         raise ValueError(f"optimizer must be one of {sorted(MOMENTS)}, got {optimizer!r}")
     n_mom = MOMENTS[optimizer] if (optimizer != "sgd" or momentum > 0) else 0
@@ -94,13 +99,17 @@ def memory_plan(
             )
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
-                # the grow's scratch, sized by the launcher's own rule (none for SET's random grow)
-                tr, tc = tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
-                cap = int(config.TOPK_BUFFER_FACTOR * k)
-                grow = (
-                    4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8)) if method == "rigl" else 0
-                )
-                grow += 4 * cap if method == "rigl" else 0  # the last cut's partition copy
+                # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
+                # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
+                if method == "set":
+                    scratch = sample_bytes(m, n, nnz - k, k)
+                elif grow == "sampled":
+                    scratch = sampled_grow_bytes(m, n, nnz - k, k, grow_candidates)
+                else:
+                    tr, tc = tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
+                    cap = int(config.TOPK_BUFFER_FACTOR * k)
+                    scratch = 4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8))
+                    scratch += 4 * cap  # the last cut's partition copy
                 rebuild = (
                     nnz  # keep mask
                     + (4 + it) * nnz
@@ -109,8 +118,8 @@ def memory_plan(
                     + 4 * nnz * (2 + n_mom)  # new gradient, scratch, remapped moments
                     + 8 * k * 3
                 )  # dropped positions, grown rows and cols
-                row["update_transient"] = grow + rebuild
-                update_peak = max(update_peak, grow + rebuild)
+                row["update_transient"] = scratch + rebuild
+                update_peak = max(update_peak, scratch + rebuild)
         row["biases"] = add("biases", 4 * m * (2 + n_mom))
         layers.append(row)
     acts = (
@@ -136,6 +145,8 @@ def memory_plan(
         "batch_size": B,
         "optimizer": optimizer,
         "method": method,
+        "grow": grow,
+        "grow_candidates": grow_candidates,
         "layers": layers,
         "pieces": totals,
         "state_bytes": state,
@@ -155,7 +166,13 @@ def _fmt(b: float) -> str:
 def describe_plan(plan: dict) -> str:
     arch = "-".join(map(str, plan["arch"]))
     lines = [
-        f"memory plan: {arch}, {plan['method']} at sparsity {plan['sparsity']} "
+        f"memory plan: {arch}, {plan['method']}"
+        + (
+            f" (sampled grow, {plan['grow_candidates']:g} candidates per grown connection)"
+            if plan.get("grow") == "sampled" and plan["method"] == "rigl"
+            else ""
+        )
+        + f" at sparsity {plan['sparsity']} "
         f"({plan['distribution']}), batch {plan['batch_size']}, {plan['optimizer']}"
     ]
     for k, v in plan["pieces"].items():

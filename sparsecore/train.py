@@ -22,7 +22,16 @@ from sparsecore.rigl.updater import UPDATERS
 
 METHODS = ("rigl", "set", "static", "dense")
 # A checkpoint must match these to be loaded at all (they decide the shapes of the state) ...
-STRUCTURE_KEYS = ("arch", "method", "optimizer", "sparsity", "distribution", "activation", "fan_in")
+STRUCTURE_KEYS = (
+    "arch",
+    "method",
+    "grow",
+    "optimizer",
+    "sparsity",
+    "distribution",
+    "activation",
+    "fan_in",
+)
 # ... and these to resume into the same result as a run that never stopped (else a warning).
 RESULT_KEYS = (
     "seed",
@@ -41,7 +50,10 @@ RESULT_KEYS = (
     "epochs",
     "max_steps",
     "step_on_update",
+    "grow_candidates",
 )
+# Keys added after checkpoints were first written: an old checkpoint had these values.
+KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10}
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,6 +67,8 @@ class TrainConfig:
     sparsity: float = 0.9
     distribution: str = "erk"
     method: str = "rigl"
+    grow: str = "exact"  # RigL's grow: "exact" top-k of |dY·Xᵀ|, or "sampled" (see rigl.RigL)
+    grow_candidates: float = 10  # "sampled": candidates scored per grown connection
     delta_t: int = 100
     alpha: float = 0.3
     t_end: float = 0.75
@@ -82,6 +96,12 @@ class TrainConfig:
     def validate(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.grow not in ("exact", "sampled"):
+            raise ValueError(f"grow must be exact or sampled, got {self.grow!r}")
+        if self.grow != "exact" and self.method != "rigl":
+            raise ValueError(f"grow={self.grow!r} applies to method rigl, not {self.method!r}")
+        if not (isinstance(self.grow_candidates, (int, float)) and self.grow_candidates >= 1):
+            raise ValueError(f"grow_candidates must be >= 1, got {self.grow_candidates!r}")
         if len(self.arch) < 2 or any(not isinstance(a, int) or a < 1 for a in self.arch):
             raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {self.arch!r}")
         if self.method != "dense" and not 0.0 < self.sparsity < 1.0:
@@ -122,6 +142,8 @@ def check_memory(cfg: TrainConfig) -> dict:
         momentum=cfg.momentum,
         alpha=cfg.alpha,
         method=cfg.method,
+        grow=cfg.grow,
+        grow_candidates=cfg.grow_candidates,
     )
     if cfg.max_memory is not None and plan["total_bytes"] > cfg.max_memory:
         raise MemoryBudgetExceeded(
@@ -187,8 +209,13 @@ class Trainer:
         self.schedule = UpdateSchedule.for_training(
             self.total_steps, end_fraction=cfg.t_end, delta_t=cfg.delta_t, alpha=cfg.alpha
         )
+        grow_kw = (
+            dict(grow=cfg.grow, candidates=cfg.grow_candidates) if cfg.method == "rigl" else {}
+        )
         self.updater = (
-            None if cfg.method == "dense" else UPDATERS[cfg.method](self.schedule, cfg.seed)
+            None
+            if cfg.method == "dense"
+            else UPDATERS[cfg.method](self.schedule, cfg.seed, **grow_kw)
         )
         self.step = 0
         self.epoch = 0
@@ -442,17 +469,21 @@ class Trainer:
             meta = json.loads(str(d["meta"]))
             saved = meta["config"]
             for key in STRUCTURE_KEYS:
-                if saved.get(key) != getattr(self.cfg, key):
+                if saved.get(key, KEY_DEFAULTS.get(key)) != getattr(self.cfg, key):
                     raise ValueError(
-                        f"checkpoint {path} was written with {key}={saved.get(key)!r}, "
+                        f"checkpoint {path} was written with "
+                        f"{key}={saved.get(key, KEY_DEFAULTS.get(key))!r}, "
                         f"this run has {key}={getattr(self.cfg, key)!r}"
                     )
-            changed = [k for k in RESULT_KEYS if saved.get(k) != getattr(self.cfg, k)]
+            changed = [
+                k for k in RESULT_KEYS if saved.get(k, KEY_DEFAULTS.get(k)) != getattr(self.cfg, k)
+            ]
             if changed:
                 import warnings
 
                 diffs = ", ".join(
-                    f"{k} ({saved.get(k)!r} -> {getattr(self.cfg, k)!r})" for k in changed
+                    f"{k} ({saved.get(k, KEY_DEFAULTS.get(k))!r} -> {getattr(self.cfg, k)!r})"
+                    for k in changed
                 )
                 warnings.warn(
                     f"resuming with different {diffs}: the run will not equal one that never "
