@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import kernels
-from bench.common import torch_csr, try_torch
-from bench.kernels import check_products
 from sparsecore import CSR
+from sparsecore.benchmarks.common import torch_csr, try_torch
+from sparsecore.benchmarks.kernels import check_products
 
 M, BATCH = 4096, 128
 torch = try_torch(2)
