@@ -6,7 +6,11 @@ Buffers:  indptr (m+1,) int32|int64, indices (nnz,) int32|int64, data (nnz,) flo
           out (m, B) float32, C-contiguous, every element overwritten                  [out]
           blocks (T+1,) int64 row-block boundaries from _common.row_blocks              [in]
           bias (m,) float32 or None: added to every column of Y (the layer's bias)        [in]
-Cost:     2·nnz·B flops; reads one contiguous X row (4·B bytes) per nonzero, writes m·B floats.
+          relu: bool; True applies max(·, 0) to Y (a following ReLU, fused)                [in]
+          gate (m, B) float32 or None: Y[i, b] is zeroed where gate[i, b] <= 0 (the backward
+          of a ReLU whose output is gate, fused into dX = Wᵀ·dY)                         [in]
+Cost:     2·nnz·B flops; reads one contiguous X row (4·B bytes) per nonzero, writes m·B floats;
+          the ReLU / gate epilogue acts on an output row while it is still in L1.
           Arithmetic intensity is 0.5 flop per byte of X streamed from cache, whatever the density:
           the kernel is bound by L2→core bandwidth, not by the FMA units (see bench/RESULTS.md).
 Threads:  one prange iteration per row block (blocks hold about equal nonzeros); a thread owns
@@ -26,7 +30,7 @@ from kernels.cpu._common import row_blocks
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
-def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias):
+def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias, relu, gate, has_gate):
     n_batch = x.shape[1]
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
@@ -53,18 +57,38 @@ def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias):
                 for b in range(n_batch):
                     out[i, b] += d0 * x[c0, b]
                 p += 1
+            if relu:
+                for b in range(n_batch):
+                    v = out[i, b]
+                    out[i, b] = v if v > 0 else numba.float32(0.0)
+            if has_gate:
+                for b in range(n_batch):
+                    if not gate[i, b] > 0:
+                        out[i, b] = 0.0
 
 
 _NO_BIAS = np.zeros(1, dtype=np.float32)
+_NO_GATE = np.zeros((1, 1), dtype=np.float32)
 
 
-def spmm(indptr, indices, data, x, out, blocks=None, bias=None):
+def spmm(indptr, indices, data, x, out, blocks=None, bias=None, relu=False, gate=None):
     """Launcher (trusts its inputs; the public API validates). Fills and returns ``out``."""
     if blocks is None:
         blocks = row_blocks(indptr, out.shape[0])
     if out.shape[0] and out.shape[1]:
         has_bias = bias is not None
+        has_gate = gate is not None
         _spmm_kernel(
-            indptr, indices, data, x, out, blocks, bias if has_bias else _NO_BIAS, has_bias
+            indptr,
+            indices,
+            data,
+            x,
+            out,
+            blocks,
+            bias if has_bias else _NO_BIAS,
+            has_bias,
+            bool(relu),
+            gate if has_gate else _NO_GATE,
+            has_gate,
         )
     return out

@@ -11,6 +11,8 @@ Buffers:  t_indptr (k+1,), t_indices (nnz,), t_perm (nnz,) int32|int64          
           out (k, B) float32, C-contiguous, every element overwritten                  [out]
           blocks (T+1,) int64 column-block boundaries (row_blocks of t_indptr)          [in]
           t_data (nnz,) float32 scratch for the permuted values (allocated if None)       [tmp]
+          gate (k, B) float32 or None: dX[j, b] zeroed where gate[j, b] <= 0 (fused ReLU
+          backward, gate = the ReLU's output, i.e. this layer's input)                    [in]
 Cost:     one parallel gather of nnz values (values change every optimizer step, so they are
           permuted per call; measured as fast as gathering inside the product loop, and it lets
           dX share the forward kernel), then 2·nnz·B flops in spmm's kernel.
@@ -34,7 +36,7 @@ def _gather(data, perm, out):
             out[j] = data[perm[j]]
 
 
-def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None):
+def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None, gate=None):
     """Launcher (trusts its inputs). Fills and returns ``out`` (k, B)."""
     if blocks is None:
         blocks = row_blocks(t_indptr, out.shape[0])
@@ -42,4 +44,4 @@ def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None)
         t_data = np.empty(t_perm.shape[0], dtype=np.float32)
     if t_perm.shape[0]:
         _gather(data, t_perm, t_data)
-    return spmm(t_indptr, t_indices, t_data, dy, out, blocks)
+    return spmm(t_indptr, t_indices, t_data, dy, out, blocks, gate=gate)
