@@ -1,11 +1,16 @@
 """RigL on an MLP whose dense twin does not fit in memory, with the plan checked against RSS.
 
     python bench/scale.py --arch 784-100000-100000-10 --sparsity 0.999 --steps 300 --delta-t 100
+    python bench/scale.py --arch 784-1000000-1000000-10 --sparsity 0.99998 --steps 2 \
+        --delta-t 1 --grow sampled --grow-candidates 10 --no-eval
 
 Dense float32 weights of 784-100000-100000-10 need 40.3 GB; this trains it truly sparse on
 MNIST for a few hundred steps, topology updates included, and reports peak RSS (measured, the
-whole process) against the memory plan, time per step and per update, and the FLOPs the exact
-grow costs.
+whole process) against the memory plan, time per step and per update, and the FLOPs the grow
+costs (exact: 2·m·n·B per layer; sampled: 2·C·B for C candidates). The second line is the
+width-10^6 case (dense weights 4 TB, nnz 10^7 in the big layer): one ordinary step, then one
+step with a topology update (forward + backward + update), with RigL's sampled grow; the exact
+grow there would cost 2.6·10^14 FLOPs per update.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--delta-t", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--grow", choices=["exact", "sampled"], default="exact")
+    ap.add_argument("--grow-candidates", type=float, default=10)
+    ap.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     arch = [int(a) for a in args.arch.split("-")]
@@ -57,12 +65,15 @@ def main(argv=None):
         max_steps=int(args.steps / 0.75) + 1,
         progress=False,
         lr=0.05,
+        grow=args.grow,
+        grow_candidates=args.grow_candidates,
     )
     t0 = time.perf_counter()
     tr = Trainer(cfg, data)
     build_s = time.perf_counter() - t0
     print(describe_plan(tr.plan), flush=True)
-    times, upd = [], []
+    rss_built = rss_mib()
+    times, upd, grow_layers = [], [], []
     batches = tr.batches(0)
     for _ in range(args.steps):
         idx = next(batches)
@@ -72,20 +83,30 @@ def main(argv=None):
         dt = time.perf_counter() - t
         (upd if report is not None else times).append(dt)
         if report is not None:
+            grow_layers.append([round(d["grow_seconds"], 3) for d in report.per_layer])
             print(
-                f"step {tr.step - 1}: topology update {dt:.1f} s, loss {loss:.3f}, "
-                f"grew {report.total_grown:,}",
+                f"step {tr.step - 1}: topology update {dt:.1f} s (grow per layer "
+                f"{grow_layers[-1]} s), loss {loss:.3f}, grew {report.total_grown:,}",
                 flush=True,
             )
+        else:
+            print(f"step {tr.step - 1}: {dt:.2f} s, loss {loss:.3f}", flush=True)
     t = time.perf_counter()
-    acc = tr.evaluate(data.x_test, data.y_test)["acc"]
+    acc = None if args.no_eval else tr.evaluate(data.x_test, data.y_test)["acc"]
     eval_s = time.perf_counter() - t
     shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
-    grow_flops = sum(
-        2.0 * m * n * args.batch_size
-        for (m, n), l in zip(shapes, tr.model.weighted(), strict=True)
-        if hasattr(l.W, "nnz")
-    )
+    from kernels.cpu.sampled import n_candidates
+
+    grow_flops = 0.0
+    for (m, n), l in zip(shapes, tr.model.weighted(), strict=True):
+        if not hasattr(l.W, "nnz"):
+            continue
+        if args.grow == "sampled":  # candidates at the first update's drop fraction (the most)
+            k = int(tr.schedule.drop_fraction(args.delta_t) * l.W.nnz)
+            c = n_candidates(m, n, l.W.nnz - k, k, args.grow_candidates)
+            grow_flops += 2.0 * c * args.batch_size
+        else:
+            grow_flops += 2.0 * m * n * args.batch_size
     peak = rss_mib()
     res = {
         "arch": arch,
@@ -94,12 +115,17 @@ def main(argv=None):
         "nnz": int(sum(l.W.nnz for l in tr.model.sparse_layers())),
         "plan_total_mib": tr.plan["total_bytes"] / 2**20,
         "plan_state_mib": tr.plan["state_bytes"] / 2**20,
+        "grow": args.grow,
+        "grow_candidates": args.grow_candidates if args.grow == "sampled" else None,
         "peak_rss_mib": peak,
+        "peak_rss_over_plan": peak / (tr.plan["total_bytes"] / 2**20),
+        "rss_after_build_mib": rss_built,
         "rss_before_import_mib": base_rss,
         "dataset_mib": data_mib,
         "build_s": build_s,
-        "mean_step_s": float(np.mean(times)),
-        "median_step_s": float(np.median(times)),
+        "mean_step_s": float(np.mean(times)) if times else None,
+        "median_step_s": float(np.median(times)) if times else None,
+        "grow_s_per_layer": grow_layers,
         "n_updates": len(upd),
         "mean_update_s": float(np.mean(upd)) if upd else None,
         "grow_gflop_per_update": grow_flops / 1e9,

@@ -31,7 +31,8 @@ from sparsecore.rigl.schedule import UpdateSchedule
 class UpdateReport:
     step: int
     drop_fraction: float
-    per_layer: list = field(default_factory=list)  # dicts: layer, nnz, dropped, grown, new, seconds
+    # dicts: layer, nnz, dropped, grown, new, seconds (the layer's update), grow_seconds (its grow)
+    per_layer: list = field(default_factory=list)
 
     @property
     def total_grown(self) -> int:
@@ -72,7 +73,9 @@ class TopologyUpdater:
             dropped = self.drop(layer, k)
             keep = np.ones(W.nnz, dtype=bool)
             keep[dropped] = False
+            t_grow = time.perf_counter()
             rows, cols = self.grow(layer, k, keep, step, index)
+            t_grow = time.perf_counter() - t_grow
             W2, src = kernels.merge(W, keep, rows, cols)
             if W2.nnz != W.nnz:
                 raise RuntimeError(f"layer {layer.name}: nnz changed from {W.nnz} to {W2.nnz}")
@@ -90,6 +93,7 @@ class TopologyUpdater:
                     grown=int(rows.shape[0]),
                     new=int(np.count_nonzero(src < 0)),
                     seconds=time.perf_counter() - t0,
+                    grow_seconds=t_grow,
                 )
             )
         return report
