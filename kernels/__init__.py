@@ -15,8 +15,12 @@ of each dense operand. Dense operands are used as float32 C-contiguous arrays (o
 converted, a copy). ``out=`` must have exactly the result's shape, dtype float32 and be
 C-contiguous; it is overwritten entirely.
 
-CuPy arrays are recognised and refused with a clear NotImplementedError until the CUDA kernels
-land; importing this package never needs CuPy.
+On the GPU the same functions take W as a ``DeviceCSR`` (``CSR.to_device()``), a
+``cupyx.scipy.sparse`` matrix, or a tuple of CuPy arrays, with CuPy dense operands, and run the
+CUDA kernels of kernels/cuda (results are CuPy arrays; calls are asynchronous except where a
+result size must be known). One call runs on one side: mixing NumPy and CuPy operands is a
+TypeError naming the argument. Importing this package never needs CuPy; a GPU call without
+CuPy or a device raises ``GPUUnavailableError`` saying ``pip install "sparsecore-rigl[gpu]"``.
 
 Threads: see ``sparsecore.threading_info()`` for the setup that keeps Numba's and the BLAS's
 threads from spinning against each other.
@@ -38,11 +42,15 @@ from kernels.cpu import merge as _merge  # noqa: E402
 from kernels.cpu import sddmm as _sddmm  # noqa: E402
 from kernels.cpu import spmm as _spmm  # noqa: E402
 from kernels.cpu import spmm_t as _spmm_t  # noqa: E402
+from kernels.cuda._csr import DeviceCSR  # noqa: E402  (no CuPy import)
 from sparsecore import validation as V  # noqa: E402
 from sparsecore.formats import CSR, as_csr  # noqa: E402
+from sparsecore.validation import GPUUnavailableError  # noqa: E402
 
 __all__ = [
     "CSR",
+    "DeviceCSR",
+    "GPUUnavailableError",
     "spmm",
     "spmm_t",
     "sddmm",
@@ -86,6 +94,148 @@ def _prepare_out(out, name, rows, batch, layout, W, *inputs):
     return out
 
 
+# ---------------------------------------------------------------------------- GPU dispatch
+
+
+def _w_parts(W, name="W"):
+    """(name, object) pairs of W that decide its side: the tuple's arrays, or W itself."""
+    if isinstance(W, tuple) and len(W) == 4:
+        return [
+            (f"{name}.{p}", a) for p, a in zip(("indptr", "indices", "data"), W[:3], strict=True)
+        ]
+    return [(name, W)]
+
+
+def _on_gpu(W, **operands):
+    """True when any operand is a CuPy object (then CuPy and a device must be present: else
+    the one install error names the first such operand)."""
+    for name, a in [*_w_parts(W), *operands.items()]:
+        if isinstance(a, DeviceCSR) or V.is_cupy_array(a):
+            V.require_gpu(name)
+            return True
+    return False
+
+
+def _device_csr(W, name="W") -> DeviceCSR:
+    if isinstance(W, DeviceCSR):
+        return W
+    if isinstance(W, tuple) and len(W) == 4:
+        for part, a in _w_parts(W, name):
+            if not V.is_cupy_array(a):
+                raise V.backend_mismatch(part, True)
+        return DeviceCSR.from_arrays(*W, name=name)
+    if V.is_cupy_array(W):
+        import cupyx.scipy.sparse as csp
+
+        if csp.issparse(W):
+            return DeviceCSR.from_cupy_scipy(W, name)
+        raise TypeError(
+            f"{name} must be a DeviceCSR, a cupyx.scipy.sparse matrix or a tuple of CuPy "
+            f"arrays on the GPU; got a dense {type(W).__name__} (use cupyx.scipy.sparse)"
+        )
+    raise V.backend_mismatch(name, True)
+
+
+def _dense_in_gpu(a, name, n_rows, layout, *, finite=False):
+    if layout == "batch":
+        a = V.as_device_operand(a, name, None)
+        if a.shape[1] != n_rows:
+            raise ValueError(f"{name} has shape {a.shape}, expected (batch, {n_rows})")
+        a = a.T
+    return V.as_device_operand(a, name, n_rows, finite=finite)
+
+
+def _prepare_out_gpu(out, rows, batch, layout, W, *inputs):
+    import cupy
+
+    shape = (batch, rows) if layout == "batch" else (rows, batch)
+    if out is not None:
+        V.check_device_out(out, "out", shape)
+        V.check_device_no_overlap(out, "out", W.data, *inputs)
+    if layout == "batch" or out is None:
+        return cupy.empty((rows, batch), dtype=np.float32)
+    return out
+
+
+def _dense_out_gpu(result_fm, out, layout):
+    import cupy
+
+    if layout == "batch":
+        if out is None:
+            return cupy.ascontiguousarray(result_fm.T)
+        out[...] = result_fm.T
+        return out
+    return result_fm
+
+
+def _spmm_gpu(W, X, out, layout):
+    from kernels.cuda import spmm as cu
+
+    W = _device_csr(W)
+    m, n = W.shape
+    X = _dense_in_gpu(X, "X", n, layout)
+    y = _prepare_out_gpu(out, m, X.shape[1], layout, W, X)
+    cu.spmm(W.indptr, W.indices, W.data, X, y)
+    return _dense_out_gpu(y, out, layout)
+
+
+def _spmm_t_gpu(W, dY, out, layout):
+    from kernels.cuda import spmm_t as cu
+
+    W = _device_csr(W)
+    m, n = W.shape
+    dY = _dense_in_gpu(dY, "dY", m, layout)
+    dx = _prepare_out_gpu(out, n, dY.shape[1], layout, W, dY)
+    t_indptr, t_indices, t_perm = W.transpose_structure()
+    cu.spmm_t(t_indptr, t_indices, t_perm, W.data, dY, dx)
+    return _dense_out_gpu(dx, out, layout)
+
+
+def _sddmm_gpu(W, dY, X, out, layout):
+    import cupy
+
+    from kernels.cuda import sddmm as cu
+
+    W = _device_csr(W)
+    m, n = W.shape
+    dY = _dense_in_gpu(dY, "dY", m, layout)
+    X = _dense_in_gpu(X, "X", n, layout)
+    if dY.shape[1] != X.shape[1]:
+        raise ValueError(f"dY and X disagree on the batch size: {dY.shape[1]} vs {X.shape[1]}")
+    if out is None:
+        out = cupy.empty(W.nnz, dtype=np.float32)
+    else:
+        V.check_device_out(out, "out", (W.nnz,))
+        V.check_device_no_overlap(out, "out", W.data, dY, X)
+    return cu.sddmm(W.indptr, W.indices, dY, X, out)
+
+
+def _topk_grow_gpu(W, dY, X, k, keep, layout, tile_bytes):
+    import cupy
+
+    from kernels.cuda import grow as cu
+
+    W = _device_csr(W)
+    m, n = W.shape
+    dY = _dense_in_gpu(dY, "dY", m, layout, finite=True)
+    X = _dense_in_gpu(X, "X", n, layout, finite=True)
+    if dY.shape[1] != X.shape[1]:
+        raise ValueError(f"dY and X disagree on the batch size: {dY.shape[1]} vs {X.shape[1]}")
+    if keep is not None:
+        keep = V.check_device_mask(keep, "keep", W.nnz)
+        n_present = int(cupy.count_nonzero(keep))
+    else:
+        n_present = W.nnz
+    k = V.check_int(k, "k", low=0, high=m * n - n_present)
+    if tile_bytes is not None:
+        tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
+    _check_scores_fit_float32(dY, X)
+    rows, cols, scores = cu.topk_grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
+    if rows.shape[0] != k:
+        raise RuntimeError(f"topk_grow found {rows.shape[0]} entries, expected {k}")
+    return rows, cols, scores
+
+
 def spmm(W, X, *, out=None, layout: str = "feature"):
     """Forward product Y = W·X.
 
@@ -95,6 +245,8 @@ def spmm(W, X, *, out=None, layout: str = "feature"):
     Cost: 2·nnz·B flops, O(m·B) memory for Y; threads split rows by nonzeros.
     """
     layout = V.check_layout(layout)
+    if _on_gpu(W, X=X, out=out):
+        return _spmm_gpu(W, X, out, layout)
     W = as_csr(W)
     m, n = W.shape
     X = _dense_in(X, "X", n, layout)
@@ -112,6 +264,8 @@ def spmm_t(W, dY, *, out=None, layout: str = "feature"):
     cached on a CSR, rebuilt on every call for scipy or raw-array input).
     """
     layout = V.check_layout(layout)
+    if _on_gpu(W, dY=dY, out=out):
+        return _spmm_t_gpu(W, dY, out, layout)
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
@@ -130,6 +284,8 @@ def sddmm(W, dY, X, *, out=None, layout: str = "feature"):
     Cost: 2·nnz·B flops, nnz floats of output: never the dense m × n gradient.
     """
     layout = V.check_layout(layout)
+    if _on_gpu(W, dY=dY, X=X, out=out):
+        return _sddmm_gpu(W, dY, X, out, layout)
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
@@ -156,8 +312,12 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
     O(tile + k): ``config.TOPK_TILE_BYTES`` (or ``tile_bytes``) plus about 12·k bytes.
     Scores are float32: pairs whose float64 scores differ by less than float32 rounding may be
     ordered differently from a float64 computation.
+    On the GPU: the same result as CuPy arrays; extra device memory O(tile + k)
+    (``config.CUDA_TOPK_TILE_BYTES`` or ``tile_bytes``, see kernels/cuda/grow.py).
     """
     layout = V.check_layout(layout)
+    if _on_gpu(W, dY=dY, X=X, keep=keep):
+        return _topk_grow_gpu(W, dY, X, k, keep, layout, tile_bytes)
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout, finite=True)
@@ -184,8 +344,12 @@ def _check_scores_fit_float32(dY, X):
     rounding, no score can overflow to inf (or to NaN via inf - inf). O((m + n)·B)."""
     if not dY.size or not X.size:
         return
-    a = float(np.sqrt(np.max(np.einsum("ij,ij->i", dY, dY, dtype=np.float64))))
-    b = float(np.sqrt(np.max(np.einsum("ij,ij->i", X, X, dtype=np.float64))))
+    if isinstance(dY, np.ndarray):
+        a = float(np.sqrt(np.max(np.einsum("ij,ij->i", dY, dY, dtype=np.float64))))
+        b = float(np.sqrt(np.max(np.einsum("ij,ij->i", X, X, dtype=np.float64))))
+    else:  # CuPy: the same bound on the device, two scalars back
+        a = float((dY.astype(np.float64) ** 2).sum(axis=1).max() ** 0.5)
+        b = float((X.astype(np.float64) ** 2).sum(axis=1).max() ** 0.5)
     if a * b > 1e37:
         raise OverflowError(
             f"dY·Xᵀ may overflow float32: the largest row norms are {a:.3g} (dY) and {b:.3g} (X); "
@@ -197,8 +361,11 @@ def magnitude_drop(W, k):
     """Positions (into W.data, ascending, int64) of the k stored entries with the smallest |w|.
 
     Ties go to the lower position, so the result is deterministic. W may be any accepted sparse
-    form, or a 1-D array of values. Cost O(nnz).
+    form, or a 1-D array of values. Cost O(nnz). On the GPU (a DeviceCSR, CuPy sparse matrix or
+    1-D CuPy array) the result is a CuPy array.
     """
+    if _on_gpu(W):
+        return _magnitude_drop_gpu(W, k)
     if isinstance(W, np.ndarray) and W.ndim == 1:
         data = W
         if data.dtype.kind not in "fiu":
@@ -215,6 +382,87 @@ def magnitude_drop(W, k):
     return _drop.magnitude_drop(data, k)
 
 
+def _magnitude_drop_gpu(W, k):
+    import cupy
+
+    from kernels.cuda import drop as cu
+
+    if isinstance(W, cupy.ndarray):
+        if W.ndim != 1:
+            raise ValueError(f"W values must be 1-D, got shape {W.shape}")
+        data = W
+        if data.dtype.kind not in "fiu":
+            raise TypeError(f"W values must be real numbers, got dtype {data.dtype}")
+        if data.dtype.kind in "iu":
+            data = data.astype(np.float64)
+    else:
+        data = _device_csr(W).data
+    if data.size and not bool(cupy.isfinite(data).all()):
+        raise ValueError("W values must be finite, but they hold NaN or inf")
+    k = V.check_int(k, "k", low=0, high=data.shape[0])
+    return cu.magnitude_drop(data, k)
+
+
+def _check_coords_gpu(rows, cols, shape, name="grown"):
+    """check_coords on the device: int64 (rows, cols) sorted row-major, in range, no repeats."""
+    import cupy
+
+    m, n = shape
+    for a, nm in ((rows, f"{name} rows"), (cols, f"{name} cols")):
+        if not isinstance(a, cupy.ndarray):
+            raise V.backend_mismatch(nm, True)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise TypeError(f"{nm} must be a 1-D integer array, got {a.dtype} shape {a.shape}")
+    if rows.shape != cols.shape:
+        raise ValueError(
+            f"{name} rows and cols differ in length: {rows.shape[0]} vs {cols.shape[0]}"
+        )
+    rows = rows.astype(np.int64, copy=False)
+    cols = cols.astype(np.int64, copy=False)
+    if rows.size:
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= m:
+            raise ValueError(f"{name} rows must lie in [0, {m}), got [{lo}, {hi}]")
+        lo, hi = int(cols.min()), int(cols.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{name} cols must lie in [0, {n}), got [{lo}, {hi}]")
+    flat = rows * n + cols
+    order = cupy.argsort(flat)
+    flat = flat[order]
+    if flat.size > 1:
+        dup = cupy.flatnonzero(flat[1:] == flat[:-1])
+        if dup.size:
+            f = int(flat[int(dup[0])])
+            raise ValueError(f"{name} lists entry ({f // n}, {f % n}) more than once")
+    return rows[order], cols[order]
+
+
+def _merge_gpu(W, keep, grow_rows, grow_cols):
+    import cupy
+
+    from kernels.cuda import merge as cu
+
+    W = _device_csr(W)
+    m, n = W.shape
+    keep = V.check_device_mask(keep, "keep", W.nnz)
+    rows, cols = _check_coords_gpu(grow_rows, grow_cols, W.shape, "grown")
+    needed = V.index_dtype_for(m, n, int(cupy.count_nonzero(keep)) + rows.shape[0])
+    idx = np.promote_types(W.indices.dtype, needed).type
+    grow_indptr = cupy.zeros(m + 1, dtype=idx)
+    cupy.cumsum(cupy.bincount(rows, minlength=m), out=grow_indptr[1:])
+    indptr, indices = W.indptr.astype(idx, copy=False), W.indices.astype(idx, copy=False)
+    new_indptr, new_indices, src, conflicts = cu.merge(
+        indptr, indices, keep, grow_indptr, cols.astype(idx)
+    )
+    if conflicts:
+        raise ValueError(
+            f"{conflicts} grown entries are already present in W and kept; grow only "
+            "connections that are absent (or dropped in this update)"
+        )
+    data = cu.remap(src, W.data)
+    return W.with_pattern(new_indptr, new_indices, data), src
+
+
 def merge(W, keep, grow_rows, grow_cols):
     """A topology update: keep some stored entries, add grown ones; returns (new W, src).
 
@@ -224,7 +472,10 @@ def merge(W, keep, grow_rows, grow_cols):
     others start at 0. The new W is canonical CSR; ``src`` (new nnz,) int64 gives for each new
     entry its position in the old arrays, or -1: carry per-nonzero state (optimizer moments) with
     ``remap(src, old_array)``. Cost O(nnz + g) plus O(g log g) to order the grown entries.
+    On the GPU (DeviceCSR and CuPy arrays) it returns a DeviceCSR and a CuPy ``src``.
     """
+    if _on_gpu(W, keep=keep, grow_rows=grow_rows, grow_cols=grow_cols):
+        return _merge_gpu(W, keep, grow_rows, grow_cols)
     W = as_csr(W)
     m, n = W.shape
     keep = V.check_mask(keep, "keep", W.nnz)
@@ -250,6 +501,8 @@ def merge(W, keep, grow_rows, grow_cols):
 
 def remap(src, values, fill=0.0):
     """Carry a per-nonzero array across ``merge``: out[w] = values[src[w]], or ``fill`` if src<0."""
+    if _on_gpu(None, src=src, values=values):
+        return _remap_gpu(src, values, fill)
     src = np.asarray(src)
     values = np.asarray(values)
     if src.ndim != 1 or src.dtype.kind not in "iu":
@@ -262,3 +515,25 @@ def remap(src, values, fill=0.0):
             f"got values in [{src.min()}, {src.max()}]"
         )
     return _merge.remap(src, values, fill)
+
+
+def _remap_gpu(src, values, fill):
+    import cupy
+
+    from kernels.cuda import merge as cu
+
+    for a, name in ((src, "src"), (values, "values")):
+        if not isinstance(a, cupy.ndarray):
+            raise V.backend_mismatch(name, True)
+    if src.ndim != 1 or src.dtype.kind not in "iu":
+        raise TypeError(f"src must be a 1-D integer array, got {src.dtype} shape {src.shape}")
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+    if src.size:
+        lo, hi = int(src.min()), int(src.max())
+        if hi >= values.shape[0] or lo < -1:
+            raise ValueError(
+                f"src must hold positions in [0, {values.shape[0]}) or -1 (new entry), "
+                f"got values in [{lo}, {hi}]"
+            )
+    return cu.remap(src, values, fill)

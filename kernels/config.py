@@ -30,3 +30,29 @@ TOPK_MIN_TILE_ROWS = 128
 # cut before the last one. Peak extra memory at m = n = 4096, k = 1%: tile 2 MiB + buffer
 # 2.6 MiB + the last cut's partition copy (about 1 MiB) = 9% of the dense gradient.
 TOPK_BUFFER_FACTOR = 2.0
+
+# Dense layers with at most this many outputs (a classifier) run on kernels/cpu/skinny.py instead
+# of BLAS: with one tiny dimension OpenBLAS's packing dominates (10 × 4096 layer at batch 128:
+# backward with the ReLU gate 0.42 ms against 0.85 ms).
+SKINNY_MAX_ROWS = 32
+
+# ------------------------------------------------------------------ CUDA (kernels/cuda)
+# Threads per block of the products (spmm, spmm_t): 128 across the batch × 2 rows at B >= 128.
+CUDA_THREADS_PER_BLOCK = 256
+
+# sddmm runs one block per row with up to this many warps (one per nonzero of a mean row).
+CUDA_SDDMM_MAX_WARPS = 8
+
+# Bytes of the gradient tile of the GPU topk_grow (one cuBLAS sgemm per tile). 16 MiB is 256
+# full rows at n = 16384: large enough for sgemm to run near its peak, 1.6% of that layer's
+# dense gradient (1 GiB).
+CUDA_TOPK_TILE_BYTES = 16 << 20
+
+# Candidate buffer of the GPU topk_grow, in multiples of k (> 1). A full buffer is cut back to
+# the best k by an exact radix select; cuts are cheap on the GPU, so the buffer is kept small.
+# Peak scratch: tile + (factor + 1)·k·(4 + flat index bytes) during a cut.
+CUDA_TOPK_BUFFER_FACTOR = 1.5
+
+# Threads per block and the most blocks of the grid-stride grow kernels (histogram, select).
+CUDA_GROW_THREADS = 256
+CUDA_GROW_MAX_BLOCKS = 4096

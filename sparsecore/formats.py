@@ -128,8 +128,9 @@ class CSR:
         per_row=False: nnz = round(density·m·n) positions drawn uniformly without replacement
         over the whole matrix. per_row=True: every row gets the same count (round(density·n)),
         its columns drawn uniformly without replacement (constant fan-in). ``seed`` is anything
-        numpy.random.default_rng accepts. Memory O(nnz) when density is small (NumPy's
-        set-based sampler); at high density the sampler may use O(m·n) scratch.
+        numpy.random.default_rng accepts. Memory O(nnz): NumPy's set-based sampler at
+        density <= 1/50, a rejection sampler above it on matrices of more than 2**24 entries
+        (kernels/cpu/sampled.py), NumPy's shuffle of all m·n positions only below that size.
         """
         m, n = V.check_shape2(shape, "shape")
         if (
@@ -154,8 +155,17 @@ class CSR:
         else:
             nnz = int(round(density * m * n))
             idx = V.choose_index_dtype(m, n, nnz, index_dtype, "random matrix")
-            flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)
-            flat.sort()
+            if m * n > 2**24 and 50 * nnz > m * n:
+                # NumPy's choice would shuffle an int64 array of all m·n positions here (it does
+                # for nnz > m·n/50): draw by rejection instead, O(nnz) memory. Smaller matrices
+                # keep NumPy's stream, so their patterns are unchanged.
+                from kernels.cpu.sampled import sample_absent
+
+                empty = np.zeros(m + 1, dtype=np.int64)
+                flat = sample_absent(empty, empty[:0], None, n, nnz, rng)
+            else:
+                flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)
+                flat.sort()
             rows = flat // n if n else flat
             indices = (flat - rows * n).astype(idx)
             indptr = np.zeros(m + 1, dtype=idx)
@@ -202,6 +212,17 @@ class CSR:
 
     def copy(self) -> CSR:
         return CSR._trusted(self.indptr.copy(), self.indices.copy(), self.data.copy(), self.shape)
+
+    def to_device(self):
+        """A copy on the current GPU: a ``kernels.DeviceCSR`` (needs CuPy and a device)."""
+        from kernels.cuda._csr import DeviceCSR
+
+        V.require_gpu("W", lead="CSR.to_device() asks for the GPU")
+        return DeviceCSR.from_host(self)
+
+    def to_host(self) -> CSR:
+        """This matrix (already in host memory): the twin of ``DeviceCSR.to_host``."""
+        return self
 
     def with_pattern(self, indptr, indices, data) -> CSR:
         """A new CSR of the same shape on another (trusted, canonical) pattern."""

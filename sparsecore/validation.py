@@ -267,8 +267,122 @@ def check_coords(rows, cols, shape, name: str = "grown"):
     return rows[order], cols[order]
 
 
+GPU_INSTALL = 'pip install "sparsecore-rigl[gpu]"'
+
+
+class GPUUnavailableError(NotImplementedError):
+    """The GPU path was asked for, but CuPy or a CUDA device is missing.
+
+    A NotImplementedError (hence a RuntimeError) so that callers catching either see it.
+    """
+
+
+_gpu_state: dict = {}
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when CuPy imports and sees a CUDA device, else why not (memoized per process)."""
+    if "reason" not in _gpu_state:
+        try:
+            import cupy
+        except ImportError as e:
+            reason = f"CuPy is not installed ({e})"
+        else:
+            try:
+                count = cupy.cuda.runtime.getDeviceCount()
+                reason = None if count > 0 else "no CUDA device is visible"
+            except Exception as e:  # CUDARuntimeError: no driver, or one too old
+                reason = f"no usable CUDA device ({type(e).__name__}: {e})"
+        _gpu_state["reason"] = reason
+    return _gpu_state["reason"]
+
+
+def require_gpu(name: str, lead: str | None = None):
+    """Return the cupy module, or raise the one clear error saying how to get the GPU path.
+
+    The message starts with ``lead`` (default: "<name> is a CuPy array")."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        lead = f"{name} is a CuPy array" if lead is None else lead
+        raise GPUUnavailableError(
+            f"{lead}: the CUDA kernels need CuPy and a CUDA device, and "
+            f"{reason}. Install them with {GPU_INSTALL} on a machine with an NVIDIA GPU, "
+            "or pass NumPy arrays (cupy.asnumpy) to run on the CPU."
+        )
+    import cupy
+
+    return cupy
+
+
 def raise_cupy(name: str):
-    raise NotImplementedError(
-        f"{name} is a CuPy array: the CUDA kernels are not part of this build yet. "
-        "Pass NumPy arrays (cupy.asnumpy) to run on the CPU."
+    """A CuPy array reached a CPU-only function: the install message if the GPU path is not
+    available at all, else a TypeError saying to keep the operands on one side."""
+    require_gpu(name)
+    raise TypeError(
+        f"{name} is a CuPy array, but this call runs on the CPU (its other operands are "
+        "host arrays); pass NumPy arrays (cupy.asnumpy), or put every operand on the GPU"
     )
+
+
+def backend_mismatch(name: str, on_gpu: bool):
+    """TypeError for an operand on the wrong side of a call whose other operands decided."""
+    if on_gpu:
+        return TypeError(
+            f"{name} is a host (NumPy/scipy) object, but the other operands are on the GPU "
+            f"(CuPy); move it with cupy.asarray({name}) (or W.to_device() for a CSR)"
+        )
+    return TypeError(
+        f"{name} is a CuPy array, but the other operands are host (NumPy) arrays; "
+        "put every operand on one device"
+    )
+
+
+def as_device_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False):
+    """The GPU twin of as_operand: a 2-D CuPy array as C-contiguous float32 (copied only when
+    it is not one). Host arrays are refused (a TypeError naming the argument)."""
+    cupy = require_gpu(name)
+    if not isinstance(a, cupy.ndarray):
+        raise backend_mismatch(name, True)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got {a.ndim}-D with shape {a.shape}")
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {a.dtype}")
+    if n_rows is not None and a.shape[0] != n_rows:
+        raise ValueError(f"{name} has shape {a.shape}, expected {n_rows} rows")
+    a = cupy.ascontiguousarray(a, dtype=np.float32)
+    if finite and a.size and not bool(cupy.isfinite(a).all()):
+        raise ValueError(f"{name} must be finite in float32, but it holds NaN or inf")
+    return a
+
+
+def check_device_out(out, name: str, shape: tuple, dtype=np.float32):
+    """``out=`` of a GPU call: a writeable C-contiguous CuPy array of exactly the result."""
+    cupy = require_gpu(name)
+    if not isinstance(out, cupy.ndarray):
+        raise backend_mismatch(name, True)
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype).name}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous array")
+    return out
+
+
+def check_device_no_overlap(out, name: str, *inputs):
+    import cupy
+
+    for a in inputs:
+        if a is not None and cupy.may_share_memory(out, a):
+            raise ValueError(f"{name} overlaps an input array; pass a separate output buffer")
+
+
+def check_device_mask(mask, name: str, length: int):
+    cupy = require_gpu(name)
+    if not isinstance(mask, cupy.ndarray):
+        raise backend_mismatch(name, True)
+    if mask.ndim != 1 or mask.dtype != np.bool_:
+        raise TypeError(f"{name} must be a 1-D bool array, got {mask.dtype} shape {mask.shape}")
+    if mask.shape[0] != length:
+        raise ValueError(f"{name} has length {mask.shape[0]}, expected nnz = {length}")
+    return cupy.ascontiguousarray(mask)

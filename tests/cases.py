@@ -1,6 +1,7 @@
 """Named sparse matrices for the kernel tests, odd shapes and edge cases first."""
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from sparsecore import CSR
@@ -90,3 +91,73 @@ def poisoned(shape):
 def tol(absprod):
     """Tolerance of a float32 sum against its float64 reference, from the sum of |terms|."""
     return 1e-5 * absprod + 1e-30
+
+
+# ---------------------------------------------------------------------------- backends
+# One test body, many backends: a test takes a ``backend`` fixture (see make_backend) and moves
+# its operands with it. CUDA cases skip cleanly without CuPy or a device.
+
+
+class Backend:
+    def __init__(self, name):
+        self.name = name
+        self.gpu = name == "cuda"
+
+    def W(self, W):
+        """A CSR on this backend (a DeviceCSR on the GPU)."""
+        return W.to_device() if self.gpu else W
+
+    def a(self, x):
+        """An array on this backend (None passes through)."""
+        if x is None or not self.gpu:
+            return x
+        import cupy
+
+        return cupy.asarray(x)
+
+    def np(self, x):
+        """A NumPy view/copy of a result."""
+        if self.gpu and not isinstance(x, np.ndarray):
+            import cupy
+
+            return cupy.asnumpy(x)
+        return x
+
+    def poisoned(self, shape):
+        return self.a(poisoned(shape))
+
+    def launchers(self, op):
+        """The launcher module of an operation on this backend (kernels/cpu or kernels/cuda)."""
+        import importlib
+
+        return importlib.import_module(f"kernels.{'cuda' if self.gpu else 'cpu'}.{op}")
+
+    def __repr__(self):
+        return self.name
+
+
+def gpu_skip_reason():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed"
+    from sparsecore.validation import gpu_unavailable_reason
+
+    return gpu_unavailable_reason()
+
+
+BACKENDS = ["cpu", "cuda"]
+
+
+def make_backend(name):
+    """The backend of a parametrised test; skips the CUDA cases without CuPy or a device.
+
+    Use in a test module as
+    ``@pytest.fixture(params=cases.BACKENDS) def backend(request): return
+    cases.make_backend(request.param)``.
+    """
+    if name == "cuda":
+        reason = gpu_skip_reason()
+        if reason is not None:
+            pytest.skip(f"CUDA backend unavailable: {reason}")
+    return Backend(name)

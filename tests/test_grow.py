@@ -1,4 +1,4 @@
-"""topk_grow: exact top-k of |dY·Xᵀ| over absent connections, tile by tile."""
+"""topk_grow: exact top-k of |dY·Xᵀ| over absent connections, tile by tile, on every backend."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,11 @@ import kernels
 from kernels import reference as R
 from kernels.cpu import grow as G
 from tests import cases
+
+
+@pytest.fixture(params=cases.BACKENDS)
+def backend(request):
+    return cases.make_backend(request.param)
 
 
 def _int_operands(rng, m, n, batch, spread=2):
@@ -20,8 +25,23 @@ def _n_absent(W, keep=None):
     return W.shape[0] * W.shape[1] - (W.nnz if keep is None else int(keep.sum()))
 
 
-def _assert_exact(W, dY, X, k, keep=None, **kw):
-    rows, cols, scores = kernels.topk_grow(W, dY, X, k, keep=keep, **kw)
+def _tiny_tiles(monkeypatch, nbytes=64):
+    """Shrink the grow tile of both backends (16 floats: rows cut into column blocks)."""
+    monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", nbytes)
+    monkeypatch.setattr(kernels.config, "CUDA_TOPK_TILE_BYTES", nbytes)
+
+
+def _grow(backend, W, dY, X, k, keep=None, **kw):
+    """topk_grow on a backend, results back as NumPy arrays."""
+    if backend is None or not backend.gpu:
+        return kernels.topk_grow(W, dY, X, k, keep=keep, **kw)
+    a = backend.a
+    out = kernels.topk_grow(backend.W(W), a(dY), a(X), k, keep=a(keep), **kw)
+    return tuple(backend.np(r) for r in out)
+
+
+def _assert_exact(W, dY, X, k, keep=None, backend=None, **kw):
+    rows, cols, scores = _grow(backend, W, dY, X, k, keep=keep, **kw)
     rr, cc, ss = R.topk_grow(W.indptr, W.indices, W.shape, dY, X, k, keep)
     np.testing.assert_array_equal(rows, rr)
     np.testing.assert_array_equal(cols, cc)
@@ -32,25 +52,26 @@ def _assert_exact(W, dY, X, k, keep=None, **kw):
 @pytest.mark.parametrize("name", [n for n in cases.NAMES if not n.startswith("empty_0")])
 @pytest.mark.parametrize("frac", [0.0, 0.01, 0.3, 1.0])
 @pytest.mark.parametrize("tiles", ["default", "tiny"])
-def test_exact_with_ties(name, frac, tiles, rng, monkeypatch):
+def test_exact_with_ties(name, frac, tiles, rng, monkeypatch, backend):
     if tiles == "tiny":  # 16 floats a tile: several rows cut into column blocks
-        monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)
+        _tiny_tiles(monkeypatch)
     W = cases.make(name, rng)
     m, n = W.shape
     dY, X = _int_operands(rng, m, n, 5)
     k = int(frac * _n_absent(W))
-    _assert_exact(W, dY, X, k)
+    _assert_exact(W, dY, X, k, backend=backend)
 
 
 @pytest.mark.parametrize("tile_bytes", [4, 64, 4 * 53, 4 * 53 * 3 + 8, 1 << 20])
 @pytest.mark.parametrize("buffer_factor", [1.01, 1.5, 4.0])
-def test_tiles_and_buffer_cuts(tile_bytes, buffer_factor, rng, monkeypatch):
+def test_tiles_and_buffer_cuts(tile_bytes, buffer_factor, rng, monkeypatch, backend):
     """Every tiling and buffer size gives the reference answer (cuts happen with a small buffer)."""
     monkeypatch.setattr(kernels.config, "TOPK_BUFFER_FACTOR", buffer_factor)
+    monkeypatch.setattr(kernels.config, "CUDA_TOPK_BUFFER_FACTOR", buffer_factor)
     W = cases.make("odd_37x53", rng)
     dY, X = _int_operands(rng, 37, 53, 4, spread=3)
     for k in (1, 7, 100, 600):
-        _assert_exact(W, dY, X, k, tile_bytes=tile_bytes)
+        _assert_exact(W, dY, X, k, tile_bytes=tile_bytes, backend=backend)
 
 
 def test_estimated_threshold_path_and_its_fallback(monkeypatch):
@@ -81,15 +102,16 @@ def test_estimated_threshold_path_and_its_fallback(monkeypatch):
 
 
 @pytest.mark.parametrize("lying_sample", [False, True])
-def test_estimated_path_is_exact_with_ties(lying_sample, rng, monkeypatch):
-    """Integer scores (exact, many ties) through the sampled-threshold pass and its fallback."""
-    monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 300 * 4 * 32)  # 32-row tiles
+def test_estimated_path_is_exact_with_ties(lying_sample, rng, monkeypatch, backend):
+    """Integer scores (exact, many ties) through the sampled-threshold pass and its fallback
+    (on the GPU: 32-row tiles with many buffer cuts)."""
+    _tiny_tiles(monkeypatch, 300 * 4 * 32)  # 32-row tiles
     W = kernels.CSR.random((512, 300), 0.05, seed=int(rng.integers(1 << 30)))
     dY, X = _int_operands(rng, 512, 300, 6, spread=3)
     if lying_sample:
         dY[::16] *= 8  # the sampled rows (every 16th) look far larger than the rest
     for k in (1500, 4000):
-        _assert_exact(W, dY, X, k)
+        _assert_exact(W, dY, X, k, backend=backend)
 
 
 def _assert_valid_float_topk(W, dY, X, k, rows, cols, scores, keep=None):
@@ -118,41 +140,40 @@ def _assert_valid_float_topk(W, dY, X, k, rows, cols, scores, keep=None):
         ((999, 1), 0.3, 10, 3),
     ],
 )
-def test_float_inputs(shape, density, k, batch, rng, small_tiles):
+def test_float_inputs(shape, density, k, batch, rng, small_tiles, monkeypatch, backend):
+    monkeypatch.setattr(kernels.config, "CUDA_TOPK_TILE_BYTES", small_tiles)
     W = kernels.CSR.random(shape, density, seed=int(rng.integers(1 << 30)))
     dY = rng.standard_normal((shape[0], batch)).astype(np.float32)
     X = rng.standard_normal((shape[1], batch)).astype(np.float32)
-    _assert_valid_float_topk(W, dY, X, k, *kernels.topk_grow(W, dY, X, k))
+    _assert_valid_float_topk(W, dY, X, k, *_grow(backend, W, dY, X, k))
 
 
 @pytest.mark.parametrize("tiles", ["default", "tiny"])
-def test_keep_mask_makes_dropped_entries_growable(tiles, rng, monkeypatch):
+def test_keep_mask_makes_dropped_entries_growable(tiles, rng, monkeypatch, backend):
     if tiles == "tiny":
-        monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)
+        _tiny_tiles(monkeypatch)
     W = cases.make("odd_37x53", rng)
     keep = rng.random(W.nnz) < 0.6
     dY, X = _int_operands(rng, 37, 53, 6)
     for k in (0, 5, 300, _n_absent(W, keep)):
-        _assert_exact(W, dY, X, k, keep=keep)
+        _assert_exact(W, dY, X, k, keep=keep, backend=backend)
 
 
-def test_all_zero_gradient_grows_lowest_flat_indices(rng):
+def test_all_zero_gradient_grows_lowest_flat_indices(rng, backend):
     W = cases.make("empty_rows", rng)
     dY = np.zeros((5, 3), np.float32)
     X = np.zeros((5, 3), np.float32)
-    rows, cols, scores = kernels.topk_grow(W, dY, X, 4)
+    rows, cols, scores = _grow(backend, W, dY, X, 4)
     # row 0 has columns 0 and 2 present: the first absent cells are (0,1), (0,3), (0,4), (1,0)
     assert list(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (0, 3), (0, 4), (1, 0)]
     assert np.all(scores == 0)
 
 
-def test_batch_layout(rng):
+def test_batch_layout(rng, backend):
     W = cases.make("odd_37x53", rng)
     dY, X = _int_operands(rng, 37, 53, 5)
-    a = kernels.topk_grow(W, dY, X, 40)
-    b = kernels.topk_grow(
-        W, np.ascontiguousarray(dY.T), np.ascontiguousarray(X.T), 40, layout="batch"
-    )
+    a = _grow(backend, W, dY, X, 40)
+    b = _grow(backend, W, np.ascontiguousarray(dY.T), np.ascontiguousarray(X.T), 40, layout="batch")
     for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(u, v)
 

@@ -1,4 +1,5 @@
-"""spmm, spmm_t and sddmm against float64 references: every case, every input form, both layouts."""
+"""spmm, spmm_t and sddmm against float64 references: every case, every input form, both layouts,
+every backend (CPU; CUDA where a device is present)."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,12 @@ import pytest
 import kernels
 from kernels import reference as R
 from tests import cases
+
+
+@pytest.fixture(params=cases.BACKENDS)
+def backend(request):
+    return cases.make_backend(request.param)
+
 
 BATCHES = [1, 3, 17, 128]
 
@@ -16,54 +23,62 @@ def _ref_args(W):
 
 @pytest.mark.parametrize("name", cases.NAMES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_spmm(name, batch, rng):
+def test_spmm(name, batch, rng, backend):
     W = cases.make(name, rng)
     m, n = W.shape
     X = rng.standard_normal((n, batch)).astype(np.float32)
     ref = R.spmm(*_ref_args(W), X)
     bound = cases.tol(np.abs(R.dense(*_ref_args(W))) @ np.abs(X.astype(np.float64)))
-    out = cases.poisoned((m, batch))
-    Y = kernels.spmm(W, X, out=out)
+    Wb = backend.W(W)
+    out = backend.poisoned((m, batch))
+    Y = kernels.spmm(Wb, backend.a(X), out=out)
     assert Y is out
-    assert np.all(np.abs(Y - ref) <= bound)
-    Yb = kernels.spmm(W, np.ascontiguousarray(X.T), layout="batch")
+    assert np.all(np.abs(backend.np(Y) - ref) <= bound)
+    Yb = backend.np(kernels.spmm(Wb, backend.a(np.ascontiguousarray(X.T)), layout="batch"))
     assert Yb.shape == (batch, m)
     assert np.all(np.abs(Yb.T - ref) <= bound)
 
 
 @pytest.mark.parametrize("name", cases.NAMES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_spmm_t(name, batch, rng):
+def test_spmm_t(name, batch, rng, backend):
     W = cases.make(name, rng)
     m, n = W.shape
     dY = rng.standard_normal((m, batch)).astype(np.float32)
     ref = R.spmm_t(*_ref_args(W), dY)
     bound = cases.tol(np.abs(R.dense(*_ref_args(W))).T @ np.abs(dY.astype(np.float64)))
-    out = cases.poisoned((n, batch))
-    dX = kernels.spmm_t(W, dY, out=out)
+    Wb = backend.W(W)
+    out = backend.poisoned((n, batch))
+    dX = kernels.spmm_t(Wb, backend.a(dY), out=out)
     assert dX is out
-    assert np.all(np.abs(dX - ref) <= bound)
-    outb = cases.poisoned((batch, n))
-    dXb = kernels.spmm_t(W, np.ascontiguousarray(dY.T), out=outb, layout="batch")
+    assert np.all(np.abs(backend.np(dX) - ref) <= bound)
+    outb = backend.poisoned((batch, n))
+    dXb = kernels.spmm_t(Wb, backend.a(np.ascontiguousarray(dY.T)), out=outb, layout="batch")
     assert dXb is outb
-    assert np.all(np.abs(dXb.T - ref) <= bound)
+    assert np.all(np.abs(backend.np(dXb).T - ref) <= bound)
 
 
 @pytest.mark.parametrize("name", cases.NAMES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_sddmm(name, batch, rng):
+def test_sddmm(name, batch, rng, backend):
     W = cases.make(name, rng)
     m, n = W.shape
     dY = rng.standard_normal((m, batch)).astype(np.float32)
     X = rng.standard_normal((n, batch)).astype(np.float32)
     ref = R.sddmm(W.indptr, W.indices, W.shape, dY, X)
     bound = cases.tol(R.sddmm(W.indptr, W.indices, W.shape, np.abs(dY), np.abs(X)))
-    out = cases.poisoned((W.nnz,))
-    dW = kernels.sddmm(W, dY, X, out=out)
+    Wb, dYb, Xb = backend.W(W), backend.a(dY), backend.a(X)
+    out = backend.poisoned((W.nnz,))
+    dW = kernels.sddmm(Wb, dYb, Xb, out=out)
     assert dW is out
-    assert np.all(np.abs(dW - ref) <= bound)
-    dWb = kernels.sddmm(W, np.ascontiguousarray(dY.T), np.ascontiguousarray(X.T), layout="batch")
-    assert np.all(np.abs(dWb - ref) <= bound)
+    assert np.all(np.abs(backend.np(dW) - ref) <= bound)
+    dWb = kernels.sddmm(
+        Wb,
+        backend.a(np.ascontiguousarray(dY.T)),
+        backend.a(np.ascontiguousarray(X.T)),
+        layout="batch",
+    )
+    assert np.all(np.abs(backend.np(dWb) - ref) <= bound)
 
 
 @pytest.mark.parametrize("form", ["csr", "tuple", "scipy_csr", "scipy_csc64", "scipy_coo"])
@@ -96,22 +111,26 @@ def test_threads_split_rows_by_nonzeros(rng):
 
 
 @pytest.mark.parametrize("name", ["empty_rows", "odd_37x53", "empty_4x0", "odd_int64"])
-def test_launchers_fold_the_bias(name, rng):
+def test_launchers_fold_the_bias(name, rng, backend):
     """The layers' fused paths: spmm adds the bias, sddmm also returns Σ_b dY (bias gradient)."""
-    from kernels.cpu import sddmm as S
-    from kernels.cpu import spmm as P
+    S = backend.launchers("sddmm")
+    P = backend.launchers("spmm")
 
     W = cases.make(name, rng)
     m, n = W.shape
     X = rng.standard_normal((n, 6)).astype(np.float32)
     dY = rng.standard_normal((m, 6)).astype(np.float32)
     b = rng.standard_normal(m).astype(np.float32)
-    Y = P.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 6)), bias=b)
+    a = backend.a
+    ip, ix, data = a(W.indptr), a(W.indices), a(W.data)
+    Y = P.spmm(ip, ix, data, a(X), backend.poisoned((m, 6)), bias=a(b))
     ref = R.spmm(*_ref_args(W), X) + b[:, None]
-    np.testing.assert_allclose(Y, ref, rtol=1e-5, atol=1e-5)
-    gb = cases.poisoned((m,))
-    dW = S.sddmm(W.indptr, W.indices, dY, X, cases.poisoned((W.nnz,)), bias_grad=gb)
-    np.testing.assert_allclose(gb, dY.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(backend.np(Y), ref, rtol=1e-5, atol=1e-5)
+    gb = backend.poisoned((m,))
+    dW = S.sddmm(ip, ix, a(dY), a(X), backend.poisoned((W.nnz,)), bias_grad=gb)
     np.testing.assert_allclose(
-        dW, R.sddmm(W.indptr, W.indices, W.shape, dY, X), rtol=1e-4, atol=1e-5
+        backend.np(gb), dY.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        backend.np(dW), R.sddmm(W.indptr, W.indices, W.shape, dY, X), rtol=1e-4, atol=1e-5
     )

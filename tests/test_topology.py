@@ -11,33 +11,45 @@ from sparsecore import CSR
 from tests import cases
 
 
-def test_drop_hand_worked():
+@pytest.fixture(params=cases.BACKENDS)
+def backend(request):
+    return cases.make_backend(request.param)
+
+
+def test_drop_hand_worked(backend):
     # |w| = 3 1 2 1 0.5 1 ; k = 3 -> 0.5 (pos 4), then the 1s at the lowest positions (1, 3)
-    w = np.array([3, -1, 2, 1, -0.5, 1], np.float32)
-    np.testing.assert_array_equal(kernels.magnitude_drop(w, 3), [1, 3, 4])
-    np.testing.assert_array_equal(kernels.magnitude_drop(w, 0), [])
-    np.testing.assert_array_equal(kernels.magnitude_drop(w, 6), np.arange(6))
+    w = backend.a(np.array([3, -1, 2, 1, -0.5, 1], np.float32))
+    drop = lambda k: backend.np(kernels.magnitude_drop(w, k))  # noqa: E731
+    np.testing.assert_array_equal(drop(3), [1, 3, 4])
+    np.testing.assert_array_equal(drop(0), [])
+    np.testing.assert_array_equal(drop(6), np.arange(6))
+    assert drop(3).dtype == np.int64
 
 
 @pytest.mark.parametrize("name", cases.NAMES)
-def test_drop_matches_reference(name, rng):
+def test_drop_matches_reference(name, rng, backend):
     W = cases.make(name, rng)
     W.data[:] = np.round(W.data * 2) / 2  # plenty of ties
+    Wb = backend.W(W)
     for k in {0, W.nnz // 3, W.nnz}:
-        np.testing.assert_array_equal(kernels.magnitude_drop(W, k), R.magnitude_drop(W.data, k))
+        got = backend.np(kernels.magnitude_drop(Wb, k))
+        np.testing.assert_array_equal(got, R.magnitude_drop(W.data, k))
 
 
-def test_merge_hand_worked():
+def test_merge_hand_worked(backend):
     # W:  row 0: cols 0 1 3     keep: T F T      grow (0,1) regrown, (0,2) new
     #     row 1: col 2          keep: F          grow (1,0) new
     W = CSR(np.array([0, 3, 4]), np.array([0, 1, 3, 2]), np.array([1, 2, 3, 4], np.float32), (2, 4))
-    keep = np.array([True, False, True, False])
-    W2, src = kernels.merge(W, keep, np.array([1, 0, 0]), np.array([0, 2, 1]))
+    a = backend.a
+    keep = a(np.array([True, False, True, False]))
+    W2, src = kernels.merge(backend.W(W), keep, a(np.array([1, 0, 0])), a(np.array([0, 2, 1])))
+    W2 = W2.to_host()
     np.testing.assert_array_equal(W2.indptr, [0, 4, 5])
     np.testing.assert_array_equal(W2.indices, [0, 1, 2, 3, 0])
-    np.testing.assert_array_equal(src, [0, 1, -1, 2, -1])
+    np.testing.assert_array_equal(backend.np(src), [0, 1, -1, 2, -1])
     np.testing.assert_array_equal(W2.data, [1, 2, 0, 3, 0])  # regrown keeps 2, new ones are 0
-    np.testing.assert_array_equal(kernels.remap(src, np.arange(4.0), fill=-7), [0, 1, -7, 2, -7])
+    moved = kernels.remap(src, a(np.arange(4.0)), fill=-7)
+    np.testing.assert_array_equal(backend.np(moved), [0, 1, -7, 2, -7])
 
 
 @settings(max_examples=60, deadline=None)
@@ -90,15 +102,16 @@ def test_rigl_update_invariants(m, n, density, frac, batch, seed):
     assert (~old).sum() == int((~was_present[rows, cols]).sum())
 
 
-def test_merge_rejects_conflicts_and_repeats(rng):
-    W = cases.make("empty_rows", rng)
-    keep = np.ones(W.nnz, bool)
+def test_merge_rejects_conflicts_and_repeats(rng, backend):
+    W = backend.W(cases.make("empty_rows", rng))
+    a = backend.a
+    keep = a(np.ones(W.nnz, bool))
     with pytest.raises(ValueError, match="already present in W and kept"):
-        kernels.merge(W, keep, np.array([0]), np.array([0]))
+        kernels.merge(W, keep, a(np.array([0])), a(np.array([0])))
     with pytest.raises(ValueError, match=r"lists entry \(1, 1\) more than once"):
-        kernels.merge(W, keep, np.array([1, 1]), np.array([1, 1]))
+        kernels.merge(W, keep, a(np.array([1, 1])), a(np.array([1, 1])))
     with pytest.raises(ValueError, match=r"grown cols must lie in \[0, 5\)"):
-        kernels.merge(W, keep, np.array([1]), np.array([5]))
+        kernels.merge(W, keep, a(np.array([1])), a(np.array([5])))
 
 
 # ---------------------------------------------------------------- SET: uniform random grow

@@ -1,0 +1,102 @@
+"""Loading the CUDA sources: one ``cupy.RawModule`` per (device, source, options), built lazily.
+
+The ``.cu`` files sit beside their launchers. A source is read and compiled (NVRTC, through
+CuPy) the first time a kernel of it is needed on a device, then kept for the process. CuPy is
+imported here only inside functions: importing ``kernels`` never needs it.
+
+Kernels take explicit NumPy scalars (``np.int32``, ``np.int64``, ``np.float32``, ``np.uint32``,
+``np.uint64``) for every scalar parameter, so each argument's size matches the C signature
+exactly; tests/test_cuda_build.py checks every launch plan against the PTX that nvcc emits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# NVRTC options of every module. The architecture is added by CuPy for the current device.
+# No fast-math: the grow kernels rely on NaN comparing false, and the products are plain FMAs.
+OPTIONS = ("--std=c++17",)
+
+_modules: dict = {}
+
+
+class Launch(NamedTuple):
+    """One kernel launch, fully described without a device (tested on the CPU)."""
+
+    source: str  # file name in kernels/cuda, e.g. "spmm.cu"
+    kernel: str  # extern "C" symbol, e.g. "sparsecore_spmm_i32"
+    grid: tuple
+    block: tuple
+    args: tuple
+    shared_mem: int = 0
+
+
+def source_path(name: str) -> str:
+    return os.path.join(HERE, name)
+
+
+def read_source(name: str) -> str:
+    with open(source_path(name), encoding="utf-8") as f:
+        return f.read()
+
+
+def get_module(name: str, options: tuple = OPTIONS):
+    """The compiled RawModule of kernels/cuda/<name> on the current device (memoized)."""
+    import cupy
+
+    key = (cupy.cuda.Device().id, name, tuple(options))
+    mod = _modules.get(key)
+    if mod is None:
+        mod = cupy.RawModule(code=read_source(name), options=tuple(options))
+        _modules[key] = mod
+    return mod
+
+
+def get_function(name: str, kernel: str):
+    return get_module(name).get_function(kernel)
+
+
+def launch(plan: Launch) -> None:
+    """Run one planned launch on the current stream (asynchronous)."""
+    if plan.grid[0] == 0:
+        return
+    get_function(plan.source, plan.kernel)(
+        plan.grid, plan.block, plan.args, shared_mem=plan.shared_mem
+    )
+
+
+def index_suffix(dtype) -> str:
+    """'i32' or 'i64' from an index dtype (anything with ``.itemsize``, or a dtype)."""
+    import numpy as np
+
+    size = np.dtype(dtype).itemsize
+    if size == 4:
+        return "i32"
+    if size == 8:
+        return "i64"
+    raise TypeError(f"index arrays must be int32 or int64, got {np.dtype(dtype)}")
+
+
+def array_module(a):
+    """numpy for NumPy arrays, else cupy: the array-op launchers (drop, merge, structure, the
+    host side of grow) run unchanged on NumPy arrays, which is how they are tested without a
+    device (tests/test_cuda_emulated.py)."""
+    import numpy as np
+
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def to_host(a):
+    """A NumPy copy of a CuPy array (a NumPy array is returned as is)."""
+    return a.get() if hasattr(a, "get") and not hasattr(a, "__array_interface__") else a
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

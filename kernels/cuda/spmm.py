@@ -1,0 +1,56 @@
+"""Y = W·X on the GPU: launcher of kernels/cuda/spmm.cu (same arguments as kernels/cpu/spmm.py).
+
+The launcher trusts its inputs (the public API in kernels/__init__.py validates): CuPy arrays,
+indptr/indices of one dtype (int32 or int64), data/x/out/bias float32 C-contiguous.
+``blocks`` (the CPU's thread partition) is accepted for the shared signature and ignored: the GPU
+maps one thread to one output element (see spmm.cu).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import config
+from kernels.cuda import _module
+from kernels.cuda._module import Launch, cdiv, index_suffix
+
+MAX_GRID_Y = 65535
+
+
+def block_shape(batch: int) -> tuple[int, int]:
+    """(BX, BY): BX threads across the batch (a multiple of 32, at most 128), BY rows."""
+    bx = min(128, 32 * cdiv(max(batch, 1), 32))
+    by = max(1, config.CUDA_THREADS_PER_BLOCK // bx)
+    return bx, by
+
+
+def plan(indptr, indices, data, x, out, bias=None, perm=None) -> Launch:
+    """The launch of out = W·x (+ bias), with values data[perm[p]] when perm is given."""
+    m, batch = out.shape
+    bx, by = block_shape(batch)
+    grid_y = cdiv(batch, bx)
+    if grid_y > MAX_GRID_Y:
+        raise ValueError(f"batch {batch} exceeds the GPU spmm limit of {MAX_GRID_Y * bx} columns")
+    grid = (cdiv(m, by) if batch else 0, grid_y, 1)
+    args = (
+        indptr,
+        indices,
+        data,
+        perm if perm is not None else indices,  # a valid pointer, never read
+        np.int32(perm is not None),
+        x,
+        bias if bias is not None else data,  # a valid pointer, never read
+        np.int32(bias is not None),
+        out,
+        np.int64(m),
+        np.int64(batch),
+    )
+    kernel = f"sparsecore_spmm_{index_suffix(indices.dtype)}"
+    return Launch("spmm.cu", kernel, grid, (bx, by, 1), args)
+
+
+def spmm(indptr, indices, data, x, out, blocks=None, bias=None):
+    """Launcher (trusts its inputs). Fills and returns ``out`` (m, B); asynchronous."""
+    if out.shape[0] and out.shape[1]:
+        _module.launch(plan(indptr, indices, data, x, out, bias=bias))
+    return out

@@ -1,0 +1,248 @@
+"""The CUDA sources without a device: they compile, and the launchers call what they define.
+
+- nvcc (when on PATH) compiles every kernels/cuda/*.cu to PTX for sm_80 and sm_90 with warnings
+  as errors; every launch plan the launchers build (both index dtypes, both flat dtypes, with
+  and without optional buffers) names an entry of that PTX with the same number of parameters,
+  each of the size (and float/int kind) the C signature declares, pointers where it takes
+  pointers (read from the preprocessed source): a launcher/kernel mismatch fails here.
+- NVRTC through CuPy (when CuPy and its NVRTC library are installed, no device needed) compiles
+  every source with the options the launchers use.
+- Without CuPy or a device, every public kernel given a CuPy-looking operand raises the one
+  install message.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels.cuda import _module
+from kernels.cuda import grow as cu_grow
+from kernels.cuda import sddmm as cu_sddmm
+from kernels.cuda import spmm as cu_spmm
+from kernels.cuda import spmm_t as cu_spmm_t
+from sparsecore import CSR
+from sparsecore import validation as V
+
+SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(_module.HERE, "*.cu")))
+NVCC = shutil.which("nvcc")
+PTX_BYTES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4}
+
+
+def _plans():
+    """Every distinct launch the launchers make, built from NumPy stand-ins."""
+    out = []
+    for idx in (np.int32, np.int64):
+        indptr = np.array([0, 2, 3], idx)
+        indices = np.array([0, 1, 1], idx)
+        data = np.ones(3, np.float32)
+        x = np.ones((2, 5), np.float32)
+        y = np.empty((2, 5), np.float32)
+        out.append(cu_spmm.plan(indptr, indices, data, x, y))
+        out.append(cu_spmm.plan(indptr, indices, data, x, y, bias=np.ones(2, np.float32)))
+        out.append(cu_spmm_t.plan(indptr, indices, indices, data, x, y))
+        out.append(cu_sddmm.plan(indptr, indices, x, x, np.empty(3, np.float32)))
+        out.append(cu_sddmm.plan(indptr, indices, x, x, data, bias_grad=np.ones(2, np.float32)))
+        g = np.empty((2, 2), np.float32)
+        out.append(cu_grow.mask_plan(indptr, indices, None, g, 0, 0))
+        out.append(cu_grow.mask_plan(indptr, indices, np.ones(3, np.bool_), g, 0, 0))
+    for flat in (np.int32, np.int64):
+        bs, bf = np.empty(4, np.float32), np.empty(4, flat)
+        u = cu_grow.Union(np.empty((2, 2), np.float32), 4, 2, 2, 0, bs, bf, 4)
+        bins = np.empty(cu_grow.N_BINS, np.uint64)
+        counter = np.zeros(1, np.uint64)
+        out.append(cu_grow.hist_plan(u, -0.5, 0, 0, 0, 0, 0, 16, bins))
+        out.append(cu_grow.hist_plan(u, -0.5, 0xFFFFFFFF, 7, 0xFFFF, 3, 1, 0, bins))
+        out.append(cu_grow.select_plan(u, -0.5, 0, 0.0, 0, bs, bf, counter, 4))
+        out.append(cu_grow.select_plan(u, 1.0, 1, 2.0, cu_grow.ALL_FLATS, bs, bf, counter, 4))
+    return out
+
+
+def _signatures(source):
+    """{kernel: [is_pointer, ...]} from the preprocessed source (macros expanded)."""
+    text = subprocess.run(
+        [NVCC, "-E", "-x", "cu", _module.source_path(source)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    sigs = {}
+    for name, params in re.findall(
+        r'extern\s+"C"\s+(?:__global__|__attribute__\(\(global\)\))\s+void\s+'
+        r"(sparsecore_\w+)\s*\(([^)]*)\)",
+        text,
+    ):
+        sigs[name] = ["*" in p for p in params.split(",")]
+    return sigs
+
+
+def _ptx_entries(ptx):
+    """{kernel: [ptx type, ...]} from PTX text."""
+    entries = {}
+    for name, params in re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx):
+        entries[name] = re.findall(r"\.param\s+\.(\w+)", params)
+    return entries
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    out = {}
+    for arch in ("sm_80", "sm_90"):
+        for src in SOURCES:
+            res = subprocess.run(
+                [
+                    NVCC,
+                    f"-arch={arch}",
+                    "-ptx",
+                    "-Werror",
+                    "all-warnings",
+                    "-o",
+                    "-",
+                    _module.source_path(src),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            assert res.returncode == 0, f"nvcc {arch} {src}:\n{res.stderr}"
+            out[(arch, src)] = _ptx_entries(res.stdout)
+    return out
+
+
+def test_every_source_compiles_and_is_prefixed(ptx):
+    assert set(SOURCES) == {"spmm.cu", "sddmm.cu", "grow.cu"}
+    for (arch, src), entries in ptx.items():
+        assert entries, f"{src} ({arch}) defines no kernel"
+        assert all(name.startswith("sparsecore_") for name in entries)
+
+
+def test_launch_plans_match_the_kernel_signatures(ptx):
+    sigs = {}
+    for src in SOURCES:
+        sigs.update(_signatures(src))
+    for plan in _plans():
+        for arch in ("sm_80", "sm_90"):
+            entries = ptx[(arch, plan.source)]
+            assert plan.kernel in entries, f"{plan.kernel} is not defined in {plan.source}"
+            types = entries[plan.kernel]
+            assert len(plan.args) == len(types), (
+                f"{plan.kernel}: launcher passes {len(plan.args)} arguments, "
+                f"the kernel takes {len(types)}"
+            )
+        pointers = sigs[plan.kernel]
+        for i, (a, t, is_ptr) in enumerate(zip(plan.args, types, pointers, strict=True)):
+            where = f"{plan.kernel} argument {i}"
+            if is_ptr:
+                assert isinstance(a, np.ndarray), f"{where}: a pointer, got {type(a).__name__}"
+                continue
+            assert isinstance(a, np.generic), f"{where}: pass a NumPy scalar, got {a!r}"
+            assert a.dtype.itemsize == PTX_BYTES[t], f"{where}: {a.dtype} for .{t}"
+            assert (a.dtype.kind == "f") == t.startswith("f"), f"{where}: {a.dtype} for .{t}"
+
+
+def test_launch_blocks_are_legal():
+    for plan in _plans():
+        assert 0 < np.prod(plan.block) <= 1024 and plan.block[0] % 32 == 0, plan.kernel
+        assert plan.grid[1] <= 65535 and plan.grid[2] <= 65535
+
+
+def _nvrtc():
+    pytest.importorskip("cupy")
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as e:  # the NVRTC shared library is missing
+        pytest.skip(f"NVRTC unavailable: {e}")
+    return nvrtc
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("src", SOURCES)
+def test_nvrtc_compiles_with_the_launcher_options(src, arch):
+    """What cupy.RawModule does on a device, minus the device: NVRTC with _module.OPTIONS."""
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(_module.read_source(src), src, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, [*_module.OPTIONS, f"-arch={arch}"])
+        except Exception as e:
+            pytest.fail(f"NVRTC rejected {src}: {e}\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    names = {p.kernel for p in _plans() if p.source == src}
+    assert names <= set(_ptx_entries(ptx))
+
+
+# ---------------------------------------------------------------------------- no CuPy
+
+
+class _FakeCupy:
+    """Looks like a CuPy array to the dispatcher."""
+
+    shape = (5, 3)
+    ndim = 2
+
+
+_FakeCupy.__module__ = "cupy"
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """As if CuPy were not installed (whatever this machine has)."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    monkeypatch.setattr(V, "_gpu_state", {})
+    yield
+    V._gpu_state.clear()
+
+
+def test_gpu_calls_without_cupy_say_how_to_install(no_cupy, rng):
+    W = CSR.random((5, 5), 0.4, seed=1)
+    F = _FakeCupy()
+    npx = np.ones((5, 3), np.float32)
+    calls = {
+        "X": lambda: kernels.spmm(W, F),
+        "W": lambda: kernels.spmm(F, npx),
+        "dY": lambda: kernels.spmm_t(W, F),
+        "out": lambda: kernels.sddmm(W, npx, npx, out=F),
+        "keep": lambda: kernels.topk_grow(W, npx, npx, 1, keep=F),
+        "W.data": lambda: kernels.magnitude_drop((W.indptr, W.indices, F, W.shape), 1),
+        "grow_rows": lambda: kernels.merge(W, np.ones(W.nnz, bool), F, np.array([0])),
+        "values": lambda: kernels.remap(np.array([0]), F),
+        "W.to_device": lambda: W.to_device(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(kernels.GPUUnavailableError, match=re.escape(V.GPU_INSTALL)) as e:
+            call()
+        assert "CuPy is not installed" in str(e.value)
+        if name != "W.to_device":
+            assert str(e.value).startswith(f"{name} is a CuPy array")
+    assert issubclass(kernels.GPUUnavailableError, RuntimeError)
+
+
+def test_mixing_messages_name_the_argument():
+    assert "X is a host (NumPy/scipy) object" in str(V.backend_mismatch("X", True))
+    assert "cupy.asarray(X)" in str(V.backend_mismatch("X", True))
+    assert "dY is a CuPy array" in str(V.backend_mismatch("dY", False))
+
+
+def test_importing_never_imports_cupy():
+    code = (
+        "import sys, kernels, sparsecore, kernels.cuda.grow, kernels.cuda._csr; "
+        "sys.exit('cupy' in sys.modules)"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=os.path.dirname(_module.HERE) + "/.."
+        ).returncode
+        == 0
+    )

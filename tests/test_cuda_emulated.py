@@ -1,0 +1,310 @@
+"""The CUDA launchers without a device: their host logic run on NumPy arrays, kernels emulated.
+
+Every kernel of kernels/cuda/*.cu has a NumPy model here that reads the launch's arguments by
+position, exactly as the C signature declares them (tests/test_cuda_build.py checks the
+signatures against the PTX). With ``kernels.cuda._module.launch`` replaced by the model, the
+launchers' real code runs: launch plans, argument lists, grid coverage, and all of the GPU
+topk_grow's host algorithm (tiles, buffer overflow, radix-select cuts, tie handling). The
+models write selected candidates in a shuffled order, as the atomics on a GPU may. The array-op
+launchers (drop, merge, transpose) run on NumPy as they are and are compared with the CPU twins.
+What this cannot check is the CUDA code itself: that needs a device (tests parametrised by
+backend run it there).
+"""
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import reference as R
+from kernels.cpu import drop as cpu_drop
+from kernels.cpu import merge as cpu_merge
+from kernels.cpu import structure as cpu_structure
+from kernels.cuda import _module
+from kernels.cuda import drop as cu_drop
+from kernels.cuda import grow as cu_grow
+from kernels.cuda import merge as cu_merge
+from kernels.cuda import sddmm as cu_sddmm
+from kernels.cuda import spmm as cu_spmm
+from kernels.cuda import spmm_t as cu_spmm_t
+from kernels.cuda import structure as cu_structure
+from tests import cases
+
+
+def _covers(grid, block, rows, cols=1):
+    """The launch's threads cover rows × cols (x: cols/batch, y: rows), as the kernel maps them."""
+    assert grid[1] * block[0] >= cols and grid[0] * block[1] >= rows
+
+
+def _emu_spmm(plan, rng):
+    indptr, indices, data, perm, has_perm, x, bias, has_bias, out, m, B = plan.args
+    _covers(plan.grid, plan.block, int(m), int(B))
+    for i in range(int(m)):
+        s, e = int(indptr[i]), int(indptr[i + 1])
+        vals = data[perm[s:e]] if has_perm else data[s:e]
+        out[i] = (bias[i] if has_bias else 0) + vals.astype(np.float64) @ x[indices[s:e]]
+
+
+def _emu_sddmm(plan, rng):
+    indptr, indices, dy, x, out, bias_grad, has_bias, m, B = plan.args
+    assert plan.grid[0] == m and plan.block[0] % 32 == 0
+    for i in range(int(m)):
+        s, e = int(indptr[i]), int(indptr[i + 1])
+        out[s:e] = x[indices[s:e]].astype(np.float64) @ dy[i]
+        if has_bias:
+            bias_grad[i] = dy[i].sum(dtype=np.float64)
+
+
+def _emu_mask(plan, rng):
+    indptr, indices, keep, has_keep, g, r0, tr, c0, tc = plan.args
+    assert plan.grid[0] == tr
+    flat = g.reshape(-1)
+    assert np.shares_memory(flat, g)
+    for r in range(int(tr)):
+        for p in range(int(indptr[r0 + r]), int(indptr[r0 + r + 1])):
+            col = int(indices[p]) - c0
+            if 0 <= col < tc and (not has_keep or keep[p]):
+                flat[r * tc + col] = np.nan
+
+
+def _union(args):
+    g, n_tile, tc, n_cols, flat0, bs, bf, n_buf = args[:8]
+    e = np.arange(int(n_tile), dtype=np.int64)
+    s_t = np.abs(g.reshape(-1)[: int(n_tile)])
+    f_t = flat0 + (e // tc) * n_cols + e % tc
+    s = np.concatenate((s_t, bs[: int(n_buf)])).astype(np.float32)
+    flat = np.concatenate((f_t, bf[: int(n_buf)].astype(np.int64))).astype(np.uint64)
+    thr = args[8]
+    with np.errstate(invalid="ignore"):
+        counted = np.concatenate((s_t > thr, np.ones(int(n_buf), bool)))
+    return s, flat, counted
+
+
+def _emu_hist(plan, rng):
+    s, flat, counted = _union(plan.args)
+    _, smask, sval, fmask, fval, key_is_flat, shift, bins = plan.args[8:]
+    assert plan.block[0] % 32 == 0
+    bits = s.view(np.uint32)
+    sel = counted & ((bits & smask) == sval) & ((flat & fmask) == fval)
+    key = (flat[sel] >> np.uint64(shift)) if key_is_flat else (bits[sel] >> np.uint32(shift))
+    np.add.at(bins, (key & 0xFFFF).astype(np.int64), 1)
+
+
+def _emu_select(plan, rng):
+    s, flat, counted = _union(plan.args)
+    _, use_tie, v, fstar, out_s, out_f, counter, out_cap = plan.args[8:]
+    chosen = counted.copy()
+    if use_tie:
+        chosen &= (s > v) | ((s == v) & (flat <= fstar))
+    idx = rng.permutation(np.flatnonzero(chosen))  # atomics: any order
+    start = int(counter[0])
+    slots = start + np.arange(idx.shape[0])
+    ok = slots < out_cap
+    out_s[slots[ok]] = s[idx[ok]]
+    out_f[slots[ok]] = flat[idx[ok]].astype(out_f.dtype)
+    counter[0] += idx.shape[0]
+
+
+_MODELS = {
+    "sparsecore_spmm": _emu_spmm,
+    "sparsecore_sddmm": _emu_sddmm,
+    "sparsecore_grow_mask": _emu_mask,
+    "sparsecore_grow_hist": _emu_hist,
+    "sparsecore_grow_select": _emu_select,
+}
+
+
+@pytest.fixture
+def emulated(monkeypatch, rng):
+    """Replace the device launch by the NumPy models; returns the list of launches made."""
+    launched = []
+
+    def fake_launch(plan):
+        assert plan.source in ("spmm.cu", "sddmm.cu", "grow.cu")
+        assert all(not isinstance(a, (int, float, bool)) for a in plan.args), (
+            f"{plan.kernel}: pass NumPy scalars, not Python numbers (sizes must match the C types)"
+        )
+        assert np.prod(plan.block) <= 1024
+        launched.append(plan)
+        if plan.grid[0] == 0:
+            return
+        _MODELS[plan.kernel.rsplit("_", 1)[0]](plan, rng)
+
+    monkeypatch.setattr(_module, "launch", fake_launch)
+    return launched
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+def test_products_through_the_launchers(name, rng, emulated):
+    W = cases.make(name, rng)
+    m, n = W.shape
+    X = rng.standard_normal((n, 5)).astype(np.float32)
+    dY = rng.standard_normal((m, 5)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    Y = cu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 5)), bias=b)
+    np.testing.assert_allclose(
+        Y, R.spmm(W.indptr, W.indices, W.data, W.shape, X) + b[:, None], rtol=1e-5, atol=1e-5
+    )
+    t = W.transpose_structure()
+    dX = cu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, 5)))
+    np.testing.assert_allclose(
+        dX, R.spmm_t(W.indptr, W.indices, W.data, W.shape, dY), rtol=1e-5, atol=1e-5
+    )
+    gb = cases.poisoned((m,))
+    dW = cu_sddmm.sddmm(W.indptr, W.indices, dY, X, cases.poisoned((W.nnz,)), bias_grad=gb)
+    np.testing.assert_allclose(
+        dW, R.sddmm(W.indptr, W.indices, W.shape, dY, X), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(gb, dY.sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_launch_shapes():
+    assert cu_spmm.block_shape(1) == (32, 8)
+    assert cu_spmm.block_shape(256) == (128, 2)
+    assert cu_spmm.block_shape(40) == (64, 4)
+    for m, nnz, w in [(10, 0, 1), (10, 10, 1), (10, 25, 4), (100, 100_000, 8), (0, 0, 1)]:
+        assert cu_sddmm.warps_per_row(m, nnz) == w
+    assert cu_grow.grid_1d(0)[0] == 0
+    assert cu_grow.grid_1d(1)[0] == 1
+    assert cu_grow.grid_1d(10**12)[0] == kernels.config.CUDA_GROW_MAX_BLOCKS
+    # spmm's grid.y (batch blocks) has the hardware limit of 65535
+    big = np.empty((1, 65535 * 128 + 1), np.float32)
+    with pytest.raises(ValueError, match="batch"):
+        cu_spmm.plan(
+            np.zeros(2, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), big, big
+        )
+
+
+def test_radix_digit_helpers():
+    counts = np.zeros(65536, np.uint64)
+    counts[[3, 7, 65535]] = [5, 2, 1]
+    assert cu_grow.digit_from_top(counts, 1) == (65535, 0)
+    assert cu_grow.digit_from_top(counts, 2) == (7, 1)
+    assert cu_grow.digit_from_top(counts, 3) == (7, 1)
+    assert cu_grow.digit_from_top(counts, 4) == (3, 3)
+    assert cu_grow.digit_from_bottom(counts, 5) == (3, 0)
+    assert cu_grow.digit_from_bottom(counts, 6) == (7, 5)
+    assert cu_grow.digit_from_bottom(counts, 8) == (65535, 7)
+    assert cu_grow.flat_digits(1, 1) == 1
+    assert cu_grow.flat_digits(256, 256) == 1
+    assert cu_grow.flat_digits(256, 257) == 2
+    assert cu_grow.flat_digits(1 << 20, 1 << 20) == 3
+
+
+def _exact(W, dY, X, k, keep=None, **kw):
+    rows, cols, scores = cu_grow.topk_grow(W.indptr, W.indices, keep, dY, X, k, **kw)
+    rr, cc, ss = R.topk_grow(W.indptr, W.indices, W.shape, dY, X, k, keep)
+    np.testing.assert_array_equal(rows, rr)
+    np.testing.assert_array_equal(cols, cc)
+    np.testing.assert_array_equal(scores, ss.astype(np.float32))
+
+
+def _ints(rng, m, n, batch, spread=2):
+    dY = rng.integers(-spread, spread + 1, size=(m, batch)).astype(np.float32)
+    X = rng.integers(-spread, spread + 1, size=(n, batch)).astype(np.float32)
+    return dY, X
+
+
+@pytest.mark.parametrize("name", [n for n in cases.NAMES if not n.startswith("empty_0")])
+@pytest.mark.parametrize("tile_bytes", [64, 4 * 53 * 3 + 8, 1 << 20])
+@pytest.mark.parametrize("factor", [1.01, 1.5, 4.0])
+def test_grow_host_algorithm_is_exact_with_ties(name, tile_bytes, factor, rng, emulated):
+    W = cases.make(name, rng)
+    m, n = W.shape
+    dY, X = _ints(rng, m, n, 4)
+    absent = m * n - W.nnz
+    for k in sorted({0, min(1, absent), absent // 7, absent // 2, absent}):
+        _exact(W, dY, X, k, tile_bytes=tile_bytes, buffer_factor=factor)
+
+
+def test_grow_cuts_and_tie_selection_run(rng, emulated):
+    """Heavy ties across tiles: the flat-index radix select (several digits) must decide."""
+    W = kernels.CSR.random((300, 700), 0.05, seed=int(rng.integers(1 << 30)))
+    dY, X = _ints(rng, 300, 700, 2, spread=1)  # scores in {0, 1, 2}: ties everywhere
+    keep = rng.random(W.nnz) < 0.5
+    for k in (1, 999, 30_000):
+        emulated.clear()
+        _exact(W, dY, X, k, keep=keep, tile_bytes=700 * 4 * 16, buffer_factor=1.2)
+        hists = [p for p in emulated if "hist" in p.kernel]
+        assert any(int(p.args[13]) == 1 for p in hists), "tie selection by flat index ran"
+        assert any(int(p.args[14]) == 16 for p in hists if int(p.args[13]) == 1), "2 digits"
+
+
+def test_grow_float_scores_and_all_zero(rng, emulated):
+    W = cases.make("odd_37x53", rng)
+    dY = rng.standard_normal((37, 8)).astype(np.float32)
+    X = rng.standard_normal((53, 8)).astype(np.float32)
+    rows, cols, scores = cu_grow.topk_grow(W.indptr, W.indices, None, dY, X, 100, tile_bytes=256)
+    S = R.grow_scores(W.indptr, W.indices, W.shape, dY, X)
+    assert np.all(np.isfinite(S[rows, cols]))
+    np.testing.assert_allclose(scores, S[rows, cols], rtol=1e-5)
+    flat = rows.astype(np.int64) * 53 + cols
+    assert np.all(np.diff(flat) > 0) and rows.dtype == np.int32 and scores.dtype == np.float32
+    Z = np.zeros_like
+    _exact(W, Z(dY), Z(X), 50, tile_bytes=64)
+
+
+def test_grow_memory_is_tile_plus_k(rng, emulated, monkeypatch):
+    """The launcher allocates the tile, the buffer and cut scratch: never m·n."""
+    sizes = []
+    real_empty = np.empty
+
+    def counting_empty(shape, dtype=float, *a, **kw):
+        out = real_empty(shape, dtype, *a, **kw)
+        sizes.append(out.nbytes)
+        return out
+
+    W = kernels.CSR.random((400, 500), 0.02, seed=int(rng.integers(1 << 30)))
+    dY, X = _ints(rng, 400, 500, 3)
+    monkeypatch.setattr(np, "empty", counting_empty)
+    k = 100
+    cu_grow.topk_grow(W.indptr, W.indices, None, dY, X, k, tile_bytes=500 * 4 * 8)
+    monkeypatch.setattr(np, "empty", real_empty)
+    tile = 500 * 4 * 8
+    others = [b for b in sizes if b != 65536 * 8]  # the histogram: a constant 512 KiB
+    assert max(others) == tile  # then buffers of cap = 1.5·k entries and cut scratch of k
+    assert sorted(others)[-2] <= 8 * int(kernels.config.CUDA_TOPK_BUFFER_FACTOR * k)
+
+
+@pytest.mark.parametrize("name", cases.NAMES)
+def test_array_op_launchers_match_the_cpu_twins(name, rng):
+    W = cases.make(name, rng)
+    W.data[:] = np.round(W.data * 2) / 2  # ties for the drop
+    for k in {0, 1, W.nnz // 3, W.nnz}:
+        np.testing.assert_array_equal(
+            cu_drop.magnitude_drop(W.data, k), cpu_drop.magnitude_drop(W.data, k)
+        )
+    for a, b in zip(
+        cu_structure.transpose(W.indptr, W.indices, W.shape[1]),
+        cpu_structure.transpose(W.indptr, W.indices, W.shape[1]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    m, n = W.shape
+    keep = rng.random(W.nnz) < 0.5
+    absent = ~R.pattern(W.indptr, W.indices, W.shape, keep)
+    flat = np.flatnonzero(absent.ravel())
+    flat = np.sort(rng.choice(flat, size=min(flat.size, 9), replace=False))
+    rows, cols = flat // max(n, 1), flat % max(n, 1)
+    idx = W.indices.dtype.type
+    g_indptr = np.zeros(m + 1, idx)
+    np.cumsum(np.bincount(rows, minlength=m), out=g_indptr[1:])
+    args = (W.indptr, W.indices, keep, g_indptr, cols.astype(idx))
+    got, want = cu_merge.merge(*args), cpu_merge.merge(*args)
+    for a, b in zip(got[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert got[3] == want[3] == 0
+    vals = rng.standard_normal(W.nnz).astype(np.float32)
+    np.testing.assert_array_equal(
+        cu_merge.remap(got[2], vals, -3.0), cpu_merge.remap(want[2], vals, -3.0)
+    )
+
+
+def test_merge_counts_conflicts_like_the_cpu(rng):
+    W = cases.make("empty_rows", rng)
+    keep = np.ones(W.nnz, bool)
+    g_indptr = np.array([0, 1, 1, 1, 1, 1], W.indptr.dtype)
+    cols = np.array([0], W.indices.dtype)  # (0, 0) is stored and kept
+    assert cu_merge.merge(W.indptr, W.indices, keep, g_indptr, cols)[3] == 1
+    assert cpu_merge.merge(W.indptr, W.indices, keep, g_indptr, cols)[3] == 1
