@@ -289,3 +289,22 @@ def test_training_with_sampled_grow_end_to_end(tmp_path, capsys):
     argv = ["--arch", "784-1000000-1000000-10", "--sparsity", "0.99998", "--grow", "sampled"]
     assert main(["plan", *argv, "--grow-candidates", "20"]) == 0
     assert "sampled grow, 20 candidates" in capsys.readouterr().out
+
+
+def test_random_pattern_of_a_large_dense_ish_matrix_is_o_nnz():
+    """CSR.random above 2**24 entries and density 1/50: rejection, not a shuffle of all m·n
+    positions (which would take 8·m·n = 160 MB here)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    W = CSR.random((4, 5_000_000), 0.1, seed=3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert W.nnz == 2_000_000 and W.indices.dtype == np.int32
+    CSR(W.indptr, W.indices, W.data, W.shape)  # canonical
+    assert peak < 8 * 4 * 5_000_000, (
+        peak
+    )  # less than the m·n int64 positions alone (measured 97 MB)
+    per_row = np.diff(W.indptr)
+    assert np.all(np.abs(per_row - 500_000) < 5 * np.sqrt(500_000))
+    np.testing.assert_array_equal(CSR.random((4, 5_000_000), 0.1, seed=3).indices, W.indices)
