@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels import config
 from kernels.cpu import elementwise as _ew
 from kernels.cpu import sddmm as _sddmm
+from kernels.cpu import skinny as _skinny
 from kernels.cpu import spmm as _spmm
 from kernels.cpu import spmm_t as _spmm_t
 from sparsecore.formats import CSR
@@ -123,16 +125,33 @@ class Linear(Layer):
     def shape(self):
         return self.W.shape
 
-    def forward(self, x):
+    def _skinny(self) -> bool:
+        return self.W.shape[0] <= config.SKINNY_MAX_ROWS
+
+    def forward(self, x, relu: bool = False):
         self.x = x
-        y = self.W @ x
-        y += self.b[:, None]
+        if self._skinny():
+            y = _skinny.forward(
+                self.W, x, self.b, np.empty((self.W.shape[0], x.shape[1]), np.float32)
+            )
+        else:
+            y = self.W @ x
+            y += self.b[:, None]
+        if relu:
+            np.maximum(y, 0.0, out=y)
         return y
 
-    def backward(self, dy, need_dx=True):
+    def backward(self, dy, need_dx=True, gate=None):
+        """gW, gb and dX (through the feeding ReLU's backward when ``gate`` is its output)."""
+        if self._skinny():
+            dx = np.empty((self.W.shape[1], dy.shape[1]), np.float32) if need_dx else None
+            return _skinny.backward(self.W, self.x, dy, self.gW, self.gb, dx, gate)
         np.matmul(dy, self.x.T, out=self.gW)
         np.sum(dy, axis=1, out=self.gb)
-        return self.W.T @ dy if need_dx else None
+        if not need_dx:
+            return None
+        dx = self.W.T @ dy
+        return dx if gate is None else _ew.relu_backward(dx, gate, dx)
 
     def params(self):
         return [Param(f"{self.name}.W", self.W, self.gW), Param(f"{self.name}.b", self.b, self.gb)]

@@ -60,3 +60,45 @@ def test_sequential_fused_equals_unfused(rng):
     plain.backward(dy)
     for a, b in zip(fused.params(), plain.params(), strict=True):
         np.testing.assert_allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6, err_msg=a.name)
+
+
+@pytest.mark.parametrize(
+    "m, n, batch", [(10, 4099, 33), (1, 1, 1), (3, 7, 5), (32, 130, 2), (5, 64, 1)]
+)
+@pytest.mark.parametrize("gated", [False, True])
+def test_skinny_dense_kernels(rng, m, n, batch, gated):
+    from kernels.cpu import skinny
+
+    W = rng.standard_normal((m, n)).astype(np.float32)
+    x = np.maximum(rng.standard_normal((n, batch)), 0).astype(np.float32)
+    dy = rng.standard_normal((m, batch)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    y = np.full((m, batch), np.nan, np.float32)
+    gW = np.full((m, n), np.nan, np.float32)
+    gb = np.full(m, np.nan, np.float32)
+    dx = np.full((n, batch), np.nan, np.float32)
+    skinny.forward(W, x, b, y)
+    skinny.backward(W, x, dy, gW, gb, dx, gate=x if gated else None)
+    W64, x64, dy64 = W.astype(np.float64), x.astype(np.float64), dy.astype(np.float64)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, W64 @ x64 + b[:, None], **tol)
+    np.testing.assert_allclose(gW, dy64 @ x64.T, **tol)
+    np.testing.assert_allclose(gb, dy64.sum(axis=1), **tol)
+    ref = W64.T @ dy64
+    np.testing.assert_allclose(dx, ref * (x > 0) if gated else ref, **tol)
+    gW2 = np.full((m, n), np.nan, np.float32)
+    assert skinny.backward(W, x, dy, gW2, gb) is None  # no dX wanted: gW still computed
+    np.testing.assert_allclose(gW2, gW)
+
+
+def test_wide_dense_layer_fuses_like_the_unfused_path(rng):
+    from sparsecore.layers import Linear
+
+    assert 40 > __import__("kernels").config.SKINNY_MAX_ROWS  # the BLAS path
+    W = rng.standard_normal((40, 12)).astype(np.float32)
+    x = rng.standard_normal((12, 6)).astype(np.float32)
+    gate = np.maximum(rng.standard_normal((12, 6)), 0).astype(np.float32)
+    dy = rng.standard_normal((40, 6)).astype(np.float32)
+    a, b = Linear(W), Linear(W)
+    np.testing.assert_allclose(a.forward(x, relu=True), np.maximum(b.forward(x), 0), rtol=1e-6)
+    np.testing.assert_allclose(a.backward(dy, gate=gate), b.backward(dy) * (gate > 0), rtol=1e-6)
