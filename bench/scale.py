@@ -1,16 +1,17 @@
 """RigL on an MLP whose dense twin does not fit in memory, with the plan checked against RSS.
 
     python bench/scale.py --arch 784-100000-100000-10 --sparsity 0.999 --steps 300 --delta-t 100
-    python bench/scale.py --arch 784-1000000-1000000-10 --sparsity 0.99998 --steps 2 \
-        --delta-t 1 --grow sampled --grow-candidates 10 --no-eval
+    python bench/scale.py --arch 784-1000000-1000000-10 --sparsity 0.99998 --steps 3 \
+        --delta-t 2 --grow sampled --grow-candidates 10 --no-eval --lr 1e-4
 
 Dense float32 weights of 784-100000-100000-10 need 40.3 GB; this trains it truly sparse on
 MNIST for a few hundred steps, topology updates included, and reports peak RSS (measured, the
 whole process) against the memory plan, time per step and per update, and the FLOPs the grow
 costs (exact: 2·m·n·B per layer; sampled: 2·C·B for C candidates). The second line is the
-width-10^6 case (dense weights 4 TB, nnz 10^7 in the big layer): one ordinary step, then one
+width-10^6 case (dense weights 4 TB, nnz 10^7 in the big layer): two ordinary steps, then one
 step with a topology update (forward + backward + update), with RigL's sampled grow; the exact
-grow there would cost 2.6·10^14 FLOPs per update.
+grow there would cost 2.6·10^14 FLOPs per update. (At this width the classifier has a fan-in of
+5·10^5: lr 0.05 makes the first SGD step diverge, hence the small lr.)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--delta-t", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--grow", choices=["exact", "sampled"], default="exact")
     ap.add_argument("--grow-candidates", type=float, default=10)
     ap.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
@@ -64,7 +66,7 @@ def main(argv=None):
         epochs=1,
         max_steps=int(args.steps / 0.75) + 1,
         progress=False,
-        lr=0.05,
+        lr=args.lr,
         grow=args.grow,
         grow_candidates=args.grow_candidates,
     )
@@ -73,7 +75,8 @@ def main(argv=None):
     build_s = time.perf_counter() - t0
     print(describe_plan(tr.plan), flush=True)
     rss_built = rss_mib()
-    times, upd, grow_layers = [], [], []
+    losses = []
+    times, upd, grow_layers, update_only = [], [], [], []
     batches = tr.batches(0)
     for _ in range(args.steps):
         idx = next(batches)
@@ -82,8 +85,10 @@ def main(argv=None):
         loss, _, report = tr.train_step(xb, data.y_train[idx])
         dt = time.perf_counter() - t
         (upd if report is not None else times).append(dt)
+        losses.append(round(float(loss), 4))
         if report is not None:
             grow_layers.append([round(d["grow_seconds"], 3) for d in report.per_layer])
+            update_only.append(sum(d["seconds"] for d in report.per_layer))
             print(
                 f"step {tr.step - 1}: topology update {dt:.1f} s (grow per layer "
                 f"{grow_layers[-1]} s), loss {loss:.3f}, grew {report.total_grown:,}",
@@ -126,12 +131,15 @@ def main(argv=None):
         "mean_step_s": float(np.mean(times)) if times else None,
         "median_step_s": float(np.median(times)) if times else None,
         "grow_s_per_layer": grow_layers,
+        "topology_update_only_s": update_only,  # drop + grow + rebuild, all layers
         "n_updates": len(upd),
         "mean_update_s": float(np.mean(upd)) if upd else None,
         "grow_gflop_per_update": grow_flops / 1e9,
         "test_acc_after": acc,
         "eval_s": eval_s,
         "steps": args.steps,
+        "lr": args.lr,
+        "losses": losses,
     }
     print(json.dumps(res, indent=1))
     if args.json:

@@ -195,8 +195,8 @@ def _select(a, d, k, rng):
     for r in range(0, d, SELECT_CHUNK):
         if need == 0:
             break
-        u = rng.random(min(SELECT_CHUNK, d - r))
-        w, need = _select_chunk(a, r, w, d, need, u)
+        # inline: the previous chunk is freed before the next is drawn
+        w, need = _select_chunk(a, r, w, d, need, rng.random(min(SELECT_CHUNK, d - r)))
     return w
 
 
