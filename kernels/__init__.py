@@ -347,14 +347,28 @@ def _check_scores_fit_float32(dY, X):
     if isinstance(dY, np.ndarray):
         a = float(np.sqrt(np.max(np.einsum("ij,ij->i", dY, dY, dtype=np.float64))))
         b = float(np.sqrt(np.max(np.einsum("ij,ij->i", X, X, dtype=np.float64))))
-    else:  # CuPy: the same bound on the device, two scalars back
-        a = float((dY.astype(np.float64) ** 2).sum(axis=1).max() ** 0.5)
-        b = float((X.astype(np.float64) ** 2).sum(axis=1).max() ** 0.5)
+    else:  # CuPy: the same bound on the device (a reduction, no m × B temporaries)
+        a = float(_row_sq_sums(dY).max() ** 0.5)
+        b = float(_row_sq_sums(X).max() ** 0.5)
     if a * b > 1e37:
         raise OverflowError(
             f"dY·Xᵀ may overflow float32: the largest row norms are {a:.3g} (dY) and {b:.3g} (X); "
             "rescale dY or X (the ranking of |dY·Xᵀ| does not change under scaling)"
         )
+
+
+_reductions: dict = {}
+
+
+def _row_sq_sums(a):
+    """Σ_b a[i, b]² in float64 for every row of a 2-D CuPy array."""
+    import cupy
+
+    if "sq" not in _reductions:
+        _reductions["sq"] = cupy.ReductionKernel(
+            "T x", "float64 y", "(double)x * (double)x", "a + b", "y = a", "0", "sparsecore_sqsum"
+        )
+    return _reductions["sq"](a, axis=1)
 
 
 def magnitude_drop(W, k):
@@ -449,7 +463,8 @@ def _merge_gpu(W, keep, grow_rows, grow_cols):
     needed = V.index_dtype_for(m, n, int(cupy.count_nonzero(keep)) + rows.shape[0])
     idx = np.promote_types(W.indices.dtype, needed).type
     grow_indptr = cupy.zeros(m + 1, dtype=idx)
-    cupy.cumsum(cupy.bincount(rows, minlength=m), out=grow_indptr[1:])
+    if m and rows.shape[0]:
+        grow_indptr[1:] = cupy.cumsum(cupy.bincount(rows, minlength=m))
     indptr, indices = W.indptr.astype(idx, copy=False), W.indices.astype(idx, copy=False)
     new_indptr, new_indices, src, conflicts = cu.merge(
         indptr, indices, keep, grow_indptr, cols.astype(idx)

@@ -1,0 +1,564 @@
+"""The GPU suite: one command that checks and measures sparsecore's CUDA path on this machine.
+
+    python bench/gpu_suite.py --out bench/results/gpu          (about 3-6 minutes on an H100)
+
+1. Runs the CUDA cases of the test suite (pytest -k cuda over the backend-parametrised kernel
+   tests, plus the build tests) and records the outcome.
+2. Benchmarks spmm, spmm_t, sddmm and topk_grow against cuSPARSE (cupyx.scipy.sparse) and
+   dense cuBLAS (cupy.matmul) on the same operands: m = k = 16384, batch 256, densities 0.1%,
+   1%, 10%, after smaller quick shapes. Every result is checked against the library's before
+   it is timed (a fast wrong kernel gets no time). Times are medians of CUDA-event-timed calls
+   after warm-up; ratios are taken within the run. The products are timed through their
+   launchers on a DeviceCSR (what the training engine calls: validation happens once, at the
+   public boundary); topk_grow through the public function.
+3. The fused grow's peak extra device memory (CuPy memory-pool hook) against the bytes of the
+   dense gradient it never forms.
+4. A training step of a 99%-sparse MLP on the CUDA kernels against dense cuBLAS training of the
+   same MLP, and masked-dense PyTorch training when torch with CUDA is importable.
+Prints a table and writes <out>/gpu_suite.json. Without CuPy or a CUDA device it exits with
+status 2 and says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+FULL_SHAPES = [(16384, 16384, 256, d) for d in (0.001, 0.01, 0.1)]
+QUICK_SHAPES = [(4096, 4096, 128, 0.01), (2048, 8192, 64, 0.05)]
+GROW_FRACTION = 0.3  # k = 0.3·nnz: RigL's default drop fraction α at the first update
+TEST_FILES = [
+    "tests/test_products.py",
+    "tests/test_grow.py",
+    "tests/test_topology.py",
+    "tests/test_cuda_device.py",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python bench/gpu_suite.py",
+        description=(
+            "CUDA tests, then spmm/spmm_t/sddmm/topk_grow against cuSPARSE and cuBLAS, the "
+            "grow's peak memory, and a 99%-sparse MLP training step against dense training. "
+            "Needs CuPy and a CUDA device (exit status 2 without them)."
+        ),
+    )
+    p.add_argument("--out", default="bench/results/gpu", help="output folder for gpu_suite.json")
+    p.add_argument("--quick", action="store_true", help="small shapes only (under a minute)")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests first")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=540.0,
+        help="seconds after which remaining sections are skipped (default 540)",
+    )
+    p.add_argument("--seed", type=int, default=20261125)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class PeakMemory:
+    """Peak bytes held by CuPy's memory pool between enter and exit, above the level at enter."""
+
+    def __init__(self):
+        from cupy.cuda import memory_hook
+
+        outer = self
+
+        class _Hook(memory_hook.MemoryHook):
+            name = "sparsecore_peak"
+
+            def malloc_postprocess(self, **kw):
+                outer.now += kw["mem_size"]
+                outer.peak = max(outer.peak, outer.now)
+
+            def free_postprocess(self, **kw):
+                outer.now -= kw["mem_size"]
+
+        self.hook = _Hook()
+        self.now = self.peak = 0
+
+    def __enter__(self):
+        self.now = self.peak = 0
+        self.hook.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.__exit__(*exc)
+
+
+def gpu_time(fn, budget_s=0.4, warmup=2, min_rep=3, max_rep=50):
+    """Median milliseconds of fn() between CUDA events, after warm-up."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    fn()
+    cupy.cuda.Device().synchronize()
+    first = max(time.perf_counter() - t0, 1e-6)
+    rep = int(min(max_rep, max(min_rep, budget_s / first)))
+    times = []
+    for _ in range(rep):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def random_device_csr(m, n, density, seed):
+    """A uniformly random pattern built on the device (canonical, int32), values ~ N(0, 1)."""
+    import cupy
+
+    from kernels import DeviceCSR
+
+    rs = cupy.random.RandomState(seed)
+    nnz = int(round(density * m * n))
+    flat = cupy.empty(0, dtype=np.int64)
+    while flat.size < nnz:
+        extra = int((nnz - flat.size) * 1.2) + 64
+        flat = cupy.unique(
+            cupy.concatenate((flat, rs.randint(0, m * n, size=extra, dtype=np.int64)))
+        )
+    if flat.size > nnz:
+        flat = cupy.sort(flat[rs.permutation(flat.size)[:nnz]])
+    rows = flat // n
+    indices = (flat - rows * n).astype(np.int32)
+    indptr = cupy.searchsorted(rows, cupy.arange(m + 1, dtype=np.int64)).astype(np.int32)
+    data = rs.standard_normal(nnz, dtype=np.float32)
+    return DeviceCSR(indptr, indices, data, (m, n))
+
+
+def abs_csr(Wc):
+    import cupyx.scipy.sparse as csp
+
+    return csp.csr_matrix((abs(Wc.data), Wc.indices, Wc.indptr), shape=Wc.shape)
+
+
+def close(got, ref, bound):
+    """Max error and whether every element is within its bound (all CuPy)."""
+    import cupy
+
+    err = cupy.abs(got - ref)
+    ok = bool((err <= bound).all())
+    return ok, float(err.max()) if err.size else 0.0
+
+
+def run_tests(deadline):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda"]
+    cmd += TEST_FILES
+    build = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    build += ["tests/test_cuda_build.py", "tests/test_cuda_emulated.py"]
+    out = {}
+    for name, c in (("cuda_cases", cmd), ("build_and_emulated", build)):
+        t0 = time.perf_counter()
+        try:
+            res = subprocess.run(
+                c, cwd=ROOT, capture_output=True, text=True, timeout=max(30, deadline() / 2)
+            )
+            tail = res.stdout.strip().splitlines()[-1:] or [""]
+            out[name] = {"returncode": res.returncode, "summary": tail[0]}
+            if res.returncode != 0:
+                out[name]["output_tail"] = res.stdout[-4000:]
+        except subprocess.TimeoutExpired:
+            out[name] = {"returncode": None, "summary": "timed out"}
+        out[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"tests {name}: {out[name]['summary']} ({out[name]['seconds']} s)", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def bench_shape(m, n, batch, density, seed, rows_out, grow_out):
+    import cupy
+
+    import kernels
+    from kernels.cuda import sddmm as cu_sddmm
+    from kernels.cuda import spmm as cu_spmm
+    from kernels.cuda import spmm_t as cu_spmm_t
+
+    W = random_device_csr(m, n, density, seed)
+    nnz = W.nnz
+    rs = cupy.random.RandomState(seed + 1)
+    X = rs.standard_normal((n, batch), dtype=np.float32)
+    dY = rs.standard_normal((m, batch), dtype=np.float32)
+    Wc = W.to_cupy_scipy()
+    Wa = abs_csr(Wc)
+    Wd = W.to_dense()
+    Xf, dYf = cupy.asfortranarray(X), cupy.asfortranarray(dY)
+    flops = 2.0 * nnz * batch
+    label = f"m={m} n={n} B={batch} d={density:g}"
+
+    def record(op, ok, err, t_ours, t_cusparse, t_dense):
+        row = {
+            "op": op,
+            "shape": label,
+            "m": m,
+            "n": n,
+            "batch": batch,
+            "density": density,
+            "nnz": nnz,
+            "correct": ok,
+            "max_abs_err": err,
+            "ms": t_ours if ok else None,
+            "cusparse_ms": t_cusparse,
+            "dense_ms": t_dense,
+            "gflops": flops / (t_ours * 1e6) if ok and t_ours else None,
+        }
+        row["vs_cusparse"] = t_cusparse / t_ours if ok and t_cusparse else None
+        row["vs_dense"] = t_dense / t_ours if ok and t_dense else None
+        rows_out.append(row)
+
+    # spmm: Y = W·X
+    Y = cupy.empty((m, batch), np.float32)
+    ref = Wc.dot(Xf)
+    ok, err = close(kernels.spmm(W, X, out=Y), ref, 1e-4 * Wa.dot(cupy.abs(Xf)) + 1e-6)
+    t = gpu_time(lambda: cu_spmm.spmm(W.indptr, W.indices, W.data, X, Y)) if ok else None
+    Yd = cupy.empty((m, batch), np.float32)
+    record(
+        "spmm", ok, err, t, gpu_time(lambda: Wc.dot(Xf)),
+        gpu_time(lambda: cupy.matmul(Wd, X, out=Yd)),
+    )  # fmt: skip
+
+    # spmm_t: dX = Wᵀ·dY (transpose structure built once per pattern, outside the timing)
+    tstruct = W.transpose_structure()
+    dX = cupy.empty((n, batch), np.float32)
+    WcT = Wc.T
+    ref = WcT.dot(dYf)
+    ok, err = close(kernels.spmm_t(W, dY, out=dX), ref, 1e-4 * Wa.T.dot(cupy.abs(dYf)) + 1e-6)
+    t = gpu_time(lambda: cu_spmm_t.spmm_t(*tstruct, W.data, dY, dX)) if ok else None
+    dXd = cupy.empty((n, batch), np.float32)
+    record(
+        "spmm_t", ok, err, t, gpu_time(lambda: WcT.dot(dYf)),
+        gpu_time(lambda: cupy.matmul(Wd.T, dY, out=dXd)),
+    )  # fmt: skip
+
+    # sddmm: dW = (dY·Xᵀ) at the nonzeros; baseline: the dense gradient, then a gather
+    rows = W.row_ids()
+    G = cupy.empty((m, n), np.float32)
+
+    def dense_sddmm():
+        cupy.matmul(dY, X.T, out=G)
+        return G[rows, W.indices]
+
+    cupy.matmul(cupy.abs(dY), cupy.abs(X).T, out=G)
+    bound = 1e-4 * G[rows, W.indices] + 1e-6
+    ref = dense_sddmm()
+    dW = cupy.empty(nnz, np.float32)
+    ok, err = close(kernels.sddmm(W, dY, X, out=dW), ref, bound)
+    t = gpu_time(lambda: cu_sddmm.sddmm(W.indptr, W.indices, dY, X, dW)) if ok else None
+    record("sddmm", ok, err, t, None, gpu_time(dense_sddmm))
+
+    # topk_grow: k = 0.3·nnz absent connections with the largest |dY·Xᵀ|
+    k = int(GROW_FRACTION * nnz)
+    dense_bytes = 4 * m * n
+    with PeakMemory() as pm:
+        r, c, s = kernels.topk_grow(W, dY, X, k)
+        cupy.cuda.Device().synchronize()
+    peak = pm.peak
+    # check against the dense gradient: chosen cells absent, unique, scores right, and no
+    # unchosen absent score above the smallest chosen one beyond float32 rounding
+    cupy.matmul(dY, X.T, out=G)
+    S = cupy.abs(G)
+    S[rows, W.indices] = -1.0
+    flat = r.astype(np.int64) * n + c
+    tol = 1e-5 * float(cupy.abs(dY).sum(axis=1).max() * cupy.abs(X).max())
+    ok = bool(r.size == k) and bool((flat[1:] > flat[:-1]).all()) if k > 1 else r.size == k
+    chosen_scores = S.ravel()[flat]
+    ok = ok and bool((chosen_scores >= 0).all())
+    ok = ok and bool((cupy.abs(chosen_scores - s) <= tol).all())
+    if ok and k:
+        S.ravel()[flat] = -1.0
+        ok = float(S.max()) <= float(s.min()) + tol
+
+    def dense_grow():
+        cupy.matmul(dY, X.T, out=G)
+        S = cupy.abs(G)
+        S[rows, W.indices] = -cupy.inf
+        return cupy.argpartition(S.ravel(), S.size - k)[S.size - k :]
+
+    t = gpu_time(lambda: kernels.topk_grow(W, dY, X, k), budget_s=1.0, min_rep=3) if ok else None
+    t_dense = gpu_time(dense_grow, budget_s=1.0, min_rep=2)
+    record("topk_grow", ok, None, t, None, t_dense)
+    rows_out[-1]["gflops"] = 2.0 * m * n * batch / (t * 1e6) if t else None
+    grow_out.append(
+        {
+            "shape": label,
+            "k": k,
+            "peak_extra_bytes": int(peak),
+            "dense_gradient_bytes": dense_bytes,
+            "fraction_of_dense": peak / dense_bytes,
+            "tile_bytes": kernels.config.CUDA_TOPK_TILE_BYTES,
+        }
+    )
+    cupy.get_default_memory_pool().free_all_blocks()
+
+
+# ---------------------------------------------------------------------------- training step
+
+
+def mlp_steps(quick, seed):
+    """ms per SGD step: 99%-sparse MLP on the CUDA kernels vs dense cuBLAS (vs torch)."""
+    import cupy
+
+    from kernels.cuda import sddmm as cu_sddmm
+    from kernels.cuda import spmm as cu_spmm
+    from kernels.cuda import spmm_t as cu_spmm_t
+
+    width = 4096 if quick else 8192
+    dims = [width, width, width, width]  # three sparse hidden layers, then a dense classifier
+    n_classes, batch, density, lr = 10, 256, 0.01, 0.01
+    rs = cupy.random.RandomState(seed)
+    x = rs.standard_normal((dims[0], batch), dtype=np.float32)
+    labels = rs.randint(0, n_classes, size=batch)
+    onehot = cupy.zeros((n_classes, batch), np.float32)
+    onehot[labels, cupy.arange(batch)] = 1
+
+    def init_sparse():
+        layers = []
+        for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            W = random_device_csr(fan_out, fan_in, density, seed + 10 + i)
+            W.data *= np.float32(np.sqrt(2.0 / (density * fan_in)))
+            W.transpose_structure()
+            layers.append((W, cupy.zeros(fan_out, np.float32)))
+        return layers
+
+    head_w = rs.standard_normal((n_classes, dims[-1]), dtype=np.float32) * 0.01
+    head_b = cupy.zeros(n_classes, np.float32)
+
+    def loss_grad(logits):
+        z = logits - logits.max(axis=0, keepdims=True)
+        p = cupy.exp(z)
+        p /= p.sum(axis=0, keepdims=True)
+        return (p - onehot) / batch
+
+    sparse = init_sparse()
+    hw, hb = head_w.copy(), head_b.copy()
+
+    def sparse_step():
+        acts = [x]
+        for W, b in sparse:
+            h = cupy.empty((W.shape[0], batch), np.float32)
+            cu_spmm.spmm(W.indptr, W.indices, W.data, acts[-1], h, bias=b)
+            cupy.maximum(h, 0, out=h)
+            acts.append(h)
+        dlogits = loss_grad(hw @ acts[-1] + hb[:, None])
+        dh = hw.T @ dlogits
+        hw[...] -= lr * (dlogits @ acts[-1].T)
+        hb[...] -= lr * dlogits.sum(axis=1)
+        for li in range(len(sparse) - 1, -1, -1):
+            W, b = sparse[li]
+            dz = dh * (acts[li + 1] > 0)
+            dW = cupy.empty(W.nnz, np.float32)
+            db = cupy.empty(W.shape[0], np.float32)
+            cu_sddmm.sddmm(W.indptr, W.indices, dz, acts[li], dW, bias_grad=db)
+            if li:
+                dh = cupy.empty((W.shape[1], batch), np.float32)
+                t = W.transpose_structure()
+                cu_spmm_t.spmm_t(*t, W.data, dz, dh)
+            W.data -= lr * dW
+            b -= lr * db
+
+    dense = [(W.to_dense(), b.copy()) for W, b in init_sparse()]
+    dw_, db_ = head_w.copy(), head_b.copy()
+
+    def dense_step():
+        acts = [x]
+        for Wd, b in dense:
+            acts.append(cupy.maximum(Wd @ acts[-1] + b[:, None], 0))
+        dlogits = loss_grad(dw_ @ acts[-1] + db_[:, None])
+        dh = dw_.T @ dlogits
+        dw_[...] -= lr * (dlogits @ acts[-1].T)
+        db_[...] -= lr * dlogits.sum(axis=1)
+        for li in range(len(dense) - 1, -1, -1):
+            Wd, b = dense[li]
+            dz = dh * (acts[li + 1] > 0)
+            gW = dz @ acts[li].T
+            if li:
+                dh = Wd.T @ dz
+            Wd -= lr * gW
+            b -= lr * dz.sum(axis=1)
+
+    out = {
+        "dims": dims + [n_classes],
+        "batch": batch,
+        "density": density,
+        "sparse_ms": gpu_time(sparse_step, budget_s=1.0),
+        "dense_cublas_ms": gpu_time(dense_step, budget_s=1.0),
+    }
+    out["speedup_vs_dense"] = out["dense_cublas_ms"] / out["sparse_ms"]
+    cupy.get_default_memory_pool().free_all_blocks()
+    out["torch_masked_dense_ms"] = torch_step(dims, n_classes, batch, density, lr, seed)
+    if out["torch_masked_dense_ms"]:
+        out["speedup_vs_torch"] = out["torch_masked_dense_ms"] / out["sparse_ms"]
+    return out
+
+
+def torch_step(dims, n_classes, batch, density, lr, seed):
+    """Masked-dense training in PyTorch on the GPU (the usual way to train sparse nets)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    torch.manual_seed(seed)
+    dev = torch.device("cuda")
+    layers, masks = [], []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+        lin = torch.nn.Linear(fan_in, fan_out, device=dev)
+        masks.append((torch.rand(fan_out, fan_in, device=dev) < density).float())
+        with torch.no_grad():
+            lin.weight.mul_(masks[-1])
+        layers.append(lin)
+    head = torch.nn.Linear(dims[-1], n_classes, device=dev)
+    params = [p for m in [*layers, head] for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=lr)
+    x = torch.randn(batch, dims[0], device=dev)
+    y = torch.randint(0, n_classes, (batch,), device=dev)
+
+    def step():
+        h = x
+        for lin, mk in zip(layers, masks, strict=True):
+            h = torch.relu(torch.nn.functional.linear(h, lin.weight * mk, lin.bias))
+        loss = torch.nn.functional.cross_entropy(head(h), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for lin, mk in zip(layers, masks, strict=True):
+                lin.weight.mul_(mk)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_tables(res):
+    print()
+    print(f"{'op':10} {'shape':34} {'ok':3} {'ms':>9} {'cuSPARSE':>9} {'dense':>9} "
+          f"{'GFLOP/s':>8} {'x cuSP':>7} {'x dense':>7}")  # fmt: skip
+    for r in res["kernels"]:
+        print(
+            f"{r['op']:10} {r['shape']:34} {'y' if r['correct'] else 'NO':3} "
+            f"{fmt(r['ms']):>9} {fmt(r['cusparse_ms']):>9} {fmt(r['dense_ms']):>9} "
+            f"{fmt(r['gflops'], '.0f'):>8} {fmt(r['vs_cusparse'], '.2f'):>7} "
+            f"{fmt(r['vs_dense'], '.2f'):>7}"
+        )
+    print()
+    for g in res["grow_memory"]:
+        print(
+            f"topk_grow {g['shape']:34} k={g['k']:<9} peak extra "
+            f"{g['peak_extra_bytes'] / 2**20:8.1f} MiB = {100 * g['fraction_of_dense']:5.2f}% "
+            f"of the dense gradient ({g['dense_gradient_bytes'] / 2**20:.0f} MiB)"
+        )
+    ts = res.get("train_step")
+    if ts:
+        print()
+        print(
+            f"train step {ts['dims']} B={ts['batch']} density={ts['density']}: sparse "
+            f"{ts['sparse_ms']:.2f} ms, dense cuBLAS {ts['dense_cublas_ms']:.2f} ms "
+            f"({ts['speedup_vs_dense']:.2f}x), torch masked-dense "
+            f"{fmt(ts.get('torch_masked_dense_ms'), '.2f')} ms"
+        )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from sparsecore.validation import GPU_INSTALL, gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(
+            f"gpu_suite: nothing to run here: {reason}.\n"
+            f"It needs CuPy and a CUDA device: {GPU_INSTALL} on a machine with an NVIDIA GPU.",
+            file=sys.stderr,
+        )
+        return 2
+    import cupy
+
+    import kernels  # noqa: F401
+
+    t_start = time.perf_counter()
+
+    def left():
+        return args.time_limit - (time.perf_counter() - t_start)
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    res = {
+        "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        "cupy": cupy.__version__,
+        "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        "python": platform.python_version(),
+        "seed": args.seed,
+        "kernels": [],
+        "grow_memory": [],
+        "skipped": [],
+    }
+    print(f"gpu_suite on {res['device']} (CuPy {res['cupy']})", flush=True)
+    if not args.skip_tests:
+        res["tests"] = run_tests(left)
+    shapes = QUICK_SHAPES + ([] if args.quick else FULL_SHAPES)
+    for i, (m, n, b, d) in enumerate(shapes):
+        if left() < 60:
+            res["skipped"].append(f"kernels m={m} n={n} B={b} d={d}: time limit")
+            continue
+        t0 = time.perf_counter()
+        bench_shape(m, n, b, d, args.seed + i, res["kernels"], res["grow_memory"])
+        cupy.get_default_memory_pool().free_all_blocks()
+        print(f"benchmarked m={m} n={n} B={b} d={d} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    if left() > 45:
+        res["train_step"] = mlp_steps(args.quick, args.seed)
+    else:
+        res["skipped"].append("train step: time limit")
+    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    print_tables(res)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_suite.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\nwrote {path} ({res['seconds']} s)")
+    bad = [r["op"] + " " + r["shape"] for r in res["kernels"] if not r["correct"]]
+    tests_failed = any(t.get("returncode") not in (0,) for t in res.get("tests", {}).values())
+    if bad:
+        print("WRONG RESULTS (not timed): " + "; ".join(bad))
+    return 1 if bad or tests_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
