@@ -56,8 +56,12 @@ def memory_plan(
     method: str = "rigl",
     grow: str = "exact",
     grow_candidates: float = 10,
+    grow_tile_bytes: int | None = None,
 ) -> dict:
-    """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin."""
+    """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin.
+
+    grow_tile_bytes: the exact grow's tile as passed to topk_grow (None: its default rule).
+    """
     if grow not in ("exact", "sampled"):
         raise ValueError(f"grow must be exact or sampled, got {grow!r}")
     if optimizer not in MOMENTS:
@@ -106,7 +110,11 @@ def memory_plan(
                 elif grow == "sampled":
                     scratch = sampled_grow_bytes(m, n, nnz - k, k, grow_candidates)
                 else:
-                    tr, tc = tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
+                    tr, tc = (
+                        tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
+                        if grow_tile_bytes is None
+                        else tile_shape(m, n, grow_tile_bytes)  # the launcher's rule when given
+                    )
                     cap = int(config.TOPK_BUFFER_FACTOR * k)
                     scratch = 4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8))
                     scratch += 4 * cap  # the last cut's partition copy
@@ -147,6 +155,7 @@ def memory_plan(
         "method": method,
         "grow": grow,
         "grow_candidates": grow_candidates,
+        "grow_tile_bytes": grow_tile_bytes,
         "layers": layers,
         "pieces": totals,
         "state_bytes": state,
@@ -154,6 +163,38 @@ def memory_plan(
         "dense_state_bytes": dense_state,
         "dense_total_bytes": dense_state + dense_acts,
     }
+
+
+MIN_GROW_TILE_BYTES = 64 << 10  # smaller tiles make the grow's sgemm calls too small to be useful
+
+
+def fit_grow_tile(max_memory: int, arch, sparsity: float, **kw) -> dict | None:
+    """The plan whose exact-grow tile is the largest (up to the default tile) that keeps the
+    total within max_memory, or None if even a MIN_GROW_TILE_BYTES tile does not fit. The tile
+    changes the grow's memory and speed, never its result (the kernel is exact per tile)."""
+    kw.pop("grow_tile_bytes", None)
+    default = memory_plan(arch, sparsity, **kw)
+    if default["total_bytes"] <= max_memory:
+        return default
+    shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
+    hi = max(
+        4 * r * c
+        for r, c in (
+            tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS) for m, n in shapes
+        )
+    )
+    lo = MIN_GROW_TILE_BYTES
+    best = memory_plan(arch, sparsity, grow_tile_bytes=lo, **kw)
+    if best["total_bytes"] > max_memory:
+        return None
+    while hi - lo > 4096:  # the plan grows with the tile: bisect for the largest that fits
+        mid = (lo + hi) // 2
+        plan = memory_plan(arch, sparsity, grow_tile_bytes=mid, **kw)
+        if plan["total_bytes"] <= max_memory:
+            lo, best = mid, plan
+        else:
+            hi = mid
+    return best
 
 
 def _fmt(b: float) -> str:
@@ -177,6 +218,10 @@ def describe_plan(plan: dict) -> str:
     ]
     for k, v in plan["pieces"].items():
         lines.append(f"  {k:32s} {_fmt(v):>12s}")
+        if k.startswith("topology") and plan.get("grow_tile_bytes"):
+            lines.append(
+                f"    (exact grow tile {_fmt(plan['grow_tile_bytes'])}, fitted to the budget)"
+            )
     lines.append(f"  {'total (peak)':32s} {_fmt(plan['total_bytes']):>12s}")
     lines.append(
         f"  {'dense equivalent (peak)':32s} {_fmt(plan['dense_total_bytes']):>12s}  "

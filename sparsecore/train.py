@@ -69,6 +69,7 @@ class TrainConfig:
     method: str = "rigl"
     grow: str = "exact"  # RigL's grow: "exact" top-k of |dY·Xᵀ|, or "sampled" (see rigl.RigL)
     grow_candidates: float = 10  # "sampled": candidates scored per grown connection
+    grow_tile_bytes: int | None = None  # "exact": the grow tile (None: the kernel's default)
     delta_t: int = 100
     alpha: float = 0.3
     t_end: float = 0.75
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"grow={self.grow!r} applies to method rigl, not {self.method!r}")
         if not (isinstance(self.grow_candidates, (int, float)) and self.grow_candidates >= 1):
             raise ValueError(f"grow_candidates must be >= 1, got {self.grow_candidates!r}")
+        if self.grow_tile_bytes is not None and self.grow_tile_bytes < 4:
+            raise ValueError(f"grow_tile_bytes must be >= 4, got {self.grow_tile_bytes!r}")
         if len(self.arch) < 2 or any(not isinstance(a, int) or a < 1 for a in self.arch):
             raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {self.arch!r}")
         if self.method != "dense" and not 0.0 < self.sparsity < 1.0:
@@ -130,12 +133,14 @@ class MemoryBudgetExceeded(ValueError):
 
 
 def check_memory(cfg: TrainConfig) -> dict:
-    """The run's memory plan; raises MemoryBudgetExceeded if it exceeds cfg.max_memory."""
-    from sparsecore.plan import describe_plan, memory_plan
+    """The run's memory plan; raises MemoryBudgetExceeded if it exceeds cfg.max_memory.
 
-    plan = memory_plan(
-        cfg.arch,
-        cfg.sparsity,
+    With a budget, RigL's exact grow gets a smaller tile than its default when that makes the
+    plan fit (plan["grow_tile_bytes"], passed to the grow kernel), unless a tile was given.
+    """
+    from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan
+
+    kw = dict(
         distribution=cfg.distribution,
         batch_size=cfg.batch_size,
         optimizer=cfg.optimizer,
@@ -145,6 +150,10 @@ def check_memory(cfg: TrainConfig) -> dict:
         grow=cfg.grow,
         grow_candidates=cfg.grow_candidates,
     )
+    plan = memory_plan(cfg.arch, cfg.sparsity, grow_tile_bytes=cfg.grow_tile_bytes, **kw)
+    fits = cfg.max_memory is None or plan["total_bytes"] <= cfg.max_memory
+    if not fits and cfg.method == "rigl" and cfg.grow == "exact" and cfg.grow_tile_bytes is None:
+        plan = fit_grow_tile(cfg.max_memory, cfg.arch, cfg.sparsity, **kw) or plan
     if cfg.max_memory is not None and plan["total_bytes"] > cfg.max_memory:
         raise MemoryBudgetExceeded(
             f"this run needs about {plan['total_bytes'] / 2**20:.1f} MiB at its peak, more than "
@@ -210,7 +219,13 @@ class Trainer:
             self.total_steps, end_fraction=cfg.t_end, delta_t=cfg.delta_t, alpha=cfg.alpha
         )
         grow_kw = (
-            dict(grow=cfg.grow, candidates=cfg.grow_candidates) if cfg.method == "rigl" else {}
+            dict(
+                grow=cfg.grow,
+                candidates=cfg.grow_candidates,
+                tile_bytes=self.plan.get("grow_tile_bytes"),
+            )
+            if cfg.method == "rigl"
+            else {}
         )
         self.updater = (
             None

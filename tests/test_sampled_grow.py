@@ -308,3 +308,50 @@ def test_random_pattern_of_a_large_dense_ish_matrix_is_o_nnz():
     per_row = np.diff(W.indptr)
     assert np.all(np.abs(per_row - 500_000) < 5 * np.sqrt(500_000))
     np.testing.assert_array_equal(CSR.random((4, 5_000_000), 0.1, seed=3).indices, W.indices)
+
+
+def test_exact_grow_tile_is_fitted_to_the_memory_budget(tmp_path):
+    """--max-memory a little under the default plan: the exact grow gets a smaller tile (the
+    plan then fits) instead of a refusal, and the grown topology is the same as with the
+    default tile; far under it, the run is still refused."""
+    from sparsecore.plan import MIN_GROW_TILE_BYTES, memory_plan
+    from sparsecore.train import MemoryBudgetExceeded, TrainConfig, Trainer, check_memory
+
+    base = dict(arch=[784, 4096, 4096, 10], sparsity=0.99, batch_size=32, progress=False)
+    default = memory_plan(base["arch"], 0.99, batch_size=32)
+    budget = default["total_bytes"] - (1 << 20)
+    plan = check_memory(TrainConfig(max_memory=budget, **base))
+    assert MIN_GROW_TILE_BYTES <= plan["grow_tile_bytes"] < 2 << 20
+    assert default["total_bytes"] - (2 << 20) < plan["total_bytes"] <= budget
+    with pytest.raises(MemoryBudgetExceeded):
+        check_memory(TrainConfig(max_memory=default["total_bytes"] - (8 << 20), **base))
+    assert check_memory(TrainConfig(max_memory=10**12, **base))["grow_tile_bytes"] is None
+    # the fitted tile reaches the kernel, and the topology does not depend on it
+    rng = np.random.default_rng(0)
+    x = rng.random((784, 32), dtype=np.float32)
+    y = rng.integers(0, 10, 32)
+    tops = []
+    for max_memory in (None, budget):
+        tr = Trainer(TrainConfig(max_memory=max_memory, out=str(tmp_path), **base), _tiny_data())
+        assert tr.updater.tile_bytes == (None if max_memory is None else plan["grow_tile_bytes"])
+        tr.model.backward(tr.loss_fn(tr.model.forward(x), y)[1])
+        tr.updater.update(1, tr.model, tr.opt)
+        tops.append([l.W.indices.copy() for l in tr.model.sparse_layers()])
+    for a, b in zip(*tops, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _tiny_data():
+    from sparsecore import data as D
+
+    full = D.load("mnist")
+    return D.Dataset(
+        "mnist-subset",
+        full.x_train[:64],
+        full.y_train[:64],
+        full.x_val,
+        full.y_val,
+        full.x_test[:32],
+        full.y_test[:32],
+        10,
+    )

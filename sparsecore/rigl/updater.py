@@ -130,6 +130,7 @@ class RigL(TopologyUpdater):
         *,
         grow: str = "exact",
         candidates: float = 10,
+        tile_bytes: int | None = None,
     ):
         super().__init__(schedule, seed)
         if grow not in self.GROW_MODES:
@@ -138,6 +139,7 @@ class RigL(TopologyUpdater):
             raise ValueError(f"candidates (per grown connection) must be >= 1, got {candidates!r}")
         self.grow_mode = grow
         self.candidates = float(candidates)
+        self.tile_bytes = tile_bytes  # the exact grow's tile (None: the kernel's default)
 
     def grow(self, layer, k, keep, step, index):
         if layer.x is None or layer.dy is None:
@@ -152,7 +154,9 @@ class RigL(TopologyUpdater):
                 W.indptr, W.indices, keep, layer.dy, layer.x, k, self.candidates, rng
             )
             return rows, cols
-        rows, cols, _ = _grow.topk_grow(W.indptr, W.indices, keep, layer.dy, layer.x, k)
+        rows, cols, _ = _grow.topk_grow(
+            W.indptr, W.indices, keep, layer.dy, layer.x, k, tile_bytes=self.tile_bytes
+        )
         return rows, cols
 
 
