@@ -356,25 +356,23 @@ def mlp_steps(quick, seed):
 
     def sparse_step():
         acts = [x]
-        for W, b in sparse:
+        for W, b in sparse:  # forward: bias and ReLU fused into spmm
             h = cupy.empty((W.shape[0], batch), np.float32)
-            cu_spmm.spmm(W.indptr, W.indices, W.data, acts[-1], h, bias=b)
-            cupy.maximum(h, 0, out=h)
+            cu_spmm.spmm(W.indptr, W.indices, W.data, acts[-1], h, bias=b, relu=True)
             acts.append(h)
         dlogits = loss_grad(hw @ acts[-1] + hb[:, None])
-        dh = hw.T @ dlogits
+        dz = (hw.T @ dlogits) * (acts[-1] > 0)
         hw[...] -= lr * (dlogits @ acts[-1].T)
         hb[...] -= lr * dlogits.sum(axis=1)
         for li in range(len(sparse) - 1, -1, -1):
             W, b = sparse[li]
-            dz = dh * (acts[li + 1] > 0)
             dW = cupy.empty(W.nnz, np.float32)
             db = cupy.empty(W.shape[0], np.float32)
             cu_sddmm.sddmm(W.indptr, W.indices, dz, acts[li], dW, bias_grad=db)
-            if li:
-                dh = cupy.empty((W.shape[1], batch), np.float32)
-                t = W.transpose_structure()
-                cu_spmm_t.spmm_t(*t, W.data, dz, dh)
+            if li:  # dX through the ReLU that produced this layer's input (fused gate)
+                dx = cupy.empty((W.shape[1], batch), np.float32)
+                cu_spmm_t.spmm_t(*W.transpose_structure(), W.data, dz, dx, gate=acts[li])
+                dz = dx
             W.data -= lr * dW
             b -= lr * db
 

@@ -36,12 +36,19 @@ def _covers(grid, block, rows, cols=1):
 
 
 def _emu_spmm(plan, rng):
-    indptr, indices, data, perm, has_perm, x, bias, has_bias, out, m, B = plan.args
+    indptr, indices, data, perm, has_perm, x, bias, has_bias, relu, gate, has_gate, out, m, B = (
+        plan.args
+    )
     _covers(plan.grid, plan.block, int(m), int(B))
     for i in range(int(m)):
         s, e = int(indptr[i]), int(indptr[i + 1])
         vals = data[perm[s:e]] if has_perm else data[s:e]
-        out[i] = (bias[i] if has_bias else 0) + vals.astype(np.float64) @ x[indices[s:e]]
+        v = (bias[i] if has_bias else 0) + vals.astype(np.float64) @ x[indices[s:e]]
+        if relu:
+            v = np.where(v > 0, v, 0)
+        if has_gate:
+            v = np.where(gate[i] > 0, v, 0)
+        out[i] = v
 
 
 def _emu_sddmm(plan, rng):
@@ -155,6 +162,19 @@ def test_products_through_the_launchers(name, rng, emulated):
         dW, R.sddmm(W.indptr, W.indices, W.shape, dY, X), rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(gb, dY.sum(axis=1), rtol=1e-5, atol=1e-5)
+    # the fused ReLU and ReLU-backward gate, as the CPU twins (same arguments)
+    from kernels.cpu import spmm as cpu_spmm
+    from kernels.cpu import spmm_t as cpu_spmm_t
+
+    gate = rng.standard_normal((n, 5)).astype(np.float32)
+    for relu in (False, True):
+        a = cu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 5)), bias=b, relu=relu)
+        c = cpu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 5)), bias=b, relu=relu)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    a = cu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, 5)), gate=gate)
+    c = cpu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, 5)), gate=gate)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    assert np.all(a[gate <= 0] == 0)
 
 
 def test_launch_shapes():

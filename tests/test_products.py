@@ -134,3 +134,12 @@ def test_launchers_fold_the_bias(name, rng, backend):
     np.testing.assert_allclose(
         backend.np(dW), R.sddmm(W.indptr, W.indices, W.shape, dY, X), rtol=1e-4, atol=1e-5
     )
+    # the fused ReLU (forward) and ReLU-backward gate (dX), same launcher arguments everywhere
+    Yr = P.spmm(ip, ix, data, a(X), backend.poisoned((m, 6)), bias=a(b), relu=True)
+    np.testing.assert_allclose(backend.np(Yr), np.maximum(ref, 0), rtol=1e-5, atol=1e-5)
+    T = backend.launchers("spmm_t")
+    gate = rng.standard_normal((n, 6)).astype(np.float32)
+    t = [a(t) for t in W.transpose_structure()]
+    dX = T.spmm_t(*t, data, a(dY), backend.poisoned((n, 6)), gate=a(gate))
+    ref_dx = np.where(gate > 0, R.spmm_t(*_ref_args(W), dY), 0)
+    np.testing.assert_allclose(backend.np(dX), ref_dx, rtol=1e-5, atol=1e-5)

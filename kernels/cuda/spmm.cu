@@ -1,6 +1,9 @@
 // Y = W·X on the GPU (also dX = Wᵀ·dY through the transpose structure): CSR times dense.
 //
 // Maths:    out[i, b] = bias[i] + Σ_{p in row i} val(p) · X[indices[p], b]        (bias optional)
+//           then, iff relu, out = max(out, 0) (a following ReLU, fused; NaN becomes 0 as on
+//           the CPU), and iff has_gate, out = 0 where !(gate[i, b] > 0) (the backward of a ReLU
+//           whose output is gate, fused into dX = Wᵀ·dY)
 //           val(p) = data[p], or data[perm[p]] when has_perm (spmm_t: the CSR is the transpose
 //           structure (t_indptr, t_indices) of W and perm = t_perm maps it back to W's values,
 //           so dX = Wᵀ·dY is a forward product: every output row is owned by one thread, no
@@ -11,6 +14,7 @@
 //           perm    (nnz,)  IDX      value position of each entry (read iff has_perm)    [in]
 //           x       (n, B)  float32  C-contiguous, feature-major operand                 [in]
 //           bias    (m,)    float32  added to every column of row i (read iff has_bias)  [in]
+//           gate    (m, B)  float32  C-contiguous, read iff has_gate                      [in]
 //           out     (m, B)  float32  C-contiguous, every element written once            [out]
 //           m, B    int64            rows of out, batch (columns of x and out)
 // Cost:     2·nnz·B flops; per nonzero one broadcast load of (index, value) shared by the
@@ -30,7 +34,9 @@ __device__ __forceinline__ void spmm_body(const IDX* __restrict__ indptr,
                                           const IDX* __restrict__ perm, int has_perm,
                                           const float* __restrict__ x,
                                           const float* __restrict__ bias, int has_bias,
-                                          float* __restrict__ out, long long m, long long B)
+                                          int relu, const float* __restrict__ gate,
+                                          int has_gate, float* __restrict__ out, long long m,
+                                          long long B)
 {
     const long long i = (long long)blockIdx.x * blockDim.y + threadIdx.y;
     const long long b = (long long)blockIdx.y * blockDim.x + threadIdx.x;
@@ -57,21 +63,28 @@ __device__ __forceinline__ void spmm_body(const IDX* __restrict__ indptr,
         }
         for (; p < end; ++p) a0 += data[p] * x[(long long)indices[p] * B + b];
     }
-    out[i * B + b] = (a0 + a1) + (a2 + a3);
+    float v = (a0 + a1) + (a2 + a3);
+    if (relu) v = v > 0.0f ? v : 0.0f;
+    if (has_gate && !(gate[i * B + b] > 0.0f)) v = 0.0f;
+    out[i * B + b] = v;
 }
 
 extern "C" __global__ void sparsecore_spmm_i32(const int* indptr, const int* indices,
                                                const float* data, const int* perm, int has_perm,
                                                const float* x, const float* bias, int has_bias,
+                                               int relu, const float* gate, int has_gate,
                                                float* out, long long m, long long B)
 {
-    spmm_body<int>(indptr, indices, data, perm, has_perm, x, bias, has_bias, out, m, B);
+    spmm_body<int>(indptr, indices, data, perm, has_perm, x, bias, has_bias, relu, gate,
+                   has_gate, out, m, B);
 }
 
 extern "C" __global__ void sparsecore_spmm_i64(const long long* indptr, const long long* indices,
                                                const float* data, const long long* perm,
                                                int has_perm, const float* x, const float* bias,
-                                               int has_bias, float* out, long long m, long long B)
+                                               int has_bias, int relu, const float* gate,
+                                               int has_gate, float* out, long long m, long long B)
 {
-    spmm_body<long long>(indptr, indices, data, perm, has_perm, x, bias, has_bias, out, m, B);
+    spmm_body<long long>(indptr, indices, data, perm, has_perm, x, bias, has_bias, relu, gate,
+                         has_gate, out, m, B);
 }

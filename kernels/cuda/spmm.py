@@ -24,8 +24,9 @@ def block_shape(batch: int) -> tuple[int, int]:
     return bx, by
 
 
-def plan(indptr, indices, data, x, out, bias=None, perm=None) -> Launch:
-    """The launch of out = W·x (+ bias), with values data[perm[p]] when perm is given."""
+def plan(indptr, indices, data, x, out, bias=None, perm=None, relu=False, gate=None) -> Launch:
+    """The launch of out = W·x (+ bias), with values data[perm[p]] when perm is given, then the
+    fused ReLU (relu) or ReLU-backward gate (gate), as the CPU twin."""
     m, batch = out.shape
     bx, by = block_shape(batch)
     grid_y = cdiv(batch, bx)
@@ -41,6 +42,9 @@ def plan(indptr, indices, data, x, out, bias=None, perm=None) -> Launch:
         x,
         bias if bias is not None else data,  # a valid pointer, never read
         np.int32(bias is not None),
+        np.int32(bool(relu)),
+        gate if gate is not None else out,  # a valid pointer, never read
+        np.int32(gate is not None),
         out,
         np.int64(m),
         np.int64(batch),
@@ -49,8 +53,10 @@ def plan(indptr, indices, data, x, out, bias=None, perm=None) -> Launch:
     return Launch("spmm.cu", kernel, grid, (bx, by, 1), args)
 
 
-def spmm(indptr, indices, data, x, out, blocks=None, bias=None):
-    """Launcher (trusts its inputs). Fills and returns ``out`` (m, B); asynchronous."""
+def spmm(indptr, indices, data, x, out, blocks=None, bias=None, relu=False, gate=None):
+    """Launcher (trusts its inputs). Fills and returns ``out`` (m, B); asynchronous.
+
+    ``relu`` applies a following ReLU; ``gate`` (m, B) zeroes out where gate <= 0."""
     if out.shape[0] and out.shape[1]:
-        _module.launch(plan(indptr, indices, data, x, out, bias=bias))
+        _module.launch(plan(indptr, indices, data, x, out, bias=bias, relu=relu, gate=gate))
     return out

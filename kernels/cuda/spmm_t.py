@@ -13,12 +13,15 @@ from kernels.cuda import spmm as _spmm
 from kernels.cuda._module import Launch
 
 
-def plan(t_indptr, t_indices, t_perm, data, dy, out) -> Launch:
-    return _spmm.plan(t_indptr, t_indices, data, dy, out, perm=t_perm)
+def plan(t_indptr, t_indices, t_perm, data, dy, out, gate=None) -> Launch:
+    return _spmm.plan(t_indptr, t_indices, data, dy, out, perm=t_perm, gate=gate)
 
 
-def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None):
-    """Launcher (trusts its inputs). Fills and returns ``out`` (n, B); asynchronous."""
+def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None, gate=None):
+    """Launcher (trusts its inputs). Fills and returns ``out`` (n, B); asynchronous.
+
+    ``gate`` (n, B): dX is zeroed where gate <= 0 (the fused backward of the ReLU whose output
+    is this layer's input)."""
     if out.shape[0] and out.shape[1]:
-        _module.launch(plan(t_indptr, t_indices, t_perm, data, dy, out))
+        _module.launch(plan(t_indptr, t_indices, t_perm, data, dy, out, gate=gate))
     return out
