@@ -40,6 +40,10 @@ SKINNY_MAX_ROWS = 32
 # Threads per block of the products (spmm, spmm_t): 128 across the batch × 2 rows at B >= 128.
 CUDA_THREADS_PER_BLOCK = 256
 
+# spmm/spmm_t use the float4 kernel (4 batch columns per thread) when the batch is a multiple
+# of 4 and the operands are 16-byte aligned; False forces the scalar kernel (tests cover both).
+CUDA_SPMM_FLOAT4 = True
+
 # sddmm runs one block per row with up to this many warps (one per nonzero of a mean row).
 CUDA_SDDMM_MAX_WARPS = 8
 

@@ -39,7 +39,9 @@ def _emu_spmm(plan, rng):
     indptr, indices, data, perm, has_perm, x, bias, has_bias, relu, gate, has_gate, out, m, B = (
         plan.args
     )
-    _covers(plan.grid, plan.block, int(m), int(B))
+    vec = 4 if plan.kernel.startswith("sparsecore_spmm4_") else 1
+    assert int(B) % vec == 0
+    _covers(plan.grid, plan.block, int(m), int(B) // vec)
     for i in range(int(m)):
         s, e = int(indptr[i]), int(indptr[i + 1])
         vals = data[perm[s:e]] if has_perm else data[s:e]
@@ -113,6 +115,7 @@ def _emu_select(plan, rng):
 
 _MODELS = {
     "sparsecore_spmm": _emu_spmm,
+    "sparsecore_spmm4": _emu_spmm,
     "sparsecore_sddmm": _emu_sddmm,
     "sparsecore_grow_mask": _emu_mask,
     "sparsecore_grow_hist": _emu_hist,
@@ -141,18 +144,19 @@ def emulated(monkeypatch, rng):
 
 
 @pytest.mark.parametrize("name", cases.NAMES)
-def test_products_through_the_launchers(name, rng, emulated):
+@pytest.mark.parametrize("batch", [5, 8])
+def test_products_through_the_launchers(name, batch, rng, emulated):
     W = cases.make(name, rng)
     m, n = W.shape
-    X = rng.standard_normal((n, 5)).astype(np.float32)
-    dY = rng.standard_normal((m, 5)).astype(np.float32)
+    X = rng.standard_normal((n, batch)).astype(np.float32)
+    dY = rng.standard_normal((m, batch)).astype(np.float32)
     b = rng.standard_normal(m).astype(np.float32)
-    Y = cu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 5)), bias=b)
+    Y = cu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, batch)), bias=b)
     np.testing.assert_allclose(
         Y, R.spmm(W.indptr, W.indices, W.data, W.shape, X) + b[:, None], rtol=1e-5, atol=1e-5
     )
     t = W.transpose_structure()
-    dX = cu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, 5)))
+    dX = cu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, batch)))
     np.testing.assert_allclose(
         dX, R.spmm_t(W.indptr, W.indices, W.data, W.shape, dY), rtol=1e-5, atol=1e-5
     )
@@ -166,13 +170,17 @@ def test_products_through_the_launchers(name, rng, emulated):
     from kernels.cpu import spmm as cpu_spmm
     from kernels.cpu import spmm_t as cpu_spmm_t
 
-    gate = rng.standard_normal((n, 5)).astype(np.float32)
+    gate = rng.standard_normal((n, batch)).astype(np.float32)
     for relu in (False, True):
-        a = cu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 5)), bias=b, relu=relu)
-        c = cpu_spmm.spmm(W.indptr, W.indices, W.data, X, cases.poisoned((m, 5)), bias=b, relu=relu)
+        a = cu_spmm.spmm(
+            W.indptr, W.indices, W.data, X, cases.poisoned((m, batch)), bias=b, relu=relu
+        )
+        c = cpu_spmm.spmm(
+            W.indptr, W.indices, W.data, X, cases.poisoned((m, batch)), bias=b, relu=relu
+        )
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
-    a = cu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, 5)), gate=gate)
-    c = cpu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, 5)), gate=gate)
+    a = cu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, batch)), gate=gate)
+    c = cpu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, batch)), gate=gate)
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     assert np.all(a[gate <= 0] == 0)
 
@@ -181,6 +189,16 @@ def test_launch_shapes():
     assert cu_spmm.block_shape(1) == (32, 8)
     assert cu_spmm.block_shape(256) == (128, 2)
     assert cu_spmm.block_shape(40) == (64, 4)
+    a16 = np.empty(64, np.float32)  # NumPy allocations are 16-byte aligned
+    assert cu_spmm.vector_width(8, a16, a16) == 4
+    assert cu_spmm.vector_width(6, a16, a16) == 1
+    assert cu_spmm.vector_width(8, a16, a16[1:]) == 1  # misaligned view: the scalar kernel
+    assert (
+        cu_spmm.plan(
+            *[np.zeros(1, np.int32)] * 2, a16, a16[:16].reshape(2, 8), a16[16:32].reshape(2, 8)
+        ).kernel
+        == "sparsecore_spmm4_i32"
+    )
     for m, nnz, w in [(10, 0, 1), (10, 10, 1), (10, 25, 4), (100, 100_000, 8), (0, 0, 1)]:
         assert cu_sddmm.warps_per_row(m, nnz) == w
     assert cu_grow.grid_1d(0)[0] == 0

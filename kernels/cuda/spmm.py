@@ -24,12 +24,26 @@ def block_shape(batch: int) -> tuple[int, int]:
     return bx, by
 
 
+def _address(a) -> int:
+    """Device (CuPy) or host (NumPy stand-in) address of an array's first element."""
+    ptr = getattr(a.data, "ptr", None)
+    return int(ptr) if ptr is not None else int(a.ctypes.data)
+
+
+def vector_width(batch: int, *arrays) -> int:
+    """4 when the float4 kernel applies (B % 4 == 0, every array 16-byte aligned), else 1."""
+    if not config.CUDA_SPMM_FLOAT4 or batch % 4:
+        return 1
+    return 4 if all(_address(a) % 16 == 0 for a in arrays if a is not None) else 1
+
+
 def plan(indptr, indices, data, x, out, bias=None, perm=None, relu=False, gate=None) -> Launch:
     """The launch of out = W·x (+ bias), with values data[perm[p]] when perm is given, then the
     fused ReLU (relu) or ReLU-backward gate (gate), as the CPU twin."""
     m, batch = out.shape
-    bx, by = block_shape(batch)
-    grid_y = cdiv(batch, bx)
+    vec = vector_width(batch, x, out, gate)
+    bx, by = block_shape(batch // vec)
+    grid_y = cdiv(batch // vec, bx)
     if grid_y > MAX_GRID_Y:
         raise ValueError(f"batch {batch} exceeds the GPU spmm limit of {MAX_GRID_Y * bx} columns")
     grid = (cdiv(m, by) if batch else 0, grid_y, 1)
@@ -49,7 +63,8 @@ def plan(indptr, indices, data, x, out, bias=None, perm=None, relu=False, gate=N
         np.int64(m),
         np.int64(batch),
     )
-    kernel = f"sparsecore_spmm_{index_suffix(indices.dtype)}"
+    name = "sparsecore_spmm4" if vec == 4 else "sparsecore_spmm"
+    kernel = f"{name}_{index_suffix(indices.dtype)}"
     return Launch("spmm.cu", kernel, grid, (bx, by, 1), args)
 
 
