@@ -41,6 +41,7 @@ PRESETS = {
         densities=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
         grow_sizes=[4096, 16384],
         max_density={16384: 0.2},  # beyond it, building the matrices alone takes minutes
+        max_batch={16384: 128},
         max_call_s=3.0,
         budget_s=0.6,
     ),
@@ -84,7 +85,12 @@ def _close(name, got, ref, scale):
 def sweep_products(cfg, torch, rng, progress=True, scipy=True):
     rows = []
     last = {}  # (kernel, impl) -> (seconds, nnz) of the previous density, to skip slow ones
-    jobs = [(m, b) for m in cfg["sizes"] for b in cfg["batches"]]
+    jobs = [
+        (m, b)
+        for m in cfg["sizes"]
+        for b in cfg["batches"]
+        if b <= cfg.get("max_batch", {}).get(m, b)
+    ]
     bar = tqdm(total=len(jobs) * len(cfg["densities"]), desc="products", disable=not progress)
     for m, batch in jobs:
         X = rng.standard_normal((m, batch), dtype=np.float32)

@@ -406,6 +406,10 @@ def plots(res: dict, out: Path) -> list[Path]:
                     ax.set_ylabel("speed-up of a training step over dense NumPy")
                 elif dense is not None:
                     ax.axhline(
+                        dense["state_bytes"] / 2**20, color="k", ls="--", lw=1,
+                        label="dense NumPy state (analytical)",
+                    )  # fmt: skip
+                    ax.axhline(
                         max(dense["model_rss_mib"], 0.1), color="k", lw=1, label="dense NumPy (RSS)"
                     )
                     ax.set_ylabel("MiB (peak RSS above baseline; dashed: state bytes)")
