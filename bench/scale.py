@@ -94,7 +94,7 @@ def main(argv=None):
                 f"{grow_layers[-1]} s), loss {loss:.3f}, grew {report.total_grown:,}",
                 flush=True,
             )
-        else:
+        elif tr.step - 1 < 3 or (tr.step - 1) % 50 == 0:
             print(f"step {tr.step - 1}: {dt:.2f} s, loss {loss:.3f}", flush=True)
     t = time.perf_counter()
     acc = None if args.no_eval else tr.evaluate(data.x_test, data.y_test)["acc"]

@@ -110,14 +110,18 @@ class RigL(TopologyUpdater):
     grow="sampled": draw C = min(candidates·k, |absent|) distinct absent connections uniformly
     (kernels/cpu/sampled.py: rejection against the kept CSR rows, O(C log C), nothing m×n), score
     them exactly by |Σ_b dY[i, b]·X[j, b]| (an SDDMM at their coordinates, C·B multiply-adds) and
-    grow the k highest (ties to the lower flat index). It approximates the top-k of |dY·Xᵀ| by the
-    top-k of a random 1/f fraction of it, f = |absent|/C: a connection is grown if it was drawn and
-    beats the other candidates, so the very largest gradients are found with probability about
-    C/|absent| each, and the grown set is the best k of a C-sample rather than of all. Cost
-    O(candidates·k·B) time and O(candidates·k) memory (about 25 bytes per candidate), i.e. ∝ nnz.
-    With candidates·k >= |absent| it equals exact RigL. Default candidates = 10 (measured on
-    MNIST at 98% sparsity: see bench/accuracy.py --grow; more candidates buy little accuracy
-    there). The draws are seeded by (seed, step, layer): the same seed gives the same topology.
+    grow the k highest (ties to the lower flat index). What it approximates: the exact top-k of
+    |dY·Xᵀ| is replaced by the top-k of a uniform C-sample of it. Each connection of the exact
+    top-k is a candidate, and then surely grown, with probability C/|absent|; the rest of the k
+    are the best of the sample, i.e. connections whose |gradient| ranks about in the top
+    k/C fraction of all absent ones. Cost O(candidates·k·B) time and O(candidates·k) memory
+    (about 17 bytes per candidate, measured 16), i.e. ∝ nnz, against m·n·B for the exact grow.
+    candidates = 1 is SET (k uniform draws); candidates·k >= |absent| is exact RigL. Default 10:
+    on MNIST LeNet-300-100 at 98% sparsity (bench/accuracy.py --grow, 5 seeds) c = 3, 10, 20,
+    100 gave 97.12, 97.14, 97.16, 97.19% against 97.09% for the exact grow and 96.89% for c = 1
+    (SET): no measurable accuracy cost from 3 on; 10 leaves a margin at little cost (at width
+    10^6 and nnz 10^7 the grow of the big layer took 2.1 s). The draws are seeded by
+    (seed, step, layer): the same seed gives the same topology.
     """
 
     name = "rigl"
