@@ -1,5 +1,7 @@
 """The O(k) absent-connection sampler, the scores at sampled coordinates, and RigL's sampled grow."""
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -355,3 +357,29 @@ def _tiny_data():
         full.y_test[:32],
         10,
     )
+
+
+def test_cli_train_with_the_sampled_grow(tmp_path, capsys):
+    from sparsecore.cli import main
+
+    rng = np.random.default_rng(0)
+    p = tmp_path / "toy.npz"
+    centers = rng.standard_normal((3, 20)) * 3
+    ytr, yte = rng.integers(0, 3, 600), rng.integers(0, 3, 200)
+    np.savez(
+        p,
+        x_train=centers[ytr] + rng.standard_normal((600, 20)),
+        y_train=ytr,
+        x_test=centers[yte] + rng.standard_normal((200, 20)),
+        y_test=yte,
+    )
+    argv = ["train", "--dataset", str(p), "--arch", "20-32-3", "--sparsity", "0.5"]
+    argv += ["--epochs", "3", "--batch-size", "32", "--delta-t", "5", "--no-progress"]
+    rc = main([*argv, "--grow", "sampled", "--grow-candidates", "3", "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert float(out.strip().splitlines()[-1].split(":")[1].strip().rstrip("%")) > 90.0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["grow"] == "sampled" and cfg["grow_candidates"] == 3
+    rc = main([*argv, "--method", "set", "--grow", "sampled", "--out", str(tmp_path / "s")])
+    assert rc == 2 and "applies to method rigl" in capsys.readouterr().err
