@@ -23,7 +23,7 @@ def test_step_jobs_respect_the_preset():
     cfg = dict(
         widths=[64, 128],
         sparsities=[0.5, 0.9, 0.99],
-        masked_sparsities=[0.9],
+        baseline_sparsities=[0.9],
         min_sparsity={128: 0.8},
         steps={64: 7},
         updates=2,
