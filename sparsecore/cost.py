@@ -6,16 +6,24 @@ from sparsecore.layers import SparseLinear
 
 
 def model_cost(
-    model, batch: int, optimizer=None, schedule=None, total_steps: int = 0, method: str = "rigl"
+    model,
+    batch: int,
+    optimizer=None,
+    schedule=None,
+    total_steps: int = 0,
+    method: str = "rigl",
+    grow: str = "exact",
+    grow_candidates: float = 10,
 ) -> dict:
     """Analytical costs of one training step of ``model`` at a batch size, beside the same
     architecture trained densely with the same optimizer.
 
     FLOPs count multiply-adds as 2: forward 2·nnz·B per layer; backward 2·nnz·B for dW (SDDMM)
-    plus 2·nnz·B for dX (none for the first layer); RigL's grow costs 2·m·n·B per layer per
-    update, amortised over the run's steps. Bytes count every array of training state: values,
-    indices, indptr, the transpose structure, gradients and optimizer moments (activations are
-    batch-sized and the same for both, so left out).
+    plus 2·nnz·B for dX (none for the first layer); RigL's exact grow costs 2·m·n·B per layer per
+    update, the sampled grow 2·C·B with C = grow_candidates·k candidates (k = the update's drop
+    fraction × nnz), both amortised over the run's steps. Bytes count every array of training
+    state: values, indices, indptr, the transpose structure, gradients and optimizer moments
+    (activations are batch-sized and the same for both, so left out).
     """
     n_moments = len(getattr(optimizer, "state_names", ())) if optimizer is not None else 1
     out = {
@@ -27,7 +35,17 @@ def model_cost(
         "flops_per_step_dense": 0.0,
         "layers": [],
     }
-    n_updates = schedule.n_updates() if (schedule is not None and method == "rigl") else 0
+    rigl = schedule is not None and method == "rigl"
+    n_updates = schedule.n_updates() if rigl else 0
+    # Σ over updates of the drop fraction: the sampled grow's candidates scale with k
+    drop_sum = (
+        sum(
+            schedule.drop_fraction(t)
+            for t in range(schedule.delta_t, schedule.t_end, schedule.delta_t)
+        )
+        if rigl
+        else 0.0
+    )
     for l, layer in enumerate(model.weighted()):
         m, n = layer.shape
         dense_w = m * n
@@ -48,11 +66,13 @@ def model_cost(
         fwd, fwd_d = 2.0 * nnz * batch, 2.0 * dense_w * batch
         bwd = fwd * (1 if first else 2)
         bwd_d = fwd_d * (1 if first else 2)
-        grow = (
-            2.0 * dense_w * batch * n_updates / max(total_steps, 1)
-            if isinstance(layer, SparseLinear)
-            else 0.0
-        )
+        if not isinstance(layer, SparseLinear):
+            grow = 0.0
+        elif grow == "sampled":
+            cands = min(grow_candidates * nnz * drop_sum, dense_w * n_updates)
+            grow = 2.0 * cands * batch / max(total_steps, 1)
+        else:
+            grow = 2.0 * dense_w * batch * n_updates / max(total_steps, 1)
         out["layers"].append(
             {
                 "shape": [m, n],

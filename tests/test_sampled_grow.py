@@ -383,3 +383,25 @@ def test_cli_train_with_the_sampled_grow(tmp_path, capsys):
     assert cfg["grow"] == "sampled" and cfg["grow_candidates"] == 3
     rc = main([*argv, "--method", "set", "--grow", "sampled", "--out", str(tmp_path / "s")])
     assert rc == 2 and "applies to method rigl" in capsys.readouterr().err
+
+
+def test_cost_counts_the_sampled_grow_by_candidates():
+    from sparsecore.cost import model_cost
+    from sparsecore.layers import mlp
+    from sparsecore.rigl.schedule import UpdateSchedule
+
+    model = mlp([300, 200, 10], [0.05, None], seed=0)
+    sched = UpdateSchedule(t_end=750, delta_t=100, alpha=0.3)
+    total, batch, c = 1000, 32, 10
+    exact = model_cost(model, batch, None, sched, total, "rigl")
+    sampled = model_cost(
+        model, batch, None, sched, total, "rigl", grow="sampled", grow_candidates=c
+    )
+    nnz = model.sparse_layers()[0].W.nnz
+    fs = [sched.drop_fraction(t) for t in range(100, 750, 100)]
+    assert len(fs) == sched.n_updates() == 7
+    assert exact["grow_flops_per_step"] == pytest.approx(2.0 * 200 * 300 * batch * 7 / total)
+    assert sampled["grow_flops_per_step"] == pytest.approx(2.0 * c * nnz * sum(fs) * batch / total)
+    assert sampled["grow_flops_per_step"] < exact["grow_flops_per_step"]
+    base = exact["flops_per_step"] - exact["grow_flops_per_step"]
+    assert sampled["flops_per_step"] - sampled["grow_flops_per_step"] == pytest.approx(base)
