@@ -452,30 +452,12 @@ def _check_coords_gpu(rows, cols, shape, name="grown"):
 
 
 def _merge_gpu(W, keep, grow_rows, grow_cols):
-    import cupy
-
     from kernels.cuda import merge as cu
 
     W = _device_csr(W)
-    m, n = W.shape
     keep = V.check_device_mask(keep, "keep", W.nnz)
     rows, cols = _check_coords_gpu(grow_rows, grow_cols, W.shape, "grown")
-    needed = V.index_dtype_for(m, n, int(cupy.count_nonzero(keep)) + rows.shape[0])
-    idx = np.promote_types(W.indices.dtype, needed).type
-    grow_indptr = cupy.zeros(m + 1, dtype=idx)
-    if m and rows.shape[0]:
-        grow_indptr[1:] = cupy.cumsum(cupy.bincount(rows, minlength=m))
-    indptr, indices = W.indptr.astype(idx, copy=False), W.indices.astype(idx, copy=False)
-    new_indptr, new_indices, src, conflicts = cu.merge(
-        indptr, indices, keep, grow_indptr, cols.astype(idx)
-    )
-    if conflicts:
-        raise ValueError(
-            f"{conflicts} grown entries are already present in W and kept; grow only "
-            "connections that are absent (or dropped in this update)"
-        )
-    data = cu.remap(src, W.data)
-    return W.with_pattern(new_indptr, new_indices, data), src
+    return cu.merge_csr(W, keep, rows, cols)
 
 
 def merge(W, keep, grow_rows, grow_cols):

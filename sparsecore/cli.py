@@ -76,6 +76,13 @@ def _add_train(sub):
         default=None,
         help="refuse, before allocating, a run whose memory plan exceeds this (e.g. 8GB)",
     )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: train on the GPU (needs the [gpu] extra); the model moves there once and "
+        "weights, activations, optimizer state and topology updates stay there",
+    )
 
 
 def _add_plan(sub):
@@ -173,6 +180,7 @@ def main(argv=None) -> int:
             print(f"sparsecore train: error: --max-memory: {e}", file=sys.stderr)
             return 2
         from sparsecore.train import TrainConfig, TrainingDiverged, train
+        from sparsecore.validation import GPUUnavailableError
 
         cfg = TrainConfig(
             dataset=args.dataset,
@@ -200,12 +208,13 @@ def main(argv=None) -> int:
             val_fraction=args.val_fraction,
             max_steps=args.max_steps,
             max_memory=max_memory,
+            device=args.device,
             out=args.out,
             progress=not args.no_progress,
         )
         try:
             tr, summary = train(cfg, resume=args.resume)
-        except (ValueError, OSError, TrainingDiverged) as e:
+        except (ValueError, OSError, TrainingDiverged, GPUUnavailableError) as e:
             print(f"sparsecore train: error: {e}", file=sys.stderr)
             return 2
         print(f"cost: {describe(summary['cost'])}")

@@ -7,6 +7,11 @@ from its forward pass (its input; for RigL also the gradient at its output), by 
 Shapes: ``SparseLinear(W: m × n)`` maps x (n, B) to y (m, B) = W·x + b. Its weight gradient is
 nnz-sized (SDDMM at the stored entries), aligned with ``W.data``: no dense m × n array is formed
 in forward, backward or the optimizer step.
+
+Devices: every layer holds ``dev`` (sparsecore/device.py: the array module ``xp`` and the
+kernel launchers of one side; the CPU unless moved) and calls its kernels through it, so one
+body serves both sides. ``Sequential.to("cuda")`` moves the arrays once (a SparseLinear's W
+becomes a ``DeviceCSR``); activations, gradients and the loss's outputs then stay on the device.
 """
 
 from __future__ import annotations
@@ -16,11 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import config
-from kernels.cpu import elementwise as _ew
-from kernels.cpu import sddmm as _sddmm
 from kernels.cpu import skinny as _skinny
-from kernels.cpu import spmm as _spmm
-from kernels.cpu import spmm_t as _spmm_t
+from kernels.cuda._csr import DeviceCSR
+from sparsecore import device as _device
 from sparsecore.formats import CSR
 
 
@@ -35,6 +38,14 @@ class Param:
 
 
 class Layer:
+    dev = _device.CPU  # where the layer's arrays live and its kernels run (see to())
+
+    def to(self, dev) -> Layer:
+        """Move the layer's arrays to ``dev`` ("cpu", "cuda" or a Device); returns self."""
+        self.dev = _device.get_device(dev)
+        self.clear()
+        return self
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -54,6 +65,7 @@ class SparseLinear(Layer):
     def __init__(self, W: CSR, bias: np.ndarray | None = None, name: str = "sparse"):
         if not isinstance(W, CSR):
             raise TypeError(f"W must be a sparsecore.CSR, got {type(W).__name__}")
+        # (on a device W is a DeviceCSR: build on the CPU, then move with to())
         self.name = name
         m = W.shape[0]
         self.b = np.zeros(m, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
@@ -64,11 +76,24 @@ class SparseLinear(Layer):
         self.x = None  # input of the last forward (n, B)
         self.dy = None  # gradient at the output of the last backward (m, B)
 
-    def set_weight(self, W: CSR):
-        """Install a (new) CSR weight, e.g. after a topology update; resets its gradient."""
+    def set_weight(self, W: CSR | DeviceCSR):
+        """Install a (new) weight of this layer's side (CSR on the CPU, DeviceCSR on a device),
+        e.g. after a topology update; resets its gradient."""
         self.W = W
-        self.gW = np.zeros(W.nnz, np.float32)
-        self._t_data = np.empty(W.nnz, np.float32)  # scratch of spmm_t, reused every step
+        xp = self.dev.xp
+        self.gW = xp.zeros(W.nnz, np.float32)
+        # scratch of the CPU spmm_t, reused every step (the GPU one gathers in place: none)
+        self._t_data = None if self.dev.on_device else np.empty(W.nnz, np.float32)
+
+    def to(self, dev) -> SparseLinear:
+        dev = _device.get_device(dev)
+        if dev is not self.dev:
+            self.dev = dev
+            self.b = dev.asarray(self.b)
+            self.gb = dev.asarray(self.gb)
+            self.set_weight(dev.csr(self.W))
+        self.clear()
+        return self
 
     @property
     def shape(self):
@@ -77,24 +102,24 @@ class SparseLinear(Layer):
     def forward(self, x, relu: bool = False):
         """y = W·x + b; with ``relu`` the following ReLU is applied in the same pass."""
         W = self.W
+        dev = self.dev
         self.x = x
-        y = np.empty((W.shape[0], x.shape[1]), np.float32)
-        _spmm.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks(), bias=self.b, relu=relu)
+        y = dev.xp.empty((W.shape[0], x.shape[1]), np.float32)
+        dev.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks(), bias=self.b, relu=relu)
         return y
 
     def backward(self, dy, need_dx=True, gate=None):
         """dW at the nonzeros, db, and dX; with ``gate`` (the output of a ReLU feeding this
         layer, i.e. its input) dX is returned already through that ReLU's backward."""
         W = self.W
+        dev = self.dev
         self.dy = dy
-        _sddmm.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks(), bias_grad=self.gb)
+        dev.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks(), bias_grad=self.gb)
         if not need_dx:
             return None
-        dx = np.empty((W.shape[1], dy.shape[1]), np.float32)
+        dx = dev.xp.empty((W.shape[1], dy.shape[1]), np.float32)
         t_indptr, t_indices, t_perm = W.transpose_structure()
-        _spmm_t.spmm_t(
-            t_indptr, t_indices, t_perm, W.data, dy, dx, W.col_blocks(), self._t_data, gate
-        )
+        dev.spmm_t(t_indptr, t_indices, t_perm, W.data, dy, dx, W.col_blocks(), self._t_data, gate)
         return dx
 
     def params(self):
@@ -120,17 +145,29 @@ class Linear(Layer):
         self.gW = np.zeros_like(self.W)
         self.gb = np.zeros_like(self.b)
         self.x = None
+        self.skinny = self._skinny()
 
     @property
     def shape(self):
         return self.W.shape
 
     def _skinny(self) -> bool:
-        return self.W.shape[0] <= config.SKINNY_MAX_ROWS
+        """The CPU's skinny kernels (few outputs); a device uses cuBLAS for every shape."""
+        return self.W.shape[0] <= config.SKINNY_MAX_ROWS and not self.dev.on_device
+
+    def to(self, dev) -> Linear:
+        dev = _device.get_device(dev)
+        if dev is not self.dev:
+            self.dev = dev
+            for a in ("W", "b", "gW", "gb"):
+                setattr(self, a, dev.asarray(getattr(self, a)))
+            self.skinny = self._skinny()
+        self.clear()
+        return self
 
     def forward(self, x, relu: bool = False):
         self.x = x
-        if self._skinny():
+        if self.skinny:
             y = _skinny.forward(
                 self.W, x, self.b, np.empty((self.W.shape[0], x.shape[1]), np.float32)
             )
@@ -138,20 +175,21 @@ class Linear(Layer):
             y = self.W @ x
             y += self.b[:, None]
         if relu:
-            np.maximum(y, 0.0, out=y)
+            self.dev.xp.maximum(y, 0.0, out=y)
         return y
 
     def backward(self, dy, need_dx=True, gate=None):
         """gW, gb and dX (through the feeding ReLU's backward when ``gate`` is its output)."""
-        if self._skinny():
+        if self.skinny:
             dx = np.empty((self.W.shape[1], dy.shape[1]), np.float32) if need_dx else None
             return _skinny.backward(self.W, self.x, dy, self.gW, self.gb, dx, gate)
-        np.matmul(dy, self.x.T, out=self.gW)
-        np.sum(dy, axis=1, out=self.gb)
+        xp = self.dev.xp
+        xp.matmul(dy, self.x.T, out=self.gW)
+        xp.sum(dy, axis=1, out=self.gb)
         if not need_dx:
             return None
         dx = self.W.T @ dy
-        return dx if gate is None else _ew.relu_backward(dx, gate, dx)
+        return dx if gate is None else self.dev.ew.relu_backward(dx, gate, dx)
 
     def params(self):
         return [Param(f"{self.name}.W", self.W, self.gW), Param(f"{self.name}.b", self.b, self.gb)]
@@ -162,11 +200,13 @@ class Linear(Layer):
 
 class ReLU(Layer):
     def forward(self, x):
-        self.y = _ew.relu(x, np.empty_like(x))
+        dev = self.dev
+        self.y = dev.ew.relu(x, dev.xp.empty_like(x))
         return self.y
 
     def backward(self, dy, need_dx=True):
-        return _ew.relu_backward(dy, self.y, np.empty_like(dy))
+        dev = self.dev
+        return dev.ew.relu_backward(dy, self.y, dev.xp.empty_like(dy))
 
     def clear(self):
         self.y = None
@@ -177,7 +217,7 @@ class LeakyReLU(Layer):
         self.slope = np.float32(slope)
 
     def forward(self, x):
-        self.scale = np.where(x > 0, np.float32(1), self.slope).astype(np.float32)
+        self.scale = self.dev.xp.where(x > 0, np.float32(1), self.slope).astype(np.float32)
         return x * self.scale
 
     def backward(self, dy, need_dx=True):
@@ -189,7 +229,7 @@ class LeakyReLU(Layer):
 
 class Tanh(Layer):
     def forward(self, x):
-        self.y = np.tanh(x)
+        self.y = self.dev.xp.tanh(x)
         return self.y
 
     def backward(self, dy, need_dx=True):
@@ -201,7 +241,7 @@ class Tanh(Layer):
 
 class Sigmoid(Layer):
     def forward(self, x):
-        self.y = (1 / (1 + np.exp(-x))).astype(np.float32)
+        self.y = (1 / (1 + self.dev.xp.exp(-x))).astype(np.float32)
         return self.y
 
     def backward(self, dy, need_dx=True):
@@ -217,10 +257,36 @@ ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "sigmoid": S
 class SoftmaxCrossEntropy:
     """Mean cross-entropy of softmax(logits) against integer labels; logits (C, B)."""
 
+    dev = _device.CPU
+
+    def to(self, dev) -> SoftmaxCrossEntropy:
+        self.dev = _device.get_device(dev)
+        return self
+
     def __call__(self, logits: np.ndarray, labels: np.ndarray):
-        """Returns (loss, dlogits, n_correct); a non-finite loss is the caller's to report."""
+        """Returns (loss, dlogits, n_correct); a non-finite loss is the caller's to report.
+
+        On a device loss and n_correct are 0-d device arrays (no sync: read them when logging)
+        and labels must be a device array."""
+        if self.dev.on_device:
+            return self._compute_device(logits, labels)
         with np.errstate(invalid="ignore", over="ignore"):
             return self._compute(logits, labels)
+
+    def _compute_device(self, logits, labels):
+        xp = self.dev.xp
+        z = logits - logits.max(axis=0, keepdims=True)
+        e = xp.exp(z)
+        s = e.sum(axis=0, keepdims=True)
+        batch = logits.shape[1]
+        cols = xp.arange(batch)
+        logp_true = z[labels, cols] - xp.log(s[0])
+        loss = -logp_true.mean(dtype=np.float64)
+        grad = e / s
+        grad[labels, cols] -= 1.0
+        grad /= np.float32(batch)
+        correct = xp.count_nonzero(xp.argmax(logits, axis=0) == labels)
+        return loss, grad.astype(np.float32, copy=False), correct
 
     def _compute(self, logits, labels):
         z = logits - logits.max(axis=0, keepdims=True)
@@ -242,6 +308,10 @@ class Sequential:
 
     def __init__(self, layers: list[Layer]):
         self.layers = list(layers)
+        devs = {l.dev.name for l in self.layers}
+        if len(devs) > 1:
+            raise ValueError(f"the layers live on different devices {sorted(devs)}: use .to()")
+        self.dev = self.layers[0].dev if self.layers else _device.CPU
         names = [l.name for l in self.weighted()]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -289,6 +359,19 @@ class Sequential:
     def params(self) -> list[Param]:
         return [p for layer in self.layers for p in layer.params()]
 
+    def to(self, dev) -> Sequential:
+        """Move every layer to ``dev`` ("cpu", "cuda" or a Device), once; returns self. Build
+        the optimizer afterwards (it holds the parameters' arrays)."""
+        dev = _device.get_device(dev)
+        for layer in self.layers:
+            layer.to(dev)
+        self.dev = dev
+        return self
+
+    @property
+    def device(self) -> str:
+        return self.dev.name
+
     def weighted(self) -> list[Layer]:
         """The layers that hold weights (SparseLinear or Linear), in order."""
         return [l for l in self.layers if isinstance(l, (SparseLinear, Linear))]
@@ -304,8 +387,12 @@ class Sequential:
         """The weights as scipy.sparse csr_arrays (dense layers too), with the biases: [(W, b)]."""
         import scipy.sparse as sp
 
+        cpu, host = _device.CPU, _device.to_host
         return [
-            (l.W.to_scipy() if isinstance(l, SparseLinear) else sp.csr_array(l.W), l.b.copy())
+            (
+                cpu.csr(l.W).to_scipy() if isinstance(l, SparseLinear) else sp.csr_array(host(l.W)),
+                np.array(host(l.b)),
+            )
             for l in self.weighted()
         ]
 
@@ -337,14 +424,25 @@ class Sequential:
                 layers.append(ACTIVATIONS[activation]())
         return cls(layers)
 
-    def predict(self, x, batch_size: int = 1024) -> np.ndarray:
-        """Logits for x given batch-major (N, features): evaluated in feature-major batches."""
+    def predict(self, x, batch_size: int = 1024, *, to_host: bool = True) -> np.ndarray:
+        """Logits for x given batch-major (N, features): evaluated in feature-major batches.
+
+        On a device each batch is uploaded (x may also be a device array); the logits come back
+        as a NumPy array, or stay on the device with ``to_host=False``."""
+        dev = self.dev
+        xp = dev.xp
         out = []
         for s in range(0, x.shape[0], batch_size):
-            xb = np.ascontiguousarray(x[s : s + batch_size].T, dtype=np.float32)
+            xb = x[s : s + batch_size].T
+            xb = (
+                dev.asarray(np.ascontiguousarray(xb, dtype=np.float32))
+                if isinstance(xb, np.ndarray)
+                else xp.ascontiguousarray(xb, dtype=np.float32)
+            )
             out.append(self.forward(xb).T.copy())
         self.clear()
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        logits = xp.concatenate(out) if out else xp.zeros((0, 0), np.float32)
+        return _device.to_host(logits) if to_host else logits
 
 
 def sparse_init(

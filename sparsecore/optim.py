@@ -4,6 +4,9 @@ State arrays (momentum, Adam moments) have the shape of their parameter: for a s
 weight that is the CSR's ``data`` (nnz,). After a topology update ``remap(name, src, new_value)``
 carries each state array to the new pattern: kept connections keep their state bit for bit, new
 connections (src = -1) start at zero.
+
+On a device (the parameters' side, see sparsecore/device.py) the state lives there too and each
+update is one fused elementwise kernel (kernels/cuda/elementwise.cu) per parameter.
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ import math
 
 import numpy as np
 
-from kernels.cpu import elementwise as _ew
-from kernels.cpu import merge as _merge
+from sparsecore import device as _device
 
 
 class Optimizer:
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, device=None):
         if lr <= 0 or not math.isfinite(lr):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if weight_decay < 0:
@@ -35,7 +37,9 @@ class Optimizer:
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.t = 0
-        self.state = {p.name: {s: np.zeros_like(p.value) for s in self.state_names} for p in params}
+        self.dev = _device.get_device(device) if device is not None else _device.of(params)
+        xp = self.dev.xp
+        self.state = {p.name: {s: xp.zeros_like(p.value) for s in self.state_names} for p in params}
 
     def step(self, lr: float | None = None):
         lr = self.lr if lr is None else float(lr)
@@ -55,16 +59,17 @@ class Optimizer:
         """Carry the state of parameter ``name`` across a topology update (new entries: 0)."""
         st = self.state[name]
         for key, arr in st.items():
-            st[key] = _merge.remap(src, arr, 0.0)
+            st[key] = self.dev.remap(src, arr, 0.0)
 
     def state_bytes(self) -> int:
         return sum(a.nbytes for st in self.state.values() for a in st.values())
 
     def state_dict(self) -> dict:
+        """The state as NumPy arrays (copied from a device)."""
         out = {"t": np.array(self.t)}
         for name, st in self.state.items():
             for key, arr in st.items():
-                out[f"{name}/{key}"] = arr
+                out[f"{name}/{key}"] = _device.to_host(arr)
         return out
 
     def load_state_dict(self, d: dict):
@@ -77,23 +82,23 @@ class Optimizer:
                         f"optimizer state {name}/{key} has shape {arr.shape}, expected "
                         f"{self.params[name].value.shape}"
                     )
-                st[key] = np.array(arr, dtype=np.float32)
+                st[key] = self.dev.asarray(np.array(arr, dtype=np.float32))
 
 
 class SGD(Optimizer):
     """SGD with momentum (heavy ball or Nesterov) and L2 weight decay (added to the gradient)."""
 
-    def __init__(self, params, lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0):
+    def __init__(self, params, lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, device=None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.state_names = ("momentum",) if momentum > 0 else ()
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, device)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
 
     def _update(self, p, st, lr):
         if self.momentum:  # one fused pass over the (flattened) arrays
-            _ew.sgd_momentum(
+            self.dev.ew.sgd_momentum(
                 p.value.reshape(-1),
                 p.grad.reshape(-1),
                 st["momentum"].reshape(-1),
@@ -102,6 +107,9 @@ class SGD(Optimizer):
                 np.float32(self.weight_decay),
                 self.nesterov,
             )
+            return
+        if self.dev.on_device:
+            self.dev.ew.sgd(p.value, p.grad, lr, self.weight_decay)
             return
         g = p.grad
         if self.weight_decay:
@@ -115,14 +123,42 @@ class Adam(Optimizer):
     state_names = ("m", "v")
 
     def __init__(
-        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled=False,
+        device=None,
     ):
-        super().__init__(params, lr, weight_decay)
+        super().__init__(params, lr, weight_decay, device)
         self.b1, self.b2 = (float(b) for b in betas)
         self.eps = float(eps)
         self.decoupled = bool(decoupled)
 
     def _update(self, p, st, lr):
+        if self.dev.on_device:  # one fused pass, the same float32 maths as below
+            c1 = 1 - self.b1**self.t
+            c2 = 1 - self.b2**self.t
+            f = np.float32
+            self.dev.ew.adam(
+                p.value,
+                p.grad,
+                st["m"],
+                st["v"],
+                f(self.b1),
+                f(1 - self.b1),
+                f(self.b2),
+                f(1 - self.b2),
+                f(lr / c1),
+                f(c2),
+                f(self.eps),
+                f(self.weight_decay) if not self.decoupled else f(0),
+                self.decoupled,
+                f(lr * self.weight_decay) if self.decoupled else f(0),
+            )
+            return
         g = p.grad
         if self.weight_decay and not self.decoupled:
             g = g + np.float32(self.weight_decay) * p.value
@@ -139,8 +175,8 @@ class Adam(Optimizer):
         p.value -= step
 
 
-def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-    return Adam(params, lr, betas, eps, weight_decay, decoupled=True)
+def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, device=None):
+    return Adam(params, lr, betas, eps, weight_decay, decoupled=True, device=device)
 
 
 # ------------------------------------------------------------------ learning-rate schedules

@@ -1,4 +1,14 @@
-"""The training loop: mini-batches, RigL/SET/static/dense, metrics, checkpoints, cost report."""
+"""The training loop: mini-batches, RigL/SET/static/dense, metrics, checkpoints, cost report.
+
+``TrainConfig(device="cuda")`` moves the model to the GPU once, when the Trainer is built (one
+``GPUUnavailableError`` there without CuPy or a device). Weights, activations, gradients,
+optimizer state and topology updates then stay on the device; the training set is uploaded
+once (batches are gathered there by an epoch's permutation, uploaded once per epoch) unless it
+exceeds ``DEVICE_DATA_BYTES``, then each batch is uploaded. The host reads the loss and accuracy
+once per epoch (and the loss at each topology update, to stop before growing from NaNs),
+evaluation's two numbers, and the arrays of a checkpoint (written and read as on the CPU: a
+checkpoint resumes on either side).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparsecore import data as data_mod
+from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl.distributions import layer_densities
@@ -52,6 +63,9 @@ RESULT_KEYS = (
     "step_on_update",
     "grow_candidates",
 )
+# A training set up to this many bytes is put on the device once; a larger one is uploaded
+# batch by batch.
+DEVICE_DATA_BYTES = 4 << 30
 # Keys added after checkpoints were first written: an old checkpoint had these values.
 KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10}
 
@@ -93,8 +107,11 @@ class TrainConfig:
     out: str | None = None
     progress: bool = True
     max_memory: int | None = None  # bytes: refuse (before allocating) a run whose plan exceeds it
+    device: str = "cpu"  # "cuda": train on the GPU (CuPy), the model moved there once
 
     def validate(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.grow not in ("exact", "sampled"):
@@ -172,7 +189,7 @@ def build_model(cfg: TrainConfig) -> Sequential:
     return mlp(cfg.arch, dens, activation=cfg.activation, seed=cfg.seed, fan_in=cfg.fan_in)
 
 
-def make_optimizer(cfg: TrainConfig, params):
+def make_optimizer(cfg: TrainConfig, params, device=None):
     if cfg.optimizer == "sgd":
         return SGD(
             params,
@@ -180,15 +197,21 @@ def make_optimizer(cfg: TrainConfig, params):
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
+            device=device,
         )
     return Adam(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=cfg.optimizer == "adamw"
+        params,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        decoupled=cfg.optimizer == "adamw",
+        device=device,
     )
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
         self.cfg = cfg.validate()
+        self.device = get_device(cfg.device)  # the one clear error without CuPy or a GPU
         self.plan = check_memory(cfg)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed
@@ -203,9 +226,9 @@ class Trainer:
                 f"arch ends with {cfg.arch[-1]} outputs but the labels go up to "
                 f"{self.data.n_classes - 1}"
             )
-        self.model = build_model(cfg)
-        self.loss_fn = SoftmaxCrossEntropy()
-        self.opt = make_optimizer(cfg, self.model.params())
+        self.model = build_model(cfg).to(self.device)  # built on the host, moved once
+        self.loss_fn = SoftmaxCrossEntropy().to(self.device)
+        self.opt = make_optimizer(cfg, self.model.params(), self.device)
         self.steps_per_epoch = self.data.x_train.shape[0] // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -251,17 +274,22 @@ class Trainer:
         )
 
     def train_step(self, xb: np.ndarray, yb: np.ndarray):
-        """xb feature-major (features, B). Returns (loss, n_correct, topology report or None)."""
+        """xb feature-major (features, B). Returns (loss, n_correct, topology report or None).
+
+        On a device xb and yb are device arrays, and loss and n_correct 0-d device arrays (read
+        when logging: no sync per step); the loss is checked at topology updates and by run()."""
         logits = self.model.forward(xb)
         loss, dlogits, correct = self.loss_fn(logits, yb)
-        if not math.isfinite(loss):
+        on_device = self.device.on_device
+        update = self.updater is not None and self.updater.is_update_step(self.step)
+        if (not on_device or update) and not math.isfinite(loss):
             raise TrainingDiverged(
                 f"the loss became {loss} at step {self.step} (epoch {self.epoch}); lower the "
                 "learning rate" + self._last_good()
             )
         self.model.backward(dlogits)
         report = None
-        if self.updater is not None and self.updater.is_update_step(self.step):
+        if update:
             report = self.updater.update(self.step, self.model, self.opt)
             if self.cfg.step_on_update:
                 self.opt.step(self.lr())
@@ -270,9 +298,12 @@ class Trainer:
         self.step += 1
         return loss, correct, report
 
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.data.x_train.shape[0])
+
     def batches(self, epoch: int):
         """Indices of each mini-batch of an epoch: a permutation seeded by (seed, epoch)."""
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.data.x_train.shape[0])
+        perm = self.epoch_permutation(epoch)
         bs = self.cfg.batch_size
         for s in range(self.steps_per_epoch):
             yield perm[s * bs : (s + 1) * bs]
@@ -284,22 +315,31 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         x, y = self.data.x_train, self.data.y_train
+        dev = self.device
+        on_device = dev.on_device
+        resident = on_device and self._device_data()  # (x, y) on the device, or None
         step_times, update_times = [], []
         while self.epoch < cfg.epochs and self.step < self.total_steps:
             t_epoch = time.perf_counter()
             losses, correct, seen = [], 0, 0
+            first_step = self.step
             bar = tqdm(
                 total=min(self.steps_per_epoch, self.total_steps - self.step),
                 desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                 disable=not cfg.progress,
                 leave=False,
             )
-            for idx in self.batches(self.epoch):
+            perm_d = dev.asarray(self.epoch_permutation(self.epoch)) if resident else None
+            t_loop = time.perf_counter()
+            for s, idx in enumerate(self.batches(self.epoch)):
                 if self.step >= self.total_steps:
                     break
-                xb = np.ascontiguousarray(x[idx].T)
+                if on_device:
+                    xb, yb = self._device_batch(resident, perm_d, s, idx)
+                else:
+                    xb, yb = np.ascontiguousarray(x[idx].T), y[idx]
                 t0 = time.perf_counter()
-                loss, c, report = self.train_step(xb, y[idx])
+                loss, c, report = self.train_step(xb, yb)
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
                 if report is not None:
@@ -316,6 +356,13 @@ class Trainer:
                 seen += idx.shape[0]
                 bar.update()
             bar.close()
+            if on_device and losses:  # the epoch's metrics, read once; steps timed as a whole
+                dev.sync()
+                n = len(losses)
+                step_times[-n:] = [(time.perf_counter() - t_loop) / n] * n
+                losses = to_host(dev.xp.stack(losses)).tolist()
+                correct = int(correct)
+                self._check_losses(losses, first_step)
             self.model.clear()
             self.epoch += 1
             row = {
@@ -357,16 +404,46 @@ class Trainer:
             self.plot(self.out / "learning_curve.png")
         return self.summary(step_times)
 
+    def _device_data(self):
+        """The training set on the device, once (None when above DEVICE_DATA_BYTES)."""
+        x, y = self.data.x_train, self.data.y_train
+        if not isinstance(x, np.ndarray) or x.nbytes + y.nbytes > DEVICE_DATA_BYTES:
+            return None  # (also a streamed set: its batches are read, then uploaded)
+        return self.device.asarray(x), self.device.asarray(y)
+
+    def _device_batch(self, resident, perm_d, s, idx):
+        """Batch s of the epoch on the device (xb feature-major, yb): gathered there by the
+        epoch's permutation (uploaded once per epoch: no host sync per step), or uploaded."""
+        dev = self.device
+        if resident:
+            xd, yd = resident
+            bs = self.cfg.batch_size
+            i = perm_d[s * bs : (s + 1) * bs]
+            return dev.xp.ascontiguousarray(xd[i].T), yd[i]
+        x, y = self.data.x_train, self.data.y_train
+        return dev.asarray(np.ascontiguousarray(x[idx].T)), dev.asarray(y[idx])
+
+    def _check_losses(self, losses, first_step):
+        """A device run's losses of an epoch, read at its end: the first non-finite one stops."""
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss} at step {first_step + i} (epoch {self.epoch}); "
+                    "lower the learning rate" + self._last_good()
+                )
+
     def evaluate(self, x, y) -> dict:
         if x.shape[0] == 0:
             return {"acc": float("nan"), "loss": float("nan")}
-        logits = self.model.predict(x, batch_size=self.cfg.batch_size)  # the plan's activations
+        xp = self.device.xp  # on a device: logits stay there, two numbers come back
+        logits = self.model.predict(x, batch_size=self.cfg.batch_size, to_host=False)
+        y = self.device.asarray(y)
         with np.errstate(invalid="ignore", over="ignore"):  # a diverged model: reported by caller
             z = logits - logits.max(axis=1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         return {
-            "acc": float(np.mean(np.argmax(logits, axis=1) == y)),
-            "loss": float(-logp[np.arange(y.shape[0]), y].mean()),
+            "acc": float(xp.mean(xp.argmax(logits, axis=1) == y)),
+            "loss": float(-logp[xp.arange(y.shape[0]), y].mean()),
         }
 
     # ------------------------------------------------------------------ reporting
@@ -380,6 +457,8 @@ class Trainer:
             self.schedule,
             self.total_steps,
             self.cfg.method,
+            grow=self.cfg.grow,
+            grow_candidates=self.cfg.grow_candidates,
         )
         last = self.history[-1] if self.history else {}
         return {
@@ -425,7 +504,8 @@ class Trainer:
 
     def _check_finite(self, row):
         """Before a checkpoint replaces the last one: weights and the epoch's losses finite."""
-        bad = [p.name for p in self.model.params() if not np.isfinite(p.value).all()]
+        xp = self.device.xp
+        bad = [p.name for p in self.model.params() if not bool(xp.isfinite(p.value).all())]
         if bad or not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
             what = ", ".join(bad) if bad else "loss"
             raise TrainingDiverged(
@@ -438,7 +518,8 @@ class Trainer:
         return self.out / "checkpoint.npz"
 
     def save_checkpoint(self, path):
-        """Everything needed to resume, in one .npz, written to a temporary file and renamed."""
+        """Everything needed to resume, in one .npz, written to a temporary file and renamed
+        (from a device: copied to the host first; it resumes on either side)."""
         path = Path(path)
         arrays = {
             "meta": np.array(
@@ -458,15 +539,15 @@ class Trainer:
                 W = layer.W
                 arrays.update(
                     {
-                        f"L{l}/indptr": W.indptr,
-                        f"L{l}/indices": W.indices,
-                        f"L{l}/data": W.data,
+                        f"L{l}/indptr": to_host(W.indptr),
+                        f"L{l}/indices": to_host(W.indices),
+                        f"L{l}/data": to_host(W.data),
                         f"L{l}/shape": np.array(W.shape),
                     }
                 )
             else:
-                arrays[f"L{l}/W"] = layer.W
-            arrays[f"L{l}/b"] = layer.b
+                arrays[f"L{l}/W"] = to_host(layer.W)
+            arrays[f"L{l}/b"] = to_host(layer.b)
         for k, v in self.opt.state_dict().items():
             arrays[f"opt/{k}"] = v
         tmp = path.with_name(path.name + ".tmp")
@@ -520,15 +601,15 @@ class Trainer:
                         raise ValueError(
                             f"checkpoint layer {l} has shape {W.shape}, expected {layer.W.shape}"
                         )
-                    layer.set_weight(W)
+                    layer.set_weight(self.device.csr(W))
                 else:
                     if d[f"L{l}/W"].shape != layer.W.shape:
                         raise ValueError(
                             f"checkpoint layer {l} has shape {d[f'L{l}/W'].shape}, "
                             f"expected {layer.W.shape}"
                         )
-                    layer.W[...] = d[f"L{l}/W"]
-                layer.b[...] = d[f"L{l}/b"]
+                    layer.W[...] = self.device.asarray(d[f"L{l}/W"])
+                layer.b[...] = self.device.asarray(d[f"L{l}/b"])
             self.opt.rebind(self.model.params())
             self.opt.load_state_dict({k[4:]: d[k] for k in d.files if k.startswith("opt/")})
         self.step, self.epoch = int(meta["step"]), int(meta["epoch"])

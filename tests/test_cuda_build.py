@@ -23,6 +23,7 @@ import pytest
 
 import kernels
 from kernels.cuda import _module
+from kernels.cuda import elementwise as cu_ew
 from kernels.cuda import grow as cu_grow
 from kernels.cuda import sddmm as cu_sddmm
 from kernels.cuda import spmm as cu_spmm
@@ -66,6 +67,12 @@ def _plans():
         out.append(cu_grow.hist_plan(u, -0.5, 0xFFFFFFFF, 7, 0xFFFF, 3, 1, 0, bins))
         out.append(cu_grow.select_plan(u, -0.5, 0, 0.0, 0, bs, bf, counter, 4))
         out.append(cu_grow.select_plan(u, 1.0, 1, 2.0, cu_grow.ALL_FLATS, bs, bf, counter, 4))
+    a = np.ones((2, 3), np.float32)
+    out.append(cu_ew.relu_plan(a, a))
+    out.append(cu_ew.relu_backward_plan(a, a, a))
+    out.append(cu_ew.sgd_plan(a, a, 0.1, 0.0))
+    out.append(cu_ew.sgd_momentum_plan(a, a, a, 0.1, 0.9, 1e-4, True))
+    out.append(cu_ew.adam_plan(a, a, a, a, 0.9, 0.1, 0.999, 1e-3, 1e-3, 0.5, 1e-8, 0, 1, 1e-5))
     return out
 
 
@@ -122,7 +129,7 @@ def ptx():
 
 
 def test_every_source_compiles_and_is_prefixed(ptx):
-    assert set(SOURCES) == {"spmm.cu", "sddmm.cu", "grow.cu"}
+    assert set(SOURCES) == {"spmm.cu", "sddmm.cu", "grow.cu", "elementwise.cu"}
     for (arch, src), entries in ptx.items():
         assert entries, f"{src} ({arch}) defines no kernel"
         assert all(name.startswith("sparsecore_") for name in entries)

@@ -113,7 +113,47 @@ def _emu_select(plan, rng):
     counter[0] += idx.shape[0]
 
 
+def _emu_elementwise(plan, rng):
+    """The maths of elementwise.cu in float32, in the kernel's operation order."""
+    f = np.float32
+    name = plan.kernel
+    assert plan.grid[0] * plan.block[0] >= 1
+    if name == "sparsecore_relu":
+        x, out, n = plan.args
+        assert x.size == out.size == n
+        out[...] = np.where(x > 0, x, f(0))
+    elif name == "sparsecore_relu_backward":
+        dy, y, out, n = plan.args
+        assert dy.size == y.size == out.size == n
+        out[...] = np.where(y > 0, dy, f(0))
+    elif name == "sparsecore_sgd":
+        p, g, n, lr, wd = plan.args
+        p -= lr * (g + wd * p)
+    elif name == "sparsecore_sgd_momentum":
+        p, g, v, n, lr, mom, wd, nesterov = plan.args
+        gj = g + wd * p
+        v[...] = mom * v + gj
+        p -= lr * (gj + mom * v if nesterov else v)
+    elif name == "sparsecore_adam":
+        p, g, m, v, n, b1, a1, b2, a2, lr_c1, c2, eps, wd, decoupled, lr_wd = plan.args
+        gj = g if decoupled else g + wd * p
+        m[...] = b1 * m + a1 * gj
+        v[...] = b2 * v + a2 * (gj * gj)
+        if decoupled:
+            p -= lr_wd * p
+        p -= lr_c1 * m / (np.sqrt(v / c2) + eps)
+    else:
+        raise AssertionError(name)
+    for a in plan.args:  # in-place updates stay float32
+        assert not isinstance(a, np.ndarray) or a.dtype in (np.float32, np.int64)
+
+
 _MODELS = {
+    "sparsecore_relu": _emu_elementwise,
+    "sparsecore_relu_backward": _emu_elementwise,
+    "sparsecore_sgd": _emu_elementwise,
+    "sparsecore_sgd_momentum": _emu_elementwise,
+    "sparsecore_adam": _emu_elementwise,
     "sparsecore_spmm": _emu_spmm,
     "sparsecore_spmm4": _emu_spmm,
     "sparsecore_sddmm": _emu_sddmm,
@@ -123,13 +163,13 @@ _MODELS = {
 }
 
 
-@pytest.fixture
-def emulated(monkeypatch, rng):
-    """Replace the device launch by the NumPy models; returns the list of launches made."""
+def install(monkeypatch, rng):
+    """Replace the device launch by the NumPy models; returns the list of launches made (also
+    used by tests/test_device_training.py to run the device training path without a GPU)."""
     launched = []
 
     def fake_launch(plan):
-        assert plan.source in ("spmm.cu", "sddmm.cu", "grow.cu")
+        assert plan.source in ("spmm.cu", "sddmm.cu", "grow.cu", "elementwise.cu")
         assert all(not isinstance(a, (int, float, bool)) for a in plan.args), (
             f"{plan.kernel}: pass NumPy scalars, not Python numbers (sizes must match the C types)"
         )
@@ -137,10 +177,17 @@ def emulated(monkeypatch, rng):
         launched.append(plan)
         if plan.grid[0] == 0:
             return
-        _MODELS[plan.kernel.rsplit("_", 1)[0]](plan, rng)
+        model = _MODELS.get(plan.kernel) or _MODELS[plan.kernel.rsplit("_", 1)[0]]
+        model(plan, rng)
 
     monkeypatch.setattr(_module, "launch", fake_launch)
     return launched
+
+
+@pytest.fixture
+def emulated(monkeypatch, rng):
+    """Replace the device launch by the NumPy models; returns the list of launches made."""
+    return install(monkeypatch, rng)
 
 
 @pytest.mark.parametrize("name", cases.NAMES)
@@ -183,6 +230,31 @@ def test_products_through_the_launchers(name, batch, rng, emulated):
     c = cpu_spmm_t.spmm_t(*t, W.data, dY, cases.poisoned((n, batch)), gate=gate)
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     assert np.all(a[gate <= 0] == 0)
+
+
+def test_elementwise_launchers_match_the_cpu_twins(rng, emulated):
+    from kernels.cpu import elementwise as cpu_ew
+    from kernels.cuda import elementwise as cu_ew
+
+    x = rng.standard_normal((7, 5)).astype(np.float32)
+    y = cpu_ew.relu(x, np.empty_like(x))
+    np.testing.assert_array_equal(cu_ew.relu(x, cases.poisoned(x.shape)), y)
+    dy = rng.standard_normal((7, 5)).astype(np.float32)
+    want = cpu_ew.relu_backward(dy, y, np.empty_like(dy))
+    np.testing.assert_array_equal(cu_ew.relu_backward(dy, y, dy.copy()), want)
+    for nesterov in (False, True):
+        p, g, v = (rng.standard_normal(33).astype(np.float32) for _ in range(3))
+        p2, v2 = p.copy(), v.copy()
+        cpu_ew.sgd_momentum(p, g, v, np.float32(0.1), np.float32(0.9), np.float32(1e-3), nesterov)
+        cu_ew.sgd_momentum(p2, g, v2, 0.1, 0.9, 1e-3, nesterov)
+        np.testing.assert_allclose(p2, p, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(v2, v, rtol=1e-6, atol=1e-7)
+    assert {p.kernel for p in emulated} == {
+        "sparsecore_relu",
+        "sparsecore_relu_backward",
+        "sparsecore_sgd_momentum",
+    }
+    assert cu_ew.grid(0)[0] == 0 and cu_ew.grid(10**12)[0] == kernels.config.CUDA_GROW_MAX_BLOCKS
 
 
 def test_launch_shapes():

@@ -215,7 +215,15 @@ class _FakeCupyArray:
 _FakeCupyArray.__module__ = "cupy"
 
 
-def test_cupy_arrays_get_a_clear_not_implemented(rng):
+def test_cupy_arrays_get_a_clear_not_implemented(rng, monkeypatch):
+    # as if CuPy were not installed, whatever this machine has (with CuPy and a GPU the same
+    # calls are a TypeError about mixing sides: tests/test_cuda_device.py)
+    import sys
+
+    from sparsecore import validation
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    monkeypatch.setattr(validation, "_gpu_state", {})
     W = cases.make("odd_37x53", rng)
     with pytest.raises(NotImplementedError, match=r"X is a CuPy array: the CUDA kernels"):
         kernels.spmm(W, _FakeCupyArray())

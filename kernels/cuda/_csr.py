@@ -77,15 +77,11 @@ class DeviceCSR:
 
     def to_host(self):
         """A ``sparsecore.CSR`` with copies of the arrays in host memory."""
-        import cupy
-
+        from kernels.cuda._module import to_host
         from sparsecore.formats import CSR
 
         return CSR._trusted(
-            cupy.asnumpy(self.indptr),
-            cupy.asnumpy(self.indices),
-            cupy.asnumpy(self.data),
-            self.shape,
+            *(np.array(to_host(a)) for a in (self.indptr, self.indices, self.data)), self.shape
         )
 
     def to_cupy_scipy(self):
@@ -111,6 +107,13 @@ class DeviceCSR:
         return DeviceCSR(indptr, indices, data, self.shape)
 
     # ------------------------------------------------------------------ derived structures
+    def row_blocks(self):
+        """None: the GPU launchers take the CPU's thread partition for the shared signature
+        and ignore it (one thread per output element)."""
+        return None
+
+    col_blocks = row_blocks
+
     def row_ids(self):
         """Row index of every stored entry, in CSR order (cached)."""
         if "rows" not in self._cache:

@@ -10,6 +10,13 @@ connections start at weight 0 with zero optimizer state; a connection dropped an
 same update keeps its weight and state. nnz per layer is exactly constant.
 
 To plug in another criterion, subclass TopologyUpdater and override ``drop`` and/or ``grow``.
+
+On a device (a model moved with ``Sequential.to("cuda")``) the drop, RigL's exact grow, the
+merge and the remaps run there through the layer's launchers (``layer.dev``). The random draws
+of SET and of the sampled grow run on the host, on a downloaded copy of the pattern and keep
+mask (and, for the sampled grow, of dY and X: O(nnz + (m + n)·B) bytes per layer and update,
+none per step), with the same seeded generator as on the CPU; the k chosen connections are
+uploaded.
 """
 
 from __future__ import annotations
@@ -18,11 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import kernels
-from kernels.cpu import drop as _drop
-from kernels.cpu import grow as _grow
-from kernels.cpu import merge as _merge
 from kernels.cpu import sampled as _sampled
+from sparsecore.device import to_host
 from sparsecore.layers import Sequential, SparseLinear
 from sparsecore.rigl.schedule import UpdateSchedule
 
@@ -54,7 +58,7 @@ class TopologyUpdater:
     # -- criteria (override these) ----------------------------------------------------------
     def drop(self, layer: SparseLinear, k: int) -> np.ndarray:
         """Positions (into W.data) of the k connections to drop."""
-        return _drop.magnitude_drop(layer.W.data, k)
+        return layer.dev.drop(layer.W.data, k)
 
     def grow(self, layer: SparseLinear, k: int, keep: np.ndarray, step: int, index: int):
         """(rows, cols) of k connections absent from the kept set, ascending flat order."""
@@ -69,19 +73,22 @@ class TopologyUpdater:
         for index, layer in enumerate(model.sparse_layers()):
             t0 = time.perf_counter()
             W = layer.W
+            dev = layer.dev  # the layer's side: its array module and launchers
             k = int(f * W.nnz)  # <= nnz, so the absent-after-drop set always holds k
             dropped = self.drop(layer, k)
-            keep = np.ones(W.nnz, dtype=bool)
+            keep = dev.xp.ones(W.nnz, dtype=bool)
             keep[dropped] = False
+            dev.sync()
             t_grow = time.perf_counter()
             rows, cols = self.grow(layer, k, keep, step, index)
+            dev.sync()
             t_grow = time.perf_counter() - t_grow
-            W2, src = kernels.merge(W, keep, rows, cols)
+            W2, src = dev.merge(W, keep, rows, cols)
             if W2.nnz != W.nnz:
                 raise RuntimeError(f"layer {layer.name}: nnz changed from {W.nnz} to {W2.nnz}")
             old_grad = layer.gW
             layer.set_weight(W2)
-            _merge.remap(src, old_grad, 0.0, out=layer.gW)  # for a step taken on this batch
+            dev.remap(src, old_grad, 0.0, out=layer.gW)  # for a step taken on this batch
             if optimizer is not None:
                 optimizer.remap(f"{layer.name}.W", src)
                 optimizer.rebind(layer.params())
@@ -91,7 +98,7 @@ class TopologyUpdater:
                     nnz=W2.nnz,
                     dropped=int(dropped.shape[0]),
                     grown=int(rows.shape[0]),
-                    new=int(np.count_nonzero(src < 0)),
+                    new=int(dev.xp.count_nonzero(src < 0)),
                     seconds=time.perf_counter() - t0,
                     grow_seconds=t_grow,
                 )
@@ -152,13 +159,16 @@ class RigL(TopologyUpdater):
                 "forward and backward before the update"
             )
         W = layer.W
-        if self.grow_mode == "sampled":
+        if self.grow_mode == "sampled":  # on a device: drawn and scored on the host, uploaded
             rng = np.random.default_rng([self.seed, step, index])
             rows, cols, _ = _sampled.sampled_grow(
-                W.indptr, W.indices, keep, layer.dy, layer.x, k, self.candidates, rng
+                *map(to_host, (W.indptr, W.indices, keep, layer.dy, layer.x)),
+                k,
+                self.candidates,
+                rng,
             )
-            return rows, cols
-        rows, cols, _ = _grow.topk_grow(
+            return layer.dev.asarray(rows), layer.dev.asarray(cols)
+        rows, cols, _ = layer.dev.grow(
             W.indptr, W.indices, keep, layer.dy, layer.x, k, tile_bytes=self.tile_bytes
         )
         return rows, cols
@@ -174,10 +184,11 @@ class SET(TopologyUpdater):
     def grow(self, layer, k, keep, step, index):
         W = layer.W
         rng = np.random.default_rng([self.seed, step, index])
-        flat = _sampled.sample_absent(W.indptr, W.indices, keep, W.shape[1], k, rng)
+        indptr, indices, keep = map(to_host, (W.indptr, W.indices, keep))  # (a device: a copy)
+        flat = _sampled.sample_absent(indptr, indices, keep, W.shape[1], k, rng)
         n = np.int64(W.shape[1])
         rows = flat // n
-        return rows, flat - rows * n
+        return layer.dev.asarray(rows), layer.dev.asarray(flat - rows * n)
 
 
 class Static(TopologyUpdater):
@@ -189,7 +200,8 @@ class Static(TopologyUpdater):
         return False
 
     def grow(self, layer, k, keep, step, index):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        e = layer.dev.xp.zeros(0, np.int64)
+        return e, e
 
 
 UPDATERS = {"rigl": RigL, "set": SET, "static": Static}
