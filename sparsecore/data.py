@@ -1,7 +1,9 @@
 """Datasets: the bundled MNIST, or the user's own arrays; normalisation and a validation split.
 
 Arrays are kept batch-major (N, features) float32 as users hold them; the training loop
-transposes each mini-batch to the kernels' feature-major layout.
+transposes each mini-batch to the kernels' feature-major layout. A folder of .npy files is
+streamed: the files are memory-mapped and each mini-batch's rows are read, cast and standardised
+when the batch is drawn (``StreamedRows``), so a dataset larger than memory trains in O(batch).
 """
 
 from __future__ import annotations
@@ -104,6 +106,106 @@ def from_arrays(
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
+STREAM_CHUNK_BYTES = 64 << 20  # statistics and checks of a streamed array read this much at a time
+
+
+class StreamedRows:
+    """Rows of a (memory-mapped) array (N, ...), flattened to (N, F), cast to float32 and
+    standardised as they are read: ``x[idx]`` (an int, a slice or an integer array) reads only
+    those rows. ``rows`` selects a subset (a validation split) without copying anything."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, base, mean: float = 0.0, std: float = 1.0, rows=None):
+        self.base = base
+        self.mean, self.std = np.float32(mean), np.float32(std)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        n = base.shape[0] if self.rows is None else self.rows.shape[0]
+        self.shape = (int(n), int(np.prod(base.shape[1:], dtype=np.int64)))
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            raise TypeError("StreamedRows takes one row index (int, slice or integer array)")
+        src = idx if self.rows is None else self.rows[idx]
+        a = np.asarray(self.base[src], dtype=np.float32)
+        one = isinstance(src, (int, np.integer)) or (isinstance(src, np.ndarray) and src.ndim == 0)
+        a = a.reshape(-1) if one else a.reshape(a.shape[0], self.shape[1])
+        a -= self.mean
+        a /= self.std
+        return a
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+    def subset(self, rows) -> StreamedRows:
+        rows = np.asarray(rows, dtype=np.int64)
+        return StreamedRows(
+            self.base, self.mean, self.std, rows if self.rows is None else self.rows[rows]
+        )
+
+
+def _streamed_stats(x, name) -> tuple[float, float]:
+    """Mean and standard deviation of every element, read in chunks (float64, Chan's combination
+    of per-chunk moments); raises on NaN/inf or a non-numeric dtype."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be (N, features...) with at least 2 dims, got {x.shape}")
+    if x.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+    row_bytes = max(1, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)))
+    chunk = max(1, STREAM_CHUNK_BYTES // (8 * row_bytes // x.itemsize))
+    n, mean, m2 = 0, 0.0, 0.0
+    for start in range(0, x.shape[0], chunk):
+        c = np.asarray(x[start : start + chunk], dtype=np.float64)
+        if not np.isfinite(c).all():
+            raise ValueError(f"{name} holds NaN or inf (rows {start}..{start + c.shape[0] - 1})")
+        nc = c.size
+        if not nc:
+            continue
+        mc = float(c.mean())
+        m2c = float(((c - mc) ** 2).sum())
+        delta = mc - mean
+        tot = n + nc
+        mean += delta * nc / tot
+        m2 += m2c + delta * delta * n * nc / tot
+        n = tot
+    std = (m2 / n) ** 0.5 if n else 0.0
+    return mean, std
+
+
+def streamed(x_train, y_train, x_test, y_test, *, name="streamed", val_fraction=0.0, seed=0):
+    """A Dataset over (memory-mapped) arrays whose features are read per batch: standardised
+    with the training set's statistics (computed in chunks), split like ``from_arrays``."""
+    ytr, yte = _labels(y_train, "y_train"), _labels(y_test, "y_test")
+    mean, std = _streamed_stats(x_train, "x_train")
+    _streamed_stats(x_test, "x_test")  # the same checks
+    std = std or 1.0
+    xtr = StreamedRows(x_train, mean, std)
+    xte = StreamedRows(x_test, mean, std)
+    if xtr.shape[0] != ytr.shape[0]:
+        raise ValueError(f"x_train has {xtr.shape[0]} rows but y_train has {ytr.shape[0]} labels")
+    if xte.shape[0] != yte.shape[0]:
+        raise ValueError(f"x_test has {xte.shape[0]} rows but y_test has {yte.shape[0]} labels")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
+    if xtr.shape[0] == 0:
+        raise ValueError("x_train is empty")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_classes = int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
+    n_val = int(round(val_fraction * xtr.shape[0]))
+    perm = np.random.default_rng(seed).permutation(xtr.shape[0])
+    val, tr = perm[:n_val], perm[n_val:]  # the rows from_arrays would give, in its order
+    return Dataset(name, xtr.subset(tr), ytr[tr], xtr.subset(val), ytr[val], xte, yte, n_classes)
+
 
 def _load_npy_dir(path: Path) -> dict:
     missing = [k for k in KEYS if not (path / f"{k}.npy").exists()]
@@ -126,6 +228,7 @@ def load(name_or_path: str, *, val_fraction: float = 0.0, seed: int = 0, verify=
             )
     if path.is_dir():
         arrays = _load_npy_dir(path)
+        return streamed(**arrays, name=path.stem, val_fraction=val_fraction, seed=seed)
     else:
         with np.load(path, allow_pickle=False) as d:
             missing = [k for k in KEYS if k not in d.files]

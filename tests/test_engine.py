@@ -582,7 +582,7 @@ def test_dataset_from_a_folder_of_npy_files(tmp_path):
         np.save(tmp_path / f"{k}.npy", v)
     d = D.load(str(tmp_path))
     ref = D.from_arrays(**arrays)
-    np.testing.assert_array_equal(d.x_train, ref.x_train)
+    np.testing.assert_allclose(np.asarray(d.x_train), ref.x_train, rtol=1e-6, atol=1e-6)
     assert d.n_classes == ref.n_classes and d.name == tmp_path.name
     (tmp_path / "y_test.npy").unlink()
     with pytest.raises(ValueError, match=r"lacks y_test.npy"):
