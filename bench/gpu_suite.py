@@ -14,7 +14,9 @@
 3. The fused grow's peak extra device memory (CuPy memory-pool hook) against the bytes of the
    dense gradient it never forms.
 4. A training step of a 99%-sparse MLP on the CUDA kernels against dense cuBLAS training of the
-   same MLP, and masked-dense PyTorch training when torch with CUDA is importable.
+   same MLP, and masked-dense PyTorch training when torch with CUDA is importable; then the
+   engine's own device step (Trainer with device="cuda": layers, loss, fused optimizer kernel)
+   on the same widths, and one RigL topology update of it (exact grow) on the device.
 Prints a table and writes <out>/gpu_suite.json. Without CuPy or a CUDA device it exits with
 status 2 and says why.
 """
@@ -22,6 +24,7 @@ status 2 and says why.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -404,10 +407,60 @@ def mlp_steps(quick, seed):
         "dense_cublas_ms": gpu_time(dense_step, budget_s=1.0),
     }
     out["speedup_vs_dense"] = out["dense_cublas_ms"] / out["sparse_ms"]
+    sparse.clear()  # free the compact step's and the dense MLP's device memory
+    dense.clear()
+    cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        out.update(engine_steps(dims, n_classes, batch, density, lr, seed))
+        out["engine_speedup_vs_dense"] = out["dense_cublas_ms"] / out["engine_ms"]
+    except Exception as e:  # reported, and the rest of the suite still runs
+        out["engine_error"] = f"{type(e).__name__}: {e}"
     cupy.get_default_memory_pool().free_all_blocks()
     out["torch_masked_dense_ms"] = torch_step(dims, n_classes, batch, density, lr, seed)
     if out["torch_masked_dense_ms"]:
         out["speedup_vs_torch"] = out["torch_masked_dense_ms"] / out["sparse_ms"]
+    return out
+
+
+def engine_steps(dims, n_classes, batch, density, lr, seed):
+    """ms per step of sparsecore's own trainer on the device (TrainConfig(device="cuda")): the
+    MLP dims + [n_classes] at uniform density (the head sparse too, unlike mlp_steps' compact
+    step), SGD with momentum; and ms of one RigL topology update (exact grow, α = 0.3)."""
+    import cupy
+
+    from sparsecore import data as D
+    from sparsecore.train import TrainConfig, Trainer
+
+    r = np.random.default_rng(seed)
+    n = 4 * batch
+    x = r.standard_normal((n, dims[0]), dtype=np.float32)
+    y = r.integers(0, n_classes, n)
+    e = np.zeros((0, dims[0]), np.float32)
+    data = D.Dataset("synthetic", x, y, e, np.zeros(0, np.int64), x[:batch], y[:batch], n_classes)
+    cfg = TrainConfig(
+        arch=[*dims, n_classes],
+        sparsity=1 - density,
+        distribution="uniform",
+        method="rigl",
+        delta_t=10**9,  # no topology update inside the timed steps
+        batch_size=batch,
+        lr=lr,
+        epochs=1,
+        progress=False,
+        device="cuda",
+    )
+    tr = Trainer(cfg, data)
+    xb = cupy.asarray(np.ascontiguousarray(x[:batch].T))
+    yb = cupy.asarray(y[:batch])
+    out = {"engine_ms": gpu_time(lambda: tr.train_step(xb, yb), budget_s=1.0)}
+
+    def update():
+        logits = tr.model.forward(xb)
+        tr.model.backward(tr.loss_fn(logits, yb)[1])
+        tr.updater.update(tr.updater.schedule.delta_t, tr.model, tr.opt)
+
+    tr.updater.schedule = dataclasses.replace(tr.updater.schedule, delta_t=1, t_end=10**9)
+    out["engine_update_ms"] = gpu_time(update, budget_s=1.0, warmup=1, min_rep=2, max_rep=5)
     return out
 
 
@@ -494,6 +547,14 @@ def print_tables(res):
             f"({ts['speedup_vs_dense']:.2f}x), torch masked-dense "
             f"{fmt(ts.get('torch_masked_dense_ms'), '.2f')} ms"
         )
+        if "engine_ms" in ts:
+            print(
+                f"engine step (Trainer, device='cuda', head sparse too): {ts['engine_ms']:.2f} ms "
+                f"({ts['engine_speedup_vs_dense']:.2f}x vs dense cuBLAS); one RigL topology "
+                f"update {ts['engine_update_ms']:.1f} ms"
+            )
+        if "engine_error" in ts:
+            print(f"engine step FAILED: {ts['engine_error']}")
 
 
 def main(argv=None):

@@ -108,6 +108,9 @@ def _add_plan(sub):
         default=10,
         help="with --grow sampled: candidates scored per grown connection",
     )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: plan the GPU's memory"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -164,6 +167,7 @@ def main(argv=None) -> int:
                 method=args.method,
                 grow=args.grow,
                 grow_candidates=args.grow_candidates,
+                device=args.device,
             )
         except ValueError as e:
             print(f"sparsecore plan: error: {e}", file=sys.stderr)

@@ -7,6 +7,12 @@ topology update's transients (the grow tile and candidate buffer, and the new pa
 beside the old one), and the dense equivalent of the same run. ``sparsecore plan`` prints it;
 ``sparsecore train --max-memory`` refuses a run whose plan exceeds the budget, before building
 anything.
+
+With ``device="cuda"`` the plan is of GPU memory, where all of that state lives in a device run:
+no dX values scratch (the CUDA spmm_t gathers in place), and the exact grow's tile, candidate
+buffer, cut scratch and histogram by the CUDA launcher's rule (kernels/cuda/grow.py). SET's and
+the sampled grow's draws run on the host (sparsecore/rigl/updater.py): they are not counted.
+The training set, put on the device once by the trainer, is not part of the plan.
 """
 
 from __future__ import annotations
@@ -57,11 +63,16 @@ def memory_plan(
     grow: str = "exact",
     grow_candidates: float = 10,
     grow_tile_bytes: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin.
 
     grow_tile_bytes: the exact grow's tile as passed to topk_grow (None: its default rule).
+    device: "cpu" (host memory) or "cuda" (the GPU's memory in a device run).
     """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    gpu = device == "cuda"
     if grow not in ("exact", "sampled"):
         raise ValueError(f"grow must be exact or sampled, got {grow!r}")
     if optimizer not in MOMENTS:
@@ -98,17 +109,25 @@ def memory_plan(
                 weights=add("weights", 4 * nnz),
                 indices=add("indices + indptr", it * nnz + it * (m + 1)),
                 transpose=add("transpose structure", it * (2 * nnz + n + 1)),
-                gradients=add("gradients", 4 * nnz + 4 * nnz),  # dW and dX's permuted values
+                # dW, and (CPU only) the permuted values of the dX product
+                gradients=add("gradients", 4 * nnz + (0 if gpu else 4 * nnz)),
                 moments=add("optimizer moments", 4 * nnz * n_mom),
             )
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
                 # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
-                if method == "set":
+                if gpu and (method == "set" or grow == "sampled"):
+                    scratch = 16 * k  # drawn on the host; the k (row, col) int64 uploaded
+                elif method == "set":
                     scratch = sample_bytes(m, n, nnz - k, k)
                 elif grow == "sampled":
                     scratch = sampled_grow_bytes(m, n, nnz - k, k, grow_candidates)
+                elif gpu:  # kernels/cuda/grow.py: tile + buffer + a cut's scratch + histogram
+                    tr, tc = tile_shape(m, n, grow_tile_bytes or config.CUDA_TOPK_TILE_BYTES)
+                    cap = max(k + 1, int(config.CUDA_TOPK_BUFFER_FACTOR * k))
+                    f = 4 if m * n < 2**31 else 8
+                    scratch = 4 * tr * tc + (cap + k) * (4 + f) + 8 * 65536 + 8
                 else:
                     tr, tc = (
                         tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
@@ -126,6 +145,8 @@ def memory_plan(
                     + 4 * nnz * (2 + n_mom)  # new gradient, scratch, remapped moments
                     + 8 * k * 3
                 )  # dropped positions, grown rows and cols
+                if gpu:  # the device merge's int64 sort keys (old, grown, joined) and order
+                    rebuild += 32 * nnz
                 row["update_transient"] = scratch + rebuild
                 update_peak = max(update_peak, scratch + rebuild)
         row["biases"] = add("biases", 4 * m * (2 + n_mom))
@@ -156,6 +177,7 @@ def memory_plan(
         "grow": grow,
         "grow_candidates": grow_candidates,
         "grow_tile_bytes": grow_tile_bytes,
+        "device": device,
         "layers": layers,
         "pieces": totals,
         "state_bytes": state,
@@ -177,10 +199,14 @@ def fit_grow_tile(max_memory: int, arch, sparsity: float, **kw) -> dict | None:
     if default["total_bytes"] <= max_memory:
         return default
     shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
+    gpu = kw.get("device") == "cuda"
     hi = max(
         4 * r * c
         for r, c in (
-            tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS) for m, n in shapes
+            tile_shape(m, n, config.CUDA_TOPK_TILE_BYTES)
+            if gpu
+            else tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
+            for m, n in shapes
         )
     )
     lo = MIN_GROW_TILE_BYTES
@@ -215,6 +241,7 @@ def describe_plan(plan: dict) -> str:
         )
         + f" at sparsity {plan['sparsity']} "
         f"({plan['distribution']}), batch {plan['batch_size']}, {plan['optimizer']}"
+        + (", GPU memory (device=cuda)" if plan.get("device") == "cuda" else "")
     ]
     for k, v in plan["pieces"].items():
         lines.append(f"  {k:32s} {_fmt(v):>12s}")

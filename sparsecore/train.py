@@ -166,6 +166,7 @@ def check_memory(cfg: TrainConfig) -> dict:
         method=cfg.method,
         grow=cfg.grow,
         grow_candidates=cfg.grow_candidates,
+        device=cfg.device,  # cuda: the GPU's memory (--max-memory then bounds that)
     )
     plan = memory_plan(cfg.arch, cfg.sparsity, grow_tile_bytes=cfg.grow_tile_bytes, **kw)
     fits = cfg.max_memory is None or plan["total_bytes"] <= cfg.max_memory

@@ -323,3 +323,20 @@ def test_rigl_on_mnist_on_the_gpu_equals_the_cpu_run(gpu):
         assert isinstance(layer.b, gpu.ndarray)
     for st in dev.opt.state.values():
         assert all(isinstance(a, gpu.ndarray) for a in st.values())
+
+
+def test_plan_counts_device_memory_apart():
+    from sparsecore.plan import describe_plan, memory_plan
+
+    arch = [784, 4096, 4096, 10]
+    cpu = memory_plan(arch, 0.99)
+    gpu = memory_plan(arch, 0.99, device="cuda")
+    assert cpu["device"] == "cpu" and gpu["device"] == "cuda"
+    # no dX values scratch on the GPU: one nnz-sized float array less per sparse layer
+    nnz = sum(r["nnz"] for r in cpu["layers"] if r["density"] < 1)
+    assert cpu["pieces"]["gradients"] - gpu["pieces"]["gradients"] == 4 * nnz
+    assert "GPU memory" in describe_plan(gpu) and "GPU" not in describe_plan(cpu)
+    sampled = memory_plan(arch, 0.99, device="cuda", grow="sampled")  # drawn on the host
+    assert sampled["total_bytes"] < gpu["total_bytes"]
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        memory_plan(arch, 0.99, device="tpu")
