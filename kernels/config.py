@@ -60,3 +60,8 @@ CUDA_TOPK_BUFFER_FACTOR = 1.5
 # Threads per block and the most blocks of the grid-stride grow kernels (histogram, select).
 CUDA_GROW_THREADS = 256
 CUDA_GROW_MAX_BLOCKS = 4096
+
+# Threads per block and the most blocks of the elementwise kernels (ReLU, fused optimizer
+# updates: kernels/cuda/elementwise.cu), grid-stride loops over the flattened arrays.
+CUDA_ELEMENTWISE_THREADS = 256
+CUDA_ELEMENTWISE_MAX_BLOCKS = 4096

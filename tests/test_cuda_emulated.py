@@ -254,7 +254,8 @@ def test_elementwise_launchers_match_the_cpu_twins(rng, emulated):
         "sparsecore_relu_backward",
         "sparsecore_sgd_momentum",
     }
-    assert cu_ew.grid(0)[0] == 0 and cu_ew.grid(10**12)[0] == kernels.config.CUDA_GROW_MAX_BLOCKS
+    assert cu_ew.grid(0)[0] == 0
+    assert cu_ew.grid(10**12)[0] == kernels.config.CUDA_ELEMENTWISE_MAX_BLOCKS
 
 
 def test_launch_shapes():

@@ -197,6 +197,29 @@ def test_device_state_lives_on_the_device_side(emulated_cuda):
     assert tr.model.predict(x).shape == (7, 5)
 
 
+def test_a_cpu_checkpoint_resumes_on_the_device_into_the_same_run(emulated_cuda, tmp_path):
+    """Stop a CPU run after 2 epochs, resume it with device="cuda": the third epoch equals the
+    CPU run that never stopped."""
+    data = _synthetic()
+    kw = dict(method="rigl", max_steps=None, epochs=3, delta_t=10)
+    whole = Trainer(_cfg(**kw), data)
+    whole.run()
+    first = Trainer(_cfg(**kw), data)
+    first.cfg.epochs = 2  # stop after 2 of the 3 epochs it was built for
+    first.run()
+    first.cfg.epochs = 3
+    first.save_checkpoint(tmp_path / "cpu.npz")
+    resumed = Trainer(_cfg(device="cuda", **kw), data)
+    resumed.load_checkpoint(tmp_path / "cpu.npz")
+    assert resumed.step == first.step == 2 * whole.steps_per_epoch
+    resumed.run()
+    assert resumed.step == whole.step
+    np.testing.assert_allclose(
+        resumed.history[-1]["train_loss"], whole.history[-1]["train_loss"], rtol=1e-4
+    )
+    _compare_runs(whole, resumed, [0.0], [0.0], rtol=1e-4)
+
+
 @pytest.mark.parametrize("opt", ["sgd", "nesterov", "plain", "adam", "adamw"])
 def test_fused_device_optimizer_updates_equal_the_cpu_ones(opt, emulated_cuda, rng):
     from sparsecore.layers import Param

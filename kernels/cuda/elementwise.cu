@@ -19,7 +19,8 @@
 // Cost:     one pass: 8 bytes (relu), 12 (relu_backward), 16 (sgd), 24 (momentum),
 //           32 (adam) of memory traffic per element, a few flops.
 // Mapping:  a 1-D grid-stride loop: blockDim.x = 256, gridDim.x = min(ceil(n / 256), 4096)
-//           (elementwise.py:grid); one thread per element per pass, no atomics.
+//           (config.CUDA_ELEMENTWISE_*, elementwise.py:grid); one thread per element per
+//           pass, no atomics.
 // Rounding: float32 throughout, the same operation order as the CPU twins (no fast-math), so
 //           the updates agree with them to float32 rounding (FMA contraction may differ).
 

@@ -17,14 +17,16 @@ from kernels.cuda._module import Launch, cdiv
 
 
 def grid(n: int) -> tuple:
-    """Grid of the grid-stride loops: one thread per element, at most CUDA_GROW_MAX_BLOCKS."""
+    """Grid of the grid-stride loops: one thread per element, at most
+    config.CUDA_ELEMENTWISE_MAX_BLOCKS blocks."""
     if n <= 0:
         return (0, 1, 1)
-    return (min(config.CUDA_GROW_MAX_BLOCKS, cdiv(n, config.CUDA_GROW_THREADS)), 1, 1)
+    threads = config.CUDA_ELEMENTWISE_THREADS
+    return (min(config.CUDA_ELEMENTWISE_MAX_BLOCKS, cdiv(n, threads)), 1, 1)
 
 
 def _plan(kernel: str, n: int, *args) -> Launch:
-    block = (config.CUDA_GROW_THREADS, 1, 1)
+    block = (config.CUDA_ELEMENTWISE_THREADS, 1, 1)
     return Launch("elementwise.cu", kernel, grid(n), block, args)
 
 
