@@ -145,7 +145,6 @@ class Linear(Layer):
         self.gW = np.zeros_like(self.W)
         self.gb = np.zeros_like(self.b)
         self.x = None
-        self.skinny = self._skinny()
 
     @property
     def shape(self):
@@ -161,13 +160,12 @@ class Linear(Layer):
             self.dev = dev
             for a in ("W", "b", "gW", "gb"):
                 setattr(self, a, dev.asarray(getattr(self, a)))
-            self.skinny = self._skinny()
         self.clear()
         return self
 
     def forward(self, x, relu: bool = False):
         self.x = x
-        if self.skinny:
+        if self._skinny():
             y = _skinny.forward(
                 self.W, x, self.b, np.empty((self.W.shape[0], x.shape[1]), np.float32)
             )
@@ -180,7 +178,7 @@ class Linear(Layer):
 
     def backward(self, dy, need_dx=True, gate=None):
         """gW, gb and dX (through the feeding ReLU's backward when ``gate`` is its output)."""
-        if self.skinny:
+        if self._skinny():
             dx = np.empty((self.W.shape[1], dy.shape[1]), np.float32) if need_dx else None
             return _skinny.backward(self.W, self.x, dy, self.gW, self.gb, dx, gate)
         xp = self.dev.xp
@@ -308,10 +306,11 @@ class Sequential:
 
     def __init__(self, layers: list[Layer]):
         self.layers = list(layers)
-        devs = {l.dev.name for l in self.layers}
+        devs = {getattr(l, "dev", _device.CPU) for l in self.layers} or {_device.CPU}
         if len(devs) > 1:
-            raise ValueError(f"the layers live on different devices {sorted(devs)}: use .to()")
-        self.dev = self.layers[0].dev if self.layers else _device.CPU
+            names = sorted(d.name for d in devs)
+            raise ValueError(f"the layers live on different devices {names}: use .to()")
+        self.dev = devs.pop()
         names = [l.name for l in self.weighted()]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

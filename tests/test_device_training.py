@@ -195,6 +195,10 @@ def test_device_state_lives_on_the_device_side(emulated_cuda):
             np.testing.assert_array_equal(x, y)
     x = tr.data.x_test[:7]
     assert tr.model.predict(x).shape == (7, 5)
+    from sparsecore.layers import ReLU, Sequential
+
+    with pytest.raises(ValueError, match="different devices"):
+        Sequential([tr.model.layers[0], ReLU().to("cuda")])
 
 
 def test_a_cpu_checkpoint_resumes_on_the_device_into_the_same_run(emulated_cuda, tmp_path):
