@@ -47,6 +47,12 @@ def _add_train(sub):
         default=10,
         help="with --grow sampled: candidates scored per grown connection",
     )
+    p.add_argument(
+        "--no-flush-denormals",
+        action="store_true",
+        help="keep subnormal floats (by default the kernel threads flush them to zero: x86 "
+        "computes on them 10-100x slower)",
+    )
     p.add_argument("--alpha", type=float, default=0.3, help="initial drop fraction")
     p.add_argument(
         "--t-end",
@@ -194,6 +200,7 @@ def main(argv=None) -> int:
             method=args.method,
             grow=args.grow,
             grow_candidates=args.grow_candidates,
+            flush_denormals=not args.no_flush_denormals,
             delta_t=args.delta_t,
             alpha=args.alpha,
             t_end=args.t_end,

@@ -46,6 +46,7 @@ STRUCTURE_KEYS = (
 # ... and these to resume into the same result as a run that never stopped (else a warning).
 RESULT_KEYS = (
     "seed",
+    "flush_denormals",
     "batch_size",
     "lr",
     "lr_schedule",
@@ -67,7 +68,7 @@ RESULT_KEYS = (
 # batch by batch.
 DEVICE_DATA_BYTES = 4 << 30
 # Keys added after checkpoints were first written: an old checkpoint had these values.
-KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10}
+KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10, "flush_denormals": False}
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,6 +109,9 @@ class TrainConfig:
     progress: bool = True
     max_memory: int | None = None  # bytes: refuse (before allocating) a run whose plan exceeds it
     device: str = "cpu"  # "cuda": train on the GPU (CuPy), the model moved there once
+    # x86: flush subnormal floats to zero (MXCSR FTZ/DAZ) in the threads that run the kernels;
+    # arithmetic on subnormals is 10-100x slower, and training makes them (kernels/cpu/fpmode.py)
+    flush_denormals: bool = True
 
     def validate(self):
         if self.device not in ("cpu", "cuda"):
@@ -213,6 +217,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
         self.cfg = cfg.validate()
         self.device = get_device(cfg.device)  # the one clear error without CuPy or a GPU
+        if cfg.flush_denormals and not self.device.on_device:
+            from kernels.cpu import fpmode
+
+            fpmode.set_flush(True)
         self.plan = check_memory(cfg)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed

@@ -31,3 +31,14 @@ def small_tiles(monkeypatch):
     """Shrink the grow tile so that small inputs take the multi-tile paths."""
     monkeypatch.setattr(kernels.config, "TOPK_TILE_BYTES", 64)
     return 64
+
+
+@pytest.fixture(autouse=True)
+def _no_flush_to_zero_leaks():
+    """A test that trains turns on FTZ/DAZ for the process (TrainConfig.flush_denormals);
+    switch it off again so that later tests see IEEE subnormals."""
+    yield
+    from kernels.cpu import fpmode
+
+    if fpmode.flushing():
+        fpmode.set_flush(False)

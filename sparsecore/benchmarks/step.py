@@ -370,6 +370,7 @@ def run(config: dict) -> dict:
 
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
         torch.set_num_threads(numba.get_num_threads())
+        torch.set_flush_denormal(True)  # as the engine does (TrainConfig.flush_denormals)
     if c["data"] is None:
         import tempfile
 
