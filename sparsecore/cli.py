@@ -78,6 +78,13 @@ def _add_train(sub):
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--nprocs",
+        type=int,
+        default=None,
+        help="data-parallel training on N MPI processes (needs the [mpi] extra): starts "
+        "mpiexec -n N python -m sparsecore train ... (the same result as one process)",
+    )
+    p.add_argument(
         "--max-memory",
         default=None,
         help="refuse, before allocating, a run whose memory plan exceeds this (e.g. 8GB)",
@@ -181,6 +188,14 @@ def main(argv=None) -> int:
         print(json.dumps(plan, indent=1) if args.json else describe_plan(plan))
         return 0
     if args.cmd == "train":
+        from sparsecore import distributed
+
+        if args.nprocs is not None and args.nprocs > 1 and distributed.world() is None:
+            try:  # re-launch this command on N ranks
+                return distributed.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
+            except distributed.MPIUnavailableError as e:
+                print(f"sparsecore train: error: {e}", file=sys.stderr)
+                return 2
         from sparsecore.cost import describe
         from sparsecore.plan import parse_bytes
 
@@ -227,8 +242,13 @@ def main(argv=None) -> int:
             tr, summary = train(cfg, resume=args.resume)
         except (ValueError, OSError, TrainingDiverged, GPUUnavailableError) as e:
             print(f"sparsecore train: error: {e}", file=sys.stderr)
+            distributed.abort(2)  # several ranks: stop the others too (else they would wait)
             return 2
+        if tr.dist is not None and tr.dist.rank != 0:
+            return 0  # rank 0 reports
         print(f"cost: {describe(summary['cost'])}")
+        if tr.dist is not None:
+            print(f"communication: {tr.dist.describe()}")
         if summary["time_per_step_s"]:
             print(
                 f"measured time per step: {1e3 * summary['time_per_step_s']:.2f} ms "

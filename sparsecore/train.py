@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sparsecore import data as data_mod
+from sparsecore import distributed
 from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp
 from sparsecore.optim import SGD, Adam, lr_at
@@ -269,6 +270,8 @@ class Trainer:
         self.history: list[dict] = []
         self.updates: list[dict] = []
         self.out = Path(cfg.out) if cfg.out else None
+        # None unless started by mpiexec with several ranks (sparsecore/distributed.py)
+        self.dist = distributed.data_parallel(self)
 
     # ------------------------------------------------------------------ one step
     def lr(self) -> float:
@@ -297,6 +300,8 @@ class Trainer:
                 "learning rate" + self._last_good()
             )
         self.model.backward(dlogits)
+        if self.dist is not None:  # data-parallel: the global batch's gradient, loss, correct
+            loss, correct = self.dist.allreduce(self.model, loss, correct)
         report = None
         if update:
             report = self.updater.update(self.step, self.model, self.opt)
@@ -346,7 +351,8 @@ class Trainer:
                 if on_device:
                     xb, yb = self._device_batch(resident, perm_d, s, idx)
                 else:
-                    xb, yb = np.ascontiguousarray(x[idx].T), y[idx]
+                    rows = idx if self.dist is None else self.dist.local_rows(idx)
+                    xb, yb = np.ascontiguousarray(x[rows].T), y[rows]
                 t0 = time.perf_counter()
                 loss, c, report = self.train_step(xb, yb)
                 dt = time.perf_counter() - t0

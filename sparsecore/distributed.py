@@ -1,0 +1,517 @@
+"""Data-parallel training on MPI: N processes compute what one process computes.
+
+Launch: ``mpiexec -n N python -m sparsecore train ...`` (or ``sparsecore train --nprocs N``,
+which starts exactly that under the ``[mpi]`` extra's mpiexec). A process started by an MPI
+launcher with more than one rank finds the world here; anything else (no launcher, one rank)
+trains as before, and importing sparsecore never imports mpi4py.
+
+What each rank holds and does, step by step (``DataParallel``):
+
+- the whole sparse model, built from the same seed (checked bit for bit at start-up), and a
+  contiguous slice of every global mini-batch: rank r of N takes rows [r·B//N, (r+1)·B//N)
+  (uneven splits allowed: 128 over 3 ranks is 42 + 43 + 43);
+- after backward, ONE allreduce (sum) of every parameter's gradient — the nnz-sized arrays of
+  the sparse layers, the biases (and a dense layer's weights, if any) — plus the loss and the
+  number of correct predictions, packed in one float32 buffer. Each rank's loss is the mean over
+  its B_r rows, so its contribution is scaled by B_r/B before the sum: the result is the
+  gradient of the global batch's mean loss. Payload: 4·(Σ nnz + Σ biases + 2) bytes, never a
+  dense size;
+- the optimizer step then runs on identical weights with identical gradients on every rank.
+
+A topology update is identical on every rank without ever forming a dense gradient:
+
+- drop: the K smallest |w| of identical weights (deterministic; nothing to communicate);
+- RigL's exact grow: the rows of W are split into N blocks. Every rank receives the global
+  batch's input X (n × B, an allgather of the ranks' columns) and the output gradient dY of its
+  block of rows (rows × B, an all-to-all of the ranks' columns, scaled by B_r/B as the gradient
+  is). Rank r runs the fused top-k kernel on its rows only (the row-slice CSR, indptr rebased)
+  and keeps its best min(K, absent in its rows) candidates; the candidates (score float32 +
+  flat index int64: 12 bytes each) are allgathered and merged into the global top-K by the
+  kernel's own order (score descending, flat index ascending). The union of the blocks' top-K
+  holds the global top-K, so the merge is exact. Grow work per rank: (m/N)·n·B;
+- RigL's sampled grow: every rank draws the same C candidates (same seeded generator as one
+  process), scores them on its own columns of the batch (signed partial sums Σ_b dY·X over its
+  B_r columns) and one allreduce of the C partial sums gives the exact scores: 4·C bytes;
+- SET and static: seeded or no draws, nothing to communicate.
+
+Guard: after every topology update (and at start-up, and after loading a checkpoint) each rank
+hashes (crc32) every layer's pattern (indptr, indices) and its values; one allgather of these
+integers compares them, and any difference raises ``RanksDiverged`` naming the layer. An
+uncaught exception in any rank calls ``MPI_Abort`` (``sys.excepthook``), so the other ranks stop
+instead of waiting forever in a collective; mpiexec also ends the job when a rank dies.
+
+Only rank 0 prints progress, writes metrics, the plot and checkpoints (written to a temporary
+file and renamed, so a job killed mid-write keeps the last checkpoint); every rank reads a
+checkpoint to resume, on any number of ranks.
+
+Bytes are counted here (``DataParallel.stats()``): the payload of each collective, i.e. the
+size of its result on one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+# Environment variables that MPI launchers set to the number of ranks (MPICH/Hydra, Intel MPI,
+# Slurm's PMI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE).
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+# Thread variables a user may set; when none is, each rank gets cores // ranks on its node.
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+INSTALL_HINT = "install the [mpi] extra: pip install 'sparsecore-rigl[mpi]' (mpi4py and mpich)"
+
+_world: dict = {}  # the MPI world of this process, once found (MPI is initialised once)
+
+
+class MPIUnavailableError(RuntimeError):
+    """Several ranks were asked for, but mpi4py or mpiexec is missing."""
+
+
+class RanksDiverged(RuntimeError):
+    """Ranks that must hold identical models do not; the run stops."""
+
+
+# ---------------------------------------------------------------------- the world
+def launched_size() -> int:
+    """Number of ranks an MPI launcher started this process with (1 without a launcher)."""
+    for var in SIZE_VARS:
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def world():
+    """The MPI communicator of all ranks, or None for a single process (no launcher, or one
+    rank). mpi4py is imported (and MPI initialised) only when a launcher started several ranks.
+    """
+    if "comm" in _world:
+        return _world["comm"]
+    comm = None
+    if launched_size() > 1:
+        if importlib.util.find_spec("mpi4py") is None:
+            raise MPIUnavailableError(
+                f"started by an MPI launcher with {launched_size()} ranks, but mpi4py is not "
+                f"installed: {INSTALL_HINT}"
+            )
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+    _world["comm"] = comm
+    return comm
+
+
+def is_root() -> bool:
+    """True on rank 0, and in a single process."""
+    comm = world()
+    return comm is None or comm.Get_rank() == 0
+
+
+def abort(code: int = 1):
+    """End every rank now (MPI_Abort) when several run; a single process just returns. For an
+    error raised in one rank: the others would otherwise wait in their next collective."""
+    try:
+        comm = world()
+    except MPIUnavailableError:
+        return
+    if comm is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        comm.Abort(code)
+
+
+def _abort_on_uncaught_exceptions():
+    if _world.get("hooked"):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)  # the traceback, then every rank stops
+        abort(1)
+
+    sys.excepthook = hook
+    _world["hooked"] = True
+
+
+def _limit_threads(comm):
+    """Unless the user chose thread counts: cores // (ranks on this node) threads per rank for
+    Numba and the BLAS (N ranks each running all cores' threads would fight over them)."""
+    if any(v in os.environ for v in THREAD_VARS):
+        return
+    local = os.environ.get("MPI_LOCALNRANKS")
+    if local and local.isdigit():
+        n_local = int(local)
+    else:
+        from mpi4py import MPI
+
+        n_local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_local))
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    _world["blas_limits"] = threadpool_limits(limits=threads, user_api="blas")
+
+
+# ---------------------------------------------------------------------- the launcher
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the mpich wheel's, in a venv's bin), else on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpiexec")
+    if found:
+        return found
+    raise MPIUnavailableError(
+        f"no mpiexec found beside {sys.executable} or on PATH: {INSTALL_HINT}"
+    )
+
+
+def strip_nprocs(argv: list[str]) -> list[str]:
+    """argv without ``--nprocs N`` / ``--nprocs=N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nprocs":
+            skip = True
+        elif not a.startswith("--nprocs="):
+            out.append(a)
+    return out
+
+
+def launch(nprocs: int, argv: list[str]) -> int:
+    """Run ``python -m sparsecore <argv without --nprocs>`` on ``nprocs`` ranks under mpiexec;
+    returns its exit status. Each rank gets cores // nprocs threads unless the user set them."""
+    if importlib.util.find_spec("mpi4py") is None:
+        raise MPIUnavailableError(f"--nprocs {nprocs} needs mpi4py: {INSTALL_HINT}")
+    env = dict(os.environ)
+    if not any(v in env for v in THREAD_VARS):
+        threads = str(max(1, (os.cpu_count() or 1) // nprocs))
+        env.update({v: threads for v in THREAD_VARS})
+    cmd = [mpiexec(), "-n", str(nprocs), sys.executable, "-m", "sparsecore", *strip_nprocs(argv)]
+    return subprocess.call(cmd, env=env)
+
+
+# ---------------------------------------------------------------------- data-parallel
+def split(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[lo, hi) of part ``index`` of ``total`` items in ``parts`` contiguous, near-equal parts."""
+    return index * total // parts, (index + 1) * total // parts
+
+
+def _crc(*arrays) -> int:
+    c = 0
+    for a in arrays:
+        c = zlib.crc32(np.ascontiguousarray(a).view(np.uint8), c)
+    return c
+
+
+def data_parallel(trainer):
+    """Set up ``trainer`` for data-parallel training when several MPI ranks run, and return the
+    ``DataParallel`` it calls (None for a single process: nothing changes)."""
+    comm = world()
+    if comm is None:
+        return None
+    cfg = trainer.cfg
+    if trainer.device.on_device:
+        raise ValueError(
+            f"data-parallel MPI training runs on the CPU; device={cfg.device!r} with "
+            f"{comm.Get_size()} ranks is not supported yet"
+        )
+    if cfg.batch_size < comm.Get_size():
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is smaller than the {comm.Get_size()} MPI ranks: "
+            "every rank needs at least one row of each mini-batch"
+        )
+    _abort_on_uncaught_exceptions()
+    _limit_threads(comm)
+    dp = DataParallel(comm, cfg.batch_size)
+    if dp.rank != 0:  # rank 0 alone prints and writes
+        trainer.cfg = dataclasses.replace(cfg, progress=False)
+        trainer.out = None
+    if trainer.updater is not None:
+        dp.wrap_updater(trainer.updater)
+    load = trainer.load_checkpoint
+
+    def load_checkpoint(path):
+        load(path)
+        dp.check_same(trainer.model, f"loading checkpoint {path}")
+
+    trainer.load_checkpoint = load_checkpoint
+    dp.check_same(trainer.model, "building the model", data=trainer.data)
+    return dp
+
+
+class DataParallel:
+    """One rank's side of data-parallel training (see the module header)."""
+
+    def __init__(self, comm, batch_size: int):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.batch_size = int(batch_size)
+        self.lo, self.hi = split(self.batch_size, self.size, self.rank)
+        self.local_batch = self.hi - self.lo
+        self.weight = self.local_batch / self.batch_size  # of this rank's mean loss
+        parts = [split(self.batch_size, self.size, r) for r in range(self.size)]
+        self.col_counts = np.array([h - l for l, h in parts], np.int64)  # B_r of every rank
+        self._buf = None
+        # bytes: payload (result size on one rank) of each collective
+        self.step_bytes = 0  # of the last per-step allreduce
+        self.steps = 0
+        self.step_bytes_total = 0
+        self.other_bytes = 0  # everything else: topology updates, the guard
+        self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
+
+    # -------------------------------------------------------------- per step
+    def local_rows(self, idx: np.ndarray) -> np.ndarray:
+        """This rank's contiguous slice of a global mini-batch's indices."""
+        return idx[self.lo : self.hi]
+
+    def allreduce(self, model, loss, correct):
+        """Sum the ranks' gradients (each scaled by B_r/B) in place, with the loss and the count
+        of correct predictions, in one allreduce; returns the global batch's (loss, correct)."""
+        params = model.params()
+        n = sum(p.grad.size for p in params) + 2
+        buf = self._buf
+        if buf is None or buf.shape[0] != n:
+            buf = self._buf = np.empty(n, np.float32)
+        w = np.float32(self.weight)
+        o = 0
+        for p in params:
+            g = p.grad.reshape(-1)
+            np.multiply(g, w, out=buf[o : o + g.shape[0]])
+            o += g.shape[0]
+        buf[o] = float(loss) * self.weight
+        buf[o + 1] = correct
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        o = 0
+        for p in params:
+            g = p.grad.reshape(-1)
+            g[...] = buf[o : o + g.shape[0]]
+            o += g.shape[0]
+        self.step_bytes = buf.nbytes
+        self.steps += 1
+        self.step_bytes_total += buf.nbytes
+        return float(buf[o]), int(round(float(buf[o + 1])))
+
+    # -------------------------------------------------------------- topology updates
+    def wrap_updater(self, updater):
+        """Make ``updater`` rank-consistent: RigL's grow split over the ranks, and the guard
+        after every update (instance attributes; the class is untouched)."""
+        from sparsecore.rigl.updater import RigL
+
+        if isinstance(updater, RigL):
+            updater.grow = lambda layer, k, keep, step, index: self.grow(
+                updater, layer, k, keep, step, index
+            )
+        update = updater.update
+
+        def checked_update(step, model, optimizer=None):
+            before = self.other_bytes
+            report = update(step, model, optimizer)
+            self.check_same(model, f"the topology update at step {step}")
+            self.update_bytes.append(self.other_bytes - before)
+            return report
+
+        updater.update = checked_update
+
+    def grow(self, updater, layer, k, keep, step, index):
+        """RigL's grow over the global batch (exact or sampled), identical on every rank."""
+        if layer.x is None or layer.dy is None:
+            raise RuntimeError(
+                f"RigL needs {layer.name}'s input and output gradient of the current batch: run "
+                "forward and backward before the update"
+            )
+        m, n = layer.W.shape
+        idx_dtype = np.int32 if max(m, n) < 2**31 else np.int64
+        if k == 0:
+            return np.empty(0, idx_dtype), np.empty(0, idx_dtype)
+        if updater.grow_mode == "sampled":
+            flat = self._sampled_grow(updater, layer, k, keep, step, index)
+        else:
+            flat = self._exact_grow(updater, layer, k, keep)
+        rows = flat // n
+        return rows.astype(idx_dtype), (flat - rows * n).astype(idx_dtype)
+
+    def _exact_grow(self, updater, layer, k, keep):
+        W = layer.W
+        m, n = W.shape
+        X = self.gather_columns(layer.x)  # (n, B): the global batch's input
+        r0, r1 = split(m, self.size, self.rank)
+        dY = self.rows_of_columns(layer.dy, r0, r1)  # (r1 - r0, B), global-mean-loss scale
+        lo, hi = int(W.indptr[r0]), int(W.indptr[r1])
+        indptr = W.indptr[r0 : r1 + 1] - W.indptr[r0]
+        block_keep = keep[lo:hi]
+        absent = (r1 - r0) * n - int(np.count_nonzero(block_keep))
+        rows, cols, scores = layer.dev.grow(
+            indptr,
+            W.indices[lo:hi],
+            block_keep,
+            dY,
+            X,
+            min(k, absent),
+            tile_bytes=updater.tile_bytes,
+        )
+        flat = (rows.astype(np.int64) + r0) * n + cols
+        return self.merge_top_k(flat, scores, k)
+
+    def _sampled_grow(self, updater, layer, k, keep, step, index):
+        from kernels.cpu import sampled
+
+        W = layer.W
+        m, n = W.shape
+        rng = np.random.default_rng([updater.seed, step, index])  # as RigL.grow: same draws
+        c = sampled.n_candidates(m, n, sampled.count_kept(W.indptr, keep), k, updater.candidates)
+        flat = sampled.sample_absent(W.indptr, W.indices, keep, n, c, rng)
+        partial = np.empty(c, np.float32)  # Σ_b dY[i, b]·X[j, b] over this rank's columns
+        dy, x = layer.dy, layer.x
+        w = np.float32(self.weight)
+        chunk = max(1, (1 << 22) // max(1, dy.shape[1]))
+        for s in range(0, c, chunk):
+            f = flat[s : s + chunk]
+            i = f // n
+            np.einsum("cb,cb->c", dy[i], x[f - i * n], out=partial[s : s + chunk])
+        partial *= w
+        self.comm.Allreduce(self.MPI.IN_PLACE, partial, op=self.MPI.SUM)
+        self.other_bytes += partial.nbytes
+        scores = np.abs(partial)
+        if c > k:  # the k best, ties to the lower flat index (flat is ascending)
+            order = np.lexsort((flat, -scores))[:k]
+            flat = np.sort(flat[order])
+        return flat
+
+    def gather_columns(self, a: np.ndarray) -> np.ndarray:
+        """(r, B_r) on each rank -> (r, B) on every rank: the global batch's columns, in order."""
+        r = a.shape[0]
+        counts = self.col_counts * r
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        out = np.empty((self.batch_size, r), np.float32)
+        send = np.ascontiguousarray(a.T, dtype=np.float32)
+        self.comm.Allgatherv(send, [out, counts.tolist(), displs.tolist(), self.MPI.FLOAT])
+        self.other_bytes += out.nbytes
+        return np.ascontiguousarray(out.T)
+
+    def rows_of_columns(self, dy: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of the global dY (m, B), from every rank's columns (m, B_r) scaled by
+        B_r/B: one all-to-all, each rank receiving only its block of rows."""
+        m = dy.shape[0]
+        local = np.ascontiguousarray(dy * np.float32(self.weight), dtype=np.float32)  # (m, B_r)
+        blocks = [split(m, self.size, q) for q in range(self.size)]
+        send_counts = np.array([(h - l) * self.local_batch for l, h in blocks])
+        send_displs = np.array([l * self.local_batch for l, _ in blocks])
+        recv_counts = (r1 - r0) * self.col_counts
+        recv_displs = np.concatenate(([0], np.cumsum(recv_counts)[:-1]))
+        recv = np.empty(int(recv_counts.sum()), np.float32)
+        F = self.MPI.FLOAT
+        self.comm.Alltoallv(
+            [local, send_counts.tolist(), send_displs.tolist(), F],
+            [recv, recv_counts.tolist(), recv_displs.tolist(), F],
+        )
+        self.other_bytes += recv.nbytes
+        out = np.empty((r1 - r0, self.batch_size), np.float32)
+        c0 = 0
+        for s, bs in enumerate(self.col_counts):
+            part = recv[recv_displs[s] : recv_displs[s] + recv_counts[s]]
+            out[:, c0 : c0 + bs] = part.reshape(r1 - r0, bs)
+            c0 += bs
+        return out
+
+    def merge_top_k(self, flat: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+        """The global top k of every rank's candidates (score descending, flat index ascending),
+        as ascending flat indices: the fused kernel's own order, so the result is exact."""
+        cand = np.empty(flat.shape[0], dtype=[("score", "<f4"), ("flat", "<i8")])  # 12 bytes
+        cand["score"] = scores
+        cand["flat"] = flat
+        counts = np.empty(self.size, np.int64)
+        self.comm.Allgather(np.array([cand.shape[0]], np.int64), counts)
+        every = np.empty(int(counts.sum()), dtype=cand.dtype)
+        nbytes = counts * cand.dtype.itemsize
+        displs = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
+        B = self.MPI.BYTE
+        self.comm.Allgatherv(
+            [cand.view(np.uint8), B], [every.view(np.uint8), nbytes.tolist(), displs.tolist(), B]
+        )
+        self.other_bytes += counts.nbytes + every.nbytes
+        order = np.lexsort((every["flat"], -every["score"]))[:k]
+        return np.sort(every["flat"][order])
+
+    # -------------------------------------------------------------- the guard
+    def check_same(self, model, when: str, data=None):
+        """Raise RanksDiverged unless every rank holds the same pattern and values of every
+        layer (crc32 of indptr, indices, data; of W and b for a dense layer)."""
+        from sparsecore.layers import SparseLinear
+
+        names, sums = [], []
+        for layer in model.weighted():
+            W = layer.W
+            if isinstance(layer, SparseLinear):
+                sums += [_crc(W.indptr, W.indices), _crc(W.data, layer.b)]
+            else:
+                sums += [0, _crc(W, layer.b)]
+            names.append(layer.name)
+        if data is not None:
+            names.append("the training set")
+            shape = np.array([len(data.x_train), data.n_features], np.int64)
+            sums += [_crc(shape), _crc(np.asarray(data.y_train))]
+        mine = np.array(sums, np.int64)
+        every = np.empty((self.size, mine.shape[0]), np.int64)
+        self.comm.Allgather(mine, every)
+        self.other_bytes += every.nbytes
+        differ = (every != every[0]).any(axis=0).reshape(-1, 2)
+        problems = []
+        for name, (pattern, values) in zip(names, differ, strict=True):
+            if pattern:
+                problems.append(f"the topology of {name}")
+            if values:
+                problems.append(f"the values of {name}")
+        if problems:
+            bad = [r for r in range(self.size) if (every[r] != every[0]).any()]
+            raise RanksDiverged(
+                f"after {when}, {', '.join(problems)} differ across MPI ranks (rank(s) {bad} "
+                "differ from rank 0); data-parallel training needs identical models on every "
+                "rank, so it stops here"
+            )
+
+    def describe(self) -> str:
+        """One line for the command line's report."""
+        per_update = np.mean(self.update_bytes) if self.update_bytes else 0.0
+        return (
+            f"{self.size} ranks (local batch {self.local_batch}), {self.step_bytes / 1e3:.1f} kB "
+            f"per step (one allreduce), {per_update / 1e6:.2f} MB per topology update "
+            f"({len(self.update_bytes)} updates)"
+        )
+
+    def stats(self) -> dict:
+        """Bytes communicated (payload of each collective, counted on this rank)."""
+        return {
+            "ranks": self.size,
+            "local_batch": self.local_batch,
+            "step_bytes": self.step_bytes,
+            "steps": self.steps,
+            "step_bytes_total": self.step_bytes_total,
+            "update_bytes": list(self.update_bytes),
+            "other_bytes": self.other_bytes,
+        }
+
+
+__all__ = [
+    "DataParallel",
+    "MPIUnavailableError",
+    "RanksDiverged",
+    "data_parallel",
+    "is_root",
+    "launch",
+    "world",
+]

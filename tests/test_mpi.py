@@ -1,0 +1,288 @@
+"""Data-parallel MPI training (sparsecore/distributed.py) is exact: N ranks compute what one
+process computes. Each test starts tests/mpi_worker.py under the [mpi] extra's mpiexec (ranks on
+loopback, one thread each, bounded by a timeout) and compares what the ranks wrote.
+
+Model: 784-32-10 at 80% sparsity (ERK), batch 128, 1024 synthetic examples (8 steps per epoch),
+4 epochs, ΔT = 4: topology updates at steps 4, 8, ..., 20 (T_end = 24). Seeds are fixed: the
+runs compare trajectories whose float32 roundings differ (N-rank sums), so a near-tie in a drop
+or a grow could in principle flip one connection; with fixed seeds the outcome is reproducible.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("mpi_worker.py")
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+MPIEXEC = str(MPIEXEC) if MPIEXEC.exists() else shutil.which("mpiexec")
+TIMEOUT = 120  # seconds per launch: a hang fails the test instead of the CI job
+
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    reason="needs the [mpi] extra (mpi4py, mpich's mpiexec)",
+)
+
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")},
+    "NUMBA_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONPATH": str(ROOT),
+}
+
+
+def run(cmd) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group; past TIMEOUT the whole group (mpiexec and every rank)
+    is killed and the test fails: a hang never outlives the test."""
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung for {TIMEOUT} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch(out: Path, nprocs: int, *args, check=True):
+    """Run the worker on nprocs ranks (1: a plain process, no MPI at all)."""
+    cmd = [sys.executable, str(WORKER), "--out", str(out), *map(str, args)]
+    if nprocs > 1:
+        cmd = [MPIEXEC, "-n", str(nprocs), *cmd]
+    p = run(cmd)
+    if check:
+        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def result(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / f"rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The uninterrupted runs on 1, 2 and 3 ranks, and 2 ranks stopped after epoch 2."""
+    base = tmp_path_factory.mktemp("mpi")
+    done = {}
+    for n in (1, 2, 3):
+        launch(base / f"n{n}", n)
+        done[n] = base / f"n{n}"
+    launch(base / "stop2", 2, "--stop-epoch", 2)
+    done["stop2"] = base / "stop2"
+    return done
+
+
+def assert_same_run(a: dict, b: dict, steps=None):
+    """Losses to float32 tolerance at every common step, identical topology after every
+    update."""
+    common = sorted(set(a["losses"]) & set(b["losses"]), key=int)
+    if steps is not None:
+        assert [int(s) for s in common] == list(steps)
+    la = np.array([a["losses"][s] for s in common])
+    lb = np.array([b["losses"][s] for s in common])
+    np.testing.assert_allclose(la, lb, rtol=2e-5, atol=1e-6)
+    updates = sorted(set(a["topology"]) & set(b["topology"]), key=int)
+    assert updates, "no topology update was compared"
+    for s in updates:
+        assert a["topology"][s] == b["topology"][s], f"topology differs after the update at {s}"
+        assert a["grown"][s] == b["grown"][s]
+    return updates
+
+
+def assert_same_weights(a: Path, b: Path):
+    with np.load(a / "final.npz") as fa, np.load(b / "final.npz") as fb:
+        assert sorted(fa.files) == sorted(fb.files)
+        for key in fa.files:
+            if key.endswith(("indptr", "indices")):
+                np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+            else:
+                np.testing.assert_allclose(fa[key], fb[key], rtol=1e-4, atol=2e-6, err_msg=key)
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_n_ranks_equal_one_rank(runs, n):
+    """Same global batches on N ranks (3: an uneven 42/43/43 split of 128) = one process:
+    losses of all 32 steps, topology after each of the 5 updates, final weights."""
+    one, many = result(runs[1]), result(runs[n])
+    assert many["ranks"] == n and one["ranks"] == 1
+    updates = assert_same_run(one, many, steps=range(32))
+    assert [int(s) for s in updates] == [4, 8, 12, 16, 20]
+    assert_same_weights(runs[1], runs[n])
+    # every rank saw the same (the guard checks this too, after every update)
+    for r in range(1, n):
+        other = result(runs[n], r)
+        assert other["topology"] == many["topology"] and other["losses"] == many["losses"]
+    # only rank 0 wrote metrics and checkpoints
+    lines = (runs[n] / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    assert [json.loads(x)["train_loss"] for x in lines] == pytest.approx(
+        [h["train_loss"] for h in one["history"]], rel=2e-5
+    )
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_bytes_per_step_are_the_nnz_sized_gradients(runs, n):
+    """One allreduce per step of 4·(Σ nnz + Σ biases + 2) bytes: <= 1.1x the nnz-sized
+    gradients and biases; per update the grow's batch-sized gathers and 12-byte candidates."""
+    res = result(runs[n])
+    comm = res["comm"]
+    grads = 4 * (res["nnz"] + res["biases"])
+    assert res["params"] == res["nnz"] + res["biases"]  # every layer sparse here
+    assert comm["step_bytes"] == grads + 8
+    assert comm["step_bytes"] <= 1.1 * grads
+    assert comm["step_bytes_total"] == comm["steps"] * comm["step_bytes"]
+    assert comm["steps"] == 32
+    # per update: X (4·B·n) and this rank's rows of dY (4·B·m/N), the candidates (12 bytes,
+    # at most k per rank), the counts, and the guard's hashes
+    B, n_layers = 128, len(res["shapes"])
+    assert len(comm["update_bytes"]) == 5
+    for got, ks in zip(comm["update_bytes"], res["grown"].values(), strict=True):
+        bound = (
+            sum(
+                4 * B * (cols + -(-rows // n)) + 12 * n * k + 8 * n
+                for (rows, cols), k in zip(res["shapes"], ks, strict=True)
+            )
+            + 16 * n * n_layers
+        )
+        assert 4 * B * sum(c for _, c in res["shapes"]) < got <= bound
+
+
+@needs_mpi
+def test_bytes_per_step_do_not_depend_on_the_dense_size(runs, tmp_path):
+    """784-32-10 at 80% and 1568-32-10 at 90%: the same nnz (to rounding), twice the dense
+    size; the allreduce is the same size."""
+    launch(tmp_path, 2, "--arch", "1568-32-10", "--sparsity", 0.9, "--epochs", 1)
+    small, big = result(runs[2]), result(tmp_path)
+    assert big["dense"] > 1.9 * small["dense"]
+    assert abs(big["nnz"] - small["nnz"]) <= 0.01 * small["nnz"]
+    assert big["comm"]["step_bytes"] == 4 * (big["nnz"] + big["biases"] + 2)
+    ratio = big["comm"]["step_bytes"] / small["comm"]["step_bytes"]
+    assert abs(ratio - 1) <= 0.01
+
+
+def _checkpoint_arrays(path: Path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != "meta"}
+
+
+@needs_mpi
+def test_checkpoint_from_two_ranks_resumes_on_three_and_on_one(runs, tmp_path):
+    """Stopped after epoch 2 on 2 ranks; resumed on 3 ranks and on 1 process: the same losses
+    and topologies as the uninterrupted 2-rank run over epochs 3-4."""
+    ckpt = runs["stop2"] / "run" / "checkpoint.npz"
+    meta = json.loads(str(np.load(ckpt)["meta"]))
+    assert meta["step"] == 16 and meta["epoch"] == 2
+    full = result(runs[2])
+    for n in (3, 1):
+        launch(tmp_path / f"r{n}", n, "--resume", ckpt)
+        resumed = result(tmp_path / f"r{n}")
+        updates = assert_same_run(full, resumed, steps=range(16, 32))
+        assert [int(s) for s in updates] == [16, 20]
+        assert_same_weights(runs[2], tmp_path / f"r{n}")
+    # the stopped run's checkpoint holds what the uninterrupted run had at step 16, bit for bit
+    stop = result(runs["stop2"])
+    assert {s: full["losses"][s] for s in stop["losses"]} == stop["losses"]
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["exit", "raise"])
+def test_a_failing_rank_stops_the_others_and_the_checkpoint_stays(runs, tmp_path, how):
+    """Rank 1 dies (os._exit) or raises at step 20, in epoch 3: the job ends with an error
+    within the timeout instead of hanging in the next allreduce, and the checkpoint of epoch 2
+    is intact (the same arrays as the 2-rank run stopped there)."""
+    p = launch(tmp_path, 2, "--die", f"1:20:{how}", check=False)
+    assert p.returncode != 0
+    if how == "raise":
+        assert "injected failure in rank 1 at step 20" in p.stderr
+    assert not (tmp_path / "rank0.json").exists()  # rank 0 did not finish either
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    meta = json.loads(str(np.load(ckpt)["meta"]))
+    assert meta["step"] == 16
+    good = _checkpoint_arrays(runs["stop2"] / "run" / "checkpoint.npz")
+    got = _checkpoint_arrays(ckpt)
+    assert sorted(got) == sorted(good)
+    for k in good:
+        np.testing.assert_array_equal(got[k], good[k], err_msg=k)
+
+
+@needs_mpi
+def test_diverged_ranks_are_caught_after_the_next_update(tmp_path):
+    """A weight of rank 1 nudged at step 5: the guard after the update at step 8 stops the job
+    with an error naming the layer."""
+    p = launch(tmp_path, 2, "--perturb", "1:5", "--epochs", 2, check=False)
+    assert p.returncode != 0
+    assert "after the topology update at step 8" in p.stderr
+    assert "fc0 differ across MPI ranks" in p.stderr
+
+
+@needs_mpi
+def test_sampled_grow_on_two_ranks_equals_one_process(tmp_path):
+    """RigL's sampled grow: the same candidates on every rank, scores summed over the ranks'
+    columns (one allreduce of the candidates' partial sums)."""
+    launch(tmp_path / "one", 1, "--grow", "sampled", "--epochs", 2)
+    launch(tmp_path / "two", 2, "--grow", "sampled", "--epochs", 2)
+    one, two = result(tmp_path / "one"), result(tmp_path / "two")
+    assert [int(s) for s in assert_same_run(one, two, steps=range(16))] == [4, 8]
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@needs_mpi
+def test_cli_nprocs_launches_mpiexec_and_only_rank_0_reports(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 20)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    np.savez(tmp_path / "d.npz", x_train=x[:256], y_train=y[:256], x_test=x[256:], y_test=y[256:])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sparsecore", "train", "--nprocs", "2"]
+    cmd += ["--dataset", str(tmp_path / "d.npz"), "--arch", "20-16-3", "--sparsity", "0.5"]
+    cmd += ["--batch-size", "32", "--epochs", "2", "--delta-t", "3", "--no-progress"]
+    cmd += ["--out", str(out)]
+    p = run(cmd)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("test accuracy:") == 1
+    assert p.stdout.count("communication: 2 ranks (local batch 16)") == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "checkpoint.npz").exists()
+
+
+def test_importing_sparsecore_never_imports_mpi4py():
+    code = (
+        "import sys, sparsecore, sparsecore.train, sparsecore.distributed, sparsecore.cli\n"
+        "from sparsecore.distributed import world\n"
+        "assert world() is None\n"
+        "assert 'mpi4py' not in sys.modules, 'mpi4py imported'\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert p.returncode == 0, p.stderr
+
+
+def test_split_and_strip_nprocs():
+    from sparsecore.distributed import split, strip_nprocs
+
+    assert [split(128, 3, r) for r in range(3)] == [(0, 42), (42, 85), (85, 128)]
+    assert [split(2, 3, r) for r in range(3)] == [(0, 0), (0, 1), (1, 2)]
+    argv = ["train", "--nprocs", "3", "--epochs", "2", "--nprocs=4"]
+    assert strip_nprocs(argv) == ["train", "--epochs", "2"]
