@@ -56,6 +56,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -201,6 +202,29 @@ def launch(nprocs: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+# ---------------------------------------------------------------------- the cost model
+def step_bytes(n_params: int) -> int:
+    """Bytes of the per-step allreduce: every parameter's gradient (nnz per sparse weight, the
+    biases, a dense layer's weights), the loss and the correct count, float32."""
+    return 4 * (n_params + 2)
+
+
+def update_bytes(shapes, ks, batch_size: int, ranks: int, rank: int = 0, candidates=None) -> int:
+    """Bytes rank ``rank`` receives in one exact-RigL topology update of weighted layers of
+    ``shapes`` [(m, n)] growing ``ks`` connections each: per layer the global batch's X
+    (4·B·n, allgather), its block of dY's rows (4·B·m/N, all-to-all), the candidate counts
+    (8·N) and the candidates (12 bytes each, at most k per rank: ``candidates`` gives the true
+    total where a rank's block holds fewer than k absent entries); then the guard's two int64
+    hashes per layer and rank (16·N·layers). Independent of nnz; never m·n."""
+    total = 0
+    for l, ((m, n), k) in enumerate(zip(shapes, ks, strict=True)):
+        if k:
+            r0, r1 = split(m, ranks, rank)
+            c = ranks * k if candidates is None else candidates[l]
+            total += 4 * batch_size * (n + r1 - r0) + 8 * ranks + 12 * c
+    return total + 16 * ranks * len(shapes)
+
+
 # ---------------------------------------------------------------------- data-parallel
 def split(total: int, parts: int, index: int) -> tuple[int, int]:
     """[lo, hi) of part ``index`` of ``total`` items in ``parts`` contiguous, near-equal parts."""
@@ -234,9 +258,10 @@ def data_parallel(trainer):
     _abort_on_uncaught_exceptions()
     _limit_threads(comm)
     dp = DataParallel(comm, cfg.batch_size)
-    if dp.rank != 0:  # rank 0 alone prints and writes
+    if dp.rank != 0:  # rank 0 alone prints and writes (the others' warnings would repeat it)
         trainer.cfg = dataclasses.replace(cfg, progress=False)
         trainer.out = None
+        warnings.simplefilter("ignore")
     if trainer.updater is not None:
         dp.wrap_updater(trainer.updater)
     load = trainer.load_checkpoint
@@ -273,6 +298,7 @@ class DataParallel:
         self.step_bytes_total = 0
         self.other_bytes = 0  # everything else: topology updates, the guard
         self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
+        self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
 
     # -------------------------------------------------------------- per step
     def local_rows(self, idx: np.ndarray) -> np.ndarray:
@@ -320,6 +346,7 @@ class DataParallel:
 
         def checked_update(step, model, optimizer=None):
             before = self.other_bytes
+            self.update_candidates.append([])
             report = update(step, model, optimizer)
             self.check_same(model, f"the topology update at step {step}")
             self.update_bytes.append(self.other_bytes - before)
@@ -444,6 +471,8 @@ class DataParallel:
             [cand.view(np.uint8), B], [every.view(np.uint8), nbytes.tolist(), displs.tolist(), B]
         )
         self.other_bytes += counts.nbytes + every.nbytes
+        if self.update_candidates:
+            self.update_candidates[-1].append(every.shape[0])
         order = np.lexsort((every["flat"], -every["score"]))[:k]
         return np.sort(every["flat"][order])
 
@@ -502,6 +531,7 @@ class DataParallel:
             "steps": self.steps,
             "step_bytes_total": self.step_bytes_total,
             "update_bytes": list(self.update_bytes),
+            "update_candidates": list(self.update_candidates),
             "other_bytes": self.other_bytes,
         }
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparsecore.distributed import step_bytes, update_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("mpi_worker.py")
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -153,19 +155,16 @@ def test_bytes_per_step_are_the_nnz_sized_gradients(runs, n):
     assert comm["step_bytes"] <= 1.1 * grads
     assert comm["step_bytes_total"] == comm["steps"] * comm["step_bytes"]
     assert comm["steps"] == 32
-    # per update: X (4·B·n) and this rank's rows of dY (4·B·m/N), the candidates (12 bytes,
-    # at most k per rank), the counts, and the guard's hashes
-    B, n_layers = 128, len(res["shapes"])
+    assert comm["step_bytes"] == step_bytes(res["params"])
+    # per update (rank 0): X (4·B·n) and its rows of dY (4·B·m/N) per layer, the 12-byte
+    # candidates (<= k per rank: fewer where a block of rows has fewer absent entries), the
+    # counts and the guard's hashes: the cost model exactly
     assert len(comm["update_bytes"]) == 5
-    for got, ks in zip(comm["update_bytes"], res["grown"].values(), strict=True):
-        bound = (
-            sum(
-                4 * B * (cols + -(-rows // n)) + 12 * n * k + 8 * n
-                for (rows, cols), k in zip(res["shapes"], ks, strict=True)
-            )
-            + 16 * n * n_layers
-        )
-        assert 4 * B * sum(c for _, c in res["shapes"]) < got <= bound
+    cands = comm["update_candidates"]
+    for got, ks, c in zip(comm["update_bytes"], res["grown"].values(), cands, strict=True):
+        assert all(ci <= n * k for ci, k in zip(c, ks, strict=True))
+        assert got == update_bytes(res["shapes"], ks, 128, n, candidates=c)
+        assert got < 4 * 128 * sum(m + c for m, c in res["shapes"]) + 16 * n * sum(ks) + 256
 
 
 @needs_mpi
