@@ -285,3 +285,19 @@ def test_split_and_strip_nprocs():
     assert [split(2, 3, r) for r in range(3)] == [(0, 0), (0, 1), (1, 2)]
     argv = ["train", "--nprocs", "3", "--epochs", "2", "--nprocs=4"]
     assert strip_nprocs(argv) == ["train", "--epochs", "2"]
+
+
+def test_several_ranks_without_mpi4py_is_one_clear_error(monkeypatch):
+    """Started by a launcher with 2 ranks but mpi4py missing: the error says how to get it."""
+    from sparsecore import distributed
+
+    monkeypatch.setattr(distributed, "_world", {})
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(distributed.MPIUnavailableError, match=r"\[mpi\] extra"):
+        distributed.world()
+    with pytest.raises(distributed.MPIUnavailableError, match=r"--nprocs 2 needs mpi4py"):
+        distributed.launch(2, ["train"])
+    monkeypatch.setenv("PMI_SIZE", "1")  # one rank: a single process, MPI never started
+    monkeypatch.setattr(distributed, "_world", {})
+    assert distributed.world() is None and distributed.is_root()
