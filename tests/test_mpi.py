@@ -4,8 +4,11 @@ loopback, one thread each, bounded by a timeout) and compares what the ranks wro
 
 Model: 784-32-10 at 80% sparsity (ERK), batch 128, 1024 synthetic examples (8 steps per epoch),
 4 epochs, ΔT = 4: topology updates at steps 4, 8, ..., 20 (T_end = 24). Seeds are fixed: the
-runs compare trajectories whose float32 roundings differ (N-rank sums), so a near-tie in a drop
-or a grow could in principle flip one connection; with fixed seeds the outcome is reproducible.
+runs compare trajectories whose float32 roundings differ (an N-rank gradient is a sum of N
+partial sums), so a near-tie at a drop or grow boundary could flip one connection. Measured for
+this run: every boundary (K-th vs (K+1)-th |w| of the drop, K-th vs (K+1)-th |dY·Xᵀ| of the
+grow, per layer and update) is separated by >= 1.7e-4 relative, while the runs' weights differ
+by <= 6e-8 (|w| ~ 0.09, i.e. <= 1e-6 relative): a margin of two orders of magnitude.
 """
 
 from __future__ import annotations
