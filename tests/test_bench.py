@@ -135,8 +135,8 @@ def test_forward_check_catches_a_wrong_model():
     layer = model.weighted()[0]
     original = layer.forward
 
-    def wrong(inp):
-        return original(inp) + 1.0
+    def wrong(inp, **kw):
+        return original(inp, **kw) + 1.0
 
     layer.forward = wrong
     with pytest.raises(AssertionError, match="float64 reference"):
