@@ -62,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsecore.layers import SparseLinear
+
 # Environment variables that MPI launchers set to the number of ranks (MPICH/Hydra, Intel MPI,
 # Slurm's PMI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE).
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
@@ -229,6 +231,29 @@ def update_bytes(shapes, ks, batch_size: int, ranks: int, rank: int = 0, candida
 def split(total: int, parts: int, index: int) -> tuple[int, int]:
     """[lo, hi) of part ``index`` of ``total`` items in ``parts`` contiguous, near-equal parts."""
     return index * total // parts, (index + 1) * total // parts
+
+
+def allgather_records(comm, fields: dict) -> np.ndarray:
+    """Every rank's records (equal-length arrays per field: score float32 + flat int64 are 12
+    bytes a record), concatenated in rank order on every rank: one count allgather (8 bytes a
+    rank) and one allgatherv of the packed records."""
+    from mpi4py import MPI
+
+    dtype = [(name, "<f4" if a.dtype.kind == "f" else "<i8") for name, a in fields.items()]
+    n = len(next(iter(fields.values())))
+    mine = np.empty(n, dtype=dtype)
+    for name, a in fields.items():
+        mine[name] = a
+    counts = np.empty(comm.Get_size(), np.int64)
+    comm.Allgather(np.array([n], np.int64), counts)
+    every = np.empty(int(counts.sum()), dtype=dtype)
+    nbytes = counts * mine.dtype.itemsize
+    displs = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
+    comm.Allgatherv(
+        [mine.view(np.uint8), MPI.BYTE],
+        [every.view(np.uint8), nbytes.tolist(), displs.tolist(), MPI.BYTE],
+    )
+    return every
 
 
 def _crc(*arrays) -> int:
@@ -458,19 +483,8 @@ class DataParallel:
     def merge_top_k(self, flat: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
         """The global top k of every rank's candidates (score descending, flat index ascending),
         as ascending flat indices: the fused kernel's own order, so the result is exact."""
-        cand = np.empty(flat.shape[0], dtype=[("score", "<f4"), ("flat", "<i8")])  # 12 bytes
-        cand["score"] = scores
-        cand["flat"] = flat
-        counts = np.empty(self.size, np.int64)
-        self.comm.Allgather(np.array([cand.shape[0]], np.int64), counts)
-        every = np.empty(int(counts.sum()), dtype=cand.dtype)
-        nbytes = counts * cand.dtype.itemsize
-        displs = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
-        B = self.MPI.BYTE
-        self.comm.Allgatherv(
-            [cand.view(np.uint8), B], [every.view(np.uint8), nbytes.tolist(), displs.tolist(), B]
-        )
-        self.other_bytes += counts.nbytes + every.nbytes
+        every = allgather_records(self.comm, {"score": scores, "flat": flat})
+        self.other_bytes += 8 * self.size + every.nbytes
         if self.update_candidates:
             self.update_candidates[-1].append(every.shape[0])
         order = np.lexsort((every["flat"], -every["score"]))[:k]
@@ -480,8 +494,6 @@ class DataParallel:
     def check_same(self, model, when: str, data=None):
         """Raise RanksDiverged unless every rank holds the same pattern and values of every
         layer (crc32 of indptr, indices, data; of W and b for a dense layer)."""
-        from sparsecore.layers import SparseLinear
-
         names, sums = [], []
         for layer in model.weighted():
             W = layer.W
@@ -536,10 +548,178 @@ class DataParallel:
         }
 
 
+# ---------------------------------------------------------------------- sharded layers
+class ShardedSparseLinear(SparseLinear):
+    """Rows [r0, r1) of an m × n sparse layer, on this rank: its weights, indices, bias,
+    gradients and optimizer state are those rows only (memory ≈ 1/N of the layer).
+
+    forward: this rank's rows of y = W·x + b (x, n × B, is on every rank), then one allgather
+    of the rows: every rank holds y (m × B; 4·m·B bytes). backward: dW and db of its rows from
+    its rows of dY, and the partial dX = W_rowsᵀ·dY_rows (through the feeding ReLU's gate, which
+    is elementwise and so commutes with the sum), summed over the ranks by one allreduce
+    (4·n·B bytes). Every rank runs the whole batch; layers that are not sharded (ReLUs, a dense
+    classifier) are replicated and compute the same on every rank. The update of a sharded
+    layer is ``sharded_update``: the global K smallest / largest across ranks, so the result
+    equals the unsharded layer's.
+    """
+
+    def __init__(self, W_rows, bias, name, comm, m: int):
+        super().__init__(W_rows, bias, name)
+        self.comm = comm
+        self.m = int(m)
+        self.r0, self.r1 = split(self.m, comm.Get_size(), comm.Get_rank())
+        if W_rows.shape[0] != self.r1 - self.r0:
+            raise ValueError(
+                f"{name}: rank {comm.Get_rank()} holds rows [{self.r0}, {self.r1}) of {m}, "
+                f"got a block of {W_rows.shape[0]} rows"
+            )
+
+    @classmethod
+    def shard(cls, layer, comm) -> ShardedSparseLinear:
+        """This rank's rows of an unsharded SparseLinear (copied)."""
+        from sparsecore.formats import CSR
+
+        W = layer.W
+        m, n = W.shape
+        if m < comm.Get_size():
+            raise ValueError(f"{layer.name} has {m} rows, fewer than {comm.Get_size()} ranks")
+        r0, r1 = split(m, comm.Get_size(), comm.Get_rank())
+        lo, hi = int(W.indptr[r0]), int(W.indptr[r1])
+        rows = CSR(
+            W.indptr[r0 : r1 + 1] - W.indptr[r0],
+            W.indices[lo:hi].copy(),
+            W.data[lo:hi].copy(),
+            (r1 - r0, n),
+        )
+        return cls(rows, layer.b[r0:r1].copy(), layer.name, comm, m)
+
+    def _row_counts(self, per_row: int):
+        size = self.comm.Get_size()
+        parts = [split(self.m, size, r) for r in range(size)]
+        return [(h - l) * per_row for l, h in parts], [l * per_row for l, _ in parts]
+
+    def forward(self, x, relu: bool = False):
+        from mpi4py import MPI
+
+        mine = super().forward(x, relu)  # (r1 - r0, B)
+        y = np.empty((self.m, x.shape[1]), np.float32)
+        counts, displs = self._row_counts(x.shape[1])
+        self.comm.Allgatherv(mine, [y, counts, displs, MPI.FLOAT])
+        return y
+
+    def backward(self, dy, need_dx=True, gate=None):
+        from mpi4py import MPI
+
+        dx = super().backward(np.ascontiguousarray(dy[self.r0 : self.r1]), need_dx, gate)
+        if dx is not None:
+            self.comm.Allreduce(MPI.IN_PLACE, dx, op=MPI.SUM)
+        return dx
+
+    def nnz_offset(self) -> tuple[int, int]:
+        """(position of this rank's first entry in the whole layer's CSR, the layer's nnz)."""
+        counts = np.empty(self.comm.Get_size(), np.int64)
+        self.comm.Allgather(np.array([self.W.nnz], np.int64), counts)
+        return int(counts[: self.comm.Get_rank()].sum()), int(counts.sum())
+
+    def gather(self):
+        """The whole layer (CSR, bias) on every rank: for checks and checkpoints."""
+        from sparsecore.formats import CSR
+
+        W = self.W
+        every = allgather_records(
+            self.comm,
+            {"row": W.row_ids().astype(np.int64) + self.r0, "col": W.indices, "w": W.data},
+        )
+        b = np.empty(self.m, np.float32)
+        from mpi4py import MPI
+
+        counts, displs = self._row_counts(1)
+        self.comm.Allgatherv(self.b, [b, counts, displs, MPI.FLOAT])
+        indptr = np.zeros(self.m + 1, W.indptr.dtype)
+        np.cumsum(np.bincount(every["row"], minlength=self.m), out=indptr[1:])
+        full = CSR(indptr, every["col"].astype(W.indices.dtype), every["w"], (self.m, W.shape[1]))
+        return full, b
+
+
+def sharded_update(updater, step: int, model, optimizer=None):
+    """RigL's topology update (exact grow) of a model whose sparse layers are all
+    ShardedSparseLinear, equal to the unsharded update: per layer K = floor(f·nnz) of the whole
+    layer; the drop takes the global K smallest |w| (order |w| ascending, CSR position
+    ascending, as the drop kernel: each rank offers its K smallest, 12 bytes each, merged on
+    every rank); the grow runs the fused top-k on each rank's rows (x is on every rank) and
+    merges the candidates into the global top K (score descending, flat index ascending). Each
+    rank then merges the kept and grown entries of its rows and remaps its optimizer state; a
+    rank's nnz may change, the layer's does not."""
+    import time
+
+    from sparsecore.rigl.updater import RigL, UpdateReport
+
+    if not isinstance(updater, RigL) or updater.grow_mode != "exact":
+        raise ValueError("sharded layers are updated by RigL with the exact grow only (for now)")
+    f = updater.schedule.drop_fraction(step)
+    report = UpdateReport(step=step, drop_fraction=f)
+    for layer in model.sparse_layers():
+        if not isinstance(layer, ShardedSparseLinear):
+            raise ValueError(f"{layer.name} is not sharded: shard every sparse layer")
+        t0 = time.perf_counter()
+        W, dev, comm = layer.W, layer.dev, layer.comm
+        n = W.shape[1]
+        offset, total = layer.nnz_offset()
+        k = int(f * total)
+        # drop: the global k smallest (|w|, position), from each rank's k smallest
+        mine = dev.drop(W.data, min(k, W.nnz))
+        every = allgather_records(
+            comm, {"mag": np.abs(W.data[mine]), "pos": mine.astype(np.int64) + offset}
+        )
+        dropped = every["pos"][np.lexsort((every["pos"], every["mag"]))[:k]]
+        dropped = dropped[(dropped >= offset) & (dropped < offset + W.nnz)] - offset
+        keep = np.ones(W.nnz, dtype=bool)
+        keep[dropped] = False
+        # grow: the global top k of |dY·Xᵀ| among absent entries, from each rank's rows
+        absent = W.shape[0] * n - int(np.count_nonzero(keep))
+        rows, cols, scores = dev.grow(
+            W.indptr,
+            W.indices,
+            keep,
+            layer.dy,
+            layer.x,
+            min(k, absent),
+            tile_bytes=updater.tile_bytes,
+        )
+        flat = (rows.astype(np.int64) + layer.r0) * n + cols
+        every = allgather_records(comm, {"score": scores, "flat": flat})
+        best = every["flat"][np.lexsort((every["flat"], -every["score"]))[:k]]
+        best = np.sort(best[(best >= layer.r0 * n) & (best < layer.r1 * n)])
+        grow_rows = best // n
+        grow_cols = (best - grow_rows * n).astype(W.indices.dtype)
+        grow_rows = (grow_rows - layer.r0).astype(W.indices.dtype)
+        W2, src = dev.merge(W, keep, grow_rows, grow_cols)
+        old_grad = layer.gW
+        layer.set_weight(W2)
+        dev.remap(src, old_grad, 0.0, out=layer.gW)
+        if optimizer is not None:
+            optimizer.remap(f"{layer.name}.W", src)
+            optimizer.rebind(layer.params())
+        report.per_layer.append(
+            dict(
+                layer=layer.name,
+                nnz=total,
+                dropped=k,
+                grown=k,
+                new=int(np.count_nonzero(src < 0)),
+                seconds=time.perf_counter() - t0,
+                grow_seconds=0.0,
+            )
+        )
+    return report
+
+
 __all__ = [
     "DataParallel",
     "MPIUnavailableError",
     "RanksDiverged",
+    "ShardedSparseLinear",
+    "sharded_update",
     "data_parallel",
     "is_root",
     "launch",

@@ -1,0 +1,92 @@
+"""One rank of the sharded-layer test (tests/test_mpi.py): every rank builds the same model
+twice from one seed, keeps one whole (the reference, computed on this rank alone) and shards the
+other's sparse layers by rows over the ranks (ShardedSparseLinear); both train on the same
+batches with SGD and RigL updates (exact grow). The sharded layers, gathered, must equal the
+reference: the same topology after every update, values and losses to float32 tolerance.
+Writes OUT/rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sparsecore  # noqa: E402,F401
+from sparsecore.distributed import ShardedSparseLinear, sharded_update, world  # noqa: E402
+from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp  # noqa: E402
+from sparsecore.optim import SGD  # noqa: E402
+from sparsecore.rigl import RigL, UpdateSchedule  # noqa: E402
+
+
+def main():
+    out = Path(sys.argv[1])
+    comm = world()
+    sizes, dens = [96, 64, 48, 10], [0.2, 0.3, 0.5]
+    ref = mlp(sizes, dens, seed=3)
+    sharded = Sequential(
+        [
+            ShardedSparseLinear.shard(l, comm) if isinstance(l, SparseLinear) else l
+            for l in mlp(sizes, dens, seed=3).layers
+        ]
+    )
+    opts = [SGD(m.params(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in (ref, sharded)]
+    schedule = UpdateSchedule(t_end=20, delta_t=4, alpha=0.3)
+    updaters = [RigL(schedule, seed=0), RigL(schedule, seed=0)]
+    loss_fn = SoftmaxCrossEntropy()
+    rng = np.random.default_rng(7)
+    teacher = rng.standard_normal((10, sizes[0]))
+    losses, topology_same, max_diff = [], [], 0.0
+    for step in range(24):
+        x = rng.standard_normal((sizes[0], 64)).astype(np.float32)
+        y = np.argmax(teacher @ x, axis=0)
+        pair = []
+        for model, opt, upd in zip((ref, sharded), opts, updaters, strict=True):
+            loss, dlogits, _ = loss_fn(model.forward(x), y)
+            model.backward(dlogits)
+            if schedule.is_update_step(step):
+                if model is ref:
+                    upd.update(step, model, opt)
+                else:
+                    sharded_update(upd, step, model, opt)
+            else:
+                opt.step()
+            pair.append(loss)
+        losses.append(pair)
+        if schedule.is_update_step(step) or step == 23:
+            same = []
+            for a, b in zip(ref.sparse_layers(), sharded.sparse_layers(), strict=True):
+                W, bias = b.gather()
+                same.append(
+                    bool(
+                        np.array_equal(a.W.indptr, W.indptr)
+                        and np.array_equal(a.W.indices, W.indices)
+                    )
+                )
+                if same[-1]:
+                    max_diff = max(max_diff, float(np.abs(a.W.data - W.data).max()))
+                    max_diff = max(max_diff, float(np.abs(a.b - bias).max()))
+            topology_same.append([step, same])
+    rank = comm.Get_rank()
+    local_nnz = [int(l.W.nnz) for l in sharded.sparse_layers()]
+    full_nnz = [int(l.W.nnz) for l in ref.sparse_layers()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "losses": losses,
+                "topology_same": topology_same,
+                "max_diff": max_diff,
+                "local_nnz": local_nnz,
+                "full_nnz": full_nnz,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
