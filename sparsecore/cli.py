@@ -19,6 +19,22 @@ def _arch(s: str) -> list[int]:
     return sizes
 
 
+def _add_grow(p):
+    p.add_argument(
+        "--grow",
+        choices=["exact", "sampled"],
+        default="exact",
+        help="RigL's grow: exact top-k of |dY·Xᵀ| (m·n·batch per update), or the top-k of "
+        "uniformly sampled absent candidates (cost ∝ nnz)",
+    )
+    p.add_argument(
+        "--grow-candidates",
+        type=float,
+        default=10,
+        help="with --grow sampled: candidates scored per grown connection",
+    )
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train an MLP with RigL / SET / static sparsity / dense")
     p.add_argument(
@@ -34,19 +50,7 @@ def _add_train(sub):
     p.add_argument("--distribution", choices=["erk", "uniform"], default="erk")
     p.add_argument("--method", choices=["rigl", "set", "static", "dense"], default="rigl")
     p.add_argument("--delta-t", type=int, default=100, help="steps between topology updates (ΔT)")
-    p.add_argument(
-        "--grow",
-        choices=["exact", "sampled"],
-        default="exact",
-        help="RigL's grow: exact top-k of |dY·Xᵀ| (m·n·batch per update), or the top-k of "
-        "uniformly sampled absent candidates (cost ∝ nnz)",
-    )
-    p.add_argument(
-        "--grow-candidates",
-        type=float,
-        default=10,
-        help="with --grow sampled: candidates scored per grown connection",
-    )
+    _add_grow(p)
     p.add_argument(
         "--no-flush-denormals",
         action="store_true",
@@ -108,19 +112,7 @@ def _add_plan(sub):
     p.add_argument("--method", choices=["rigl", "set", "static", "dense"], default="rigl")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    p.add_argument(
-        "--grow",
-        choices=["exact", "sampled"],
-        default="exact",
-        help="RigL's grow: exact top-k of |dY·Xᵀ| (m·n·batch per update), or the top-k of "
-        "uniformly sampled absent candidates (cost ∝ nnz)",
-    )
-    p.add_argument(
-        "--grow-candidates",
-        type=float,
-        default=10,
-        help="with --grow sampled: candidates scored per grown connection",
-    )
+    _add_grow(p)
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: plan the GPU's memory"
     )

@@ -65,6 +65,21 @@ def _features(x, name):
     return x
 
 
+def _check_split(xtr, ytr, xte, yte, val_fraction) -> int:
+    """Shapes of a dataset's arrays agree and the split is valid; returns the class count."""
+    if xtr.shape[0] != ytr.shape[0]:
+        raise ValueError(f"x_train has {xtr.shape[0]} rows but y_train has {ytr.shape[0]} labels")
+    if xte.shape[0] != yte.shape[0]:
+        raise ValueError(f"x_test has {xte.shape[0]} rows but y_test has {yte.shape[0]} labels")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
+    if xtr.shape[0] == 0:
+        raise ValueError("x_train is empty")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    return int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
+
+
 def from_arrays(
     x_train,
     y_train,
@@ -80,17 +95,7 @@ def from_arrays(
     a validation set (val_fraction of the training set, seeded)."""
     xtr, xte = _features(x_train, "x_train"), _features(x_test, "x_test")
     ytr, yte = _labels(y_train, "y_train"), _labels(y_test, "y_test")
-    if xtr.shape[0] != ytr.shape[0]:
-        raise ValueError(f"x_train has {xtr.shape[0]} rows but y_train has {ytr.shape[0]} labels")
-    if xte.shape[0] != yte.shape[0]:
-        raise ValueError(f"x_test has {xte.shape[0]} rows but y_test has {yte.shape[0]} labels")
-    if xtr.shape[1] != xte.shape[1]:
-        raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
-    if xtr.shape[0] == 0:
-        raise ValueError("x_train is empty")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_classes = int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
+    n_classes = _check_split(xtr, ytr, xte, yte, val_fraction)
     if normalize == "standard":
         mean = float(xtr.mean(dtype=np.float64))
         std = float(xtr.std(dtype=np.float64)) or 1.0
@@ -190,17 +195,7 @@ def streamed(x_train, y_train, x_test, y_test, *, name="streamed", val_fraction=
     std = std or 1.0
     xtr = StreamedRows(x_train, mean, std)
     xte = StreamedRows(x_test, mean, std)
-    if xtr.shape[0] != ytr.shape[0]:
-        raise ValueError(f"x_train has {xtr.shape[0]} rows but y_train has {ytr.shape[0]} labels")
-    if xte.shape[0] != yte.shape[0]:
-        raise ValueError(f"x_test has {xte.shape[0]} rows but y_test has {yte.shape[0]} labels")
-    if xtr.shape[1] != xte.shape[1]:
-        raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
-    if xtr.shape[0] == 0:
-        raise ValueError("x_train is empty")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_classes = int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
+    n_classes = _check_split(xtr, ytr, xte, yte, val_fraction)
     n_val = int(round(val_fraction * xtr.shape[0]))
     perm = np.random.default_rng(seed).permutation(xtr.shape[0])
     val, tr = perm[:n_val], perm[n_val:]  # the rows from_arrays would give, in its order

@@ -266,13 +266,14 @@ class SoftmaxCrossEntropy:
 
         On a device loss and n_correct are 0-d device arrays (no sync: read them when logging)
         and labels must be a device array."""
-        if self.dev.on_device:
-            return self._compute_device(logits, labels)
+        if self.dev.on_device:  # 0-d device arrays: no sync here
+            return self._compute(logits, labels, self.dev.xp)
         with np.errstate(invalid="ignore", over="ignore"):
-            return self._compute(logits, labels)
+            loss, grad, correct = self._compute(logits, labels, np)
+        return float(loss), grad, int(correct)
 
-    def _compute_device(self, logits, labels):
-        xp = self.dev.xp
+    @staticmethod
+    def _compute(logits, labels, xp):
         z = logits - logits.max(axis=0, keepdims=True)
         e = xp.exp(z)
         s = e.sum(axis=0, keepdims=True)
@@ -284,20 +285,6 @@ class SoftmaxCrossEntropy:
         grad[labels, cols] -= 1.0
         grad /= np.float32(batch)
         correct = xp.count_nonzero(xp.argmax(logits, axis=0) == labels)
-        return loss, grad.astype(np.float32, copy=False), correct
-
-    def _compute(self, logits, labels):
-        z = logits - logits.max(axis=0, keepdims=True)
-        e = np.exp(z)
-        s = e.sum(axis=0, keepdims=True)
-        batch = logits.shape[1]
-        cols = np.arange(batch)
-        logp_true = z[labels, cols] - np.log(s[0])
-        loss = float(-logp_true.mean(dtype=np.float64))
-        grad = e / s
-        grad[labels, cols] -= 1.0
-        grad /= np.float32(batch)
-        correct = int(np.count_nonzero(np.argmax(logits, axis=0) == labels))
         return loss, grad.astype(np.float32, copy=False), correct
 
 

@@ -9,14 +9,15 @@ import pytest
 from sparsecore import cli
 from sparsecore.benchmarks import step as S
 from sparsecore.benchmarks import suite
+from sparsecore.benchmarks.common import log_crossing
 
 
 def test_log_crossing():
-    assert suite.log_crossing([]) is None
-    assert suite.log_crossing([(0.01, 4.0), (0.1, 2.0)]) == math.inf
-    assert suite.log_crossing([(0.01, 0.5), (0.1, 0.2)]) == 0.0
+    assert log_crossing([]) is None
+    assert log_crossing([(0.01, 4.0), (0.1, 2.0)]) == math.inf
+    assert log_crossing([(0.01, 0.5), (0.1, 0.2)]) == 0.0
     # speed-up 4 at 1%, 1/4 at 100%: log-linear crossing at the geometric middle, 10%
-    assert suite.log_crossing([(1.0, 0.25), (0.01, 4.0)]) == pytest.approx(0.1)
+    assert log_crossing([(1.0, 0.25), (0.01, 4.0)]) == pytest.approx(0.1)
 
 
 def test_step_jobs_respect_the_preset():

@@ -107,3 +107,22 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_crossing(points):
+    """Highest x at which y >= 1, log-interpolated over sorted (x, y) points (e.g. density and
+    speed-up over dense: the break-even density); inf if y >= 1 everywhere, 0 if nowhere, None
+    without points."""
+    pts = sorted(points)
+    if not pts:
+        return None
+    prev = None
+    for x, y in pts:
+        if y < 1.0:
+            if prev is None:
+                return 0.0
+            x0, y0 = prev
+            t = np.log(y0) / (np.log(y0) - np.log(y))  # where log y crosses 0
+            return float(np.exp(np.log(x0) + t * (np.log(x) - np.log(x0))))
+        prev = (x, y)
+    return float("inf")

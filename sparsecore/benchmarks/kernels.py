@@ -24,7 +24,7 @@ from tqdm import tqdm
 import kernels
 import sparsecore  # noqa: I001  (before NumPy: sets up the thread pools)
 from sparsecore import CSR
-from sparsecore.benchmarks.common import environment, median_time, torch_csr
+from sparsecore.benchmarks.common import environment, log_crossing, median_time, torch_csr
 
 PRESETS = {
     "quick": dict(
@@ -264,23 +264,11 @@ def interleaved_in_subprocesses():
 # ---------------------------------------------------------------------------------- report
 def break_even(rows, kernel, impl, m, batch):
     """Highest density at which the implementation still beats dense BLAS (log-interpolated)."""
-    pts = sorted(
+    return log_crossing(
         (r["density"], r["speedup_vs_dense"])
         for r in rows
         if r["kernel"] == kernel and r["impl"] == impl and r["m"] == m and r["batch"] == batch
     )
-    if not pts:
-        return None
-    prev = None
-    for d, s in pts:
-        if s < 1.0:
-            if prev is None:
-                return 0.0
-            (d0, s0) = prev
-            t = np.log(s0) / (np.log(s0) - np.log(s))  # where log speedup crosses 0
-            return float(np.exp(np.log(d0) + t * (np.log(d) - np.log(d0))))
-        prev = (d, s)
-    return float("inf")  # faster at every density measured
 
 
 def markdown(env, rows, grows, inter, preset):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import sparsecore  # noqa: F401  (thread setup before the libraries below load)
 from sparsecore.benchmarks import kernels as K
-from sparsecore.benchmarks.common import environment, try_torch
+from sparsecore.benchmarks.common import environment, log_crossing, try_torch
 
 STEP_IMPLS = ("sparsecore", "dense", "torch-masked", "torch-sparse")
 BASELINES = ("scipy", "torch", "torch-masked", "torch-sparse")
@@ -150,24 +150,6 @@ def run_jobs(jobs, threads, desc, progress):
 
 
 # ----------------------------------------------------------------------------------- analysis
-def log_crossing(points):
-    """Highest x at which y >= 1, log-interpolated over sorted (x, y) points; inf if y >= 1
-    everywhere, 0 if nowhere, None without points."""
-    pts = sorted(points)
-    if not pts:
-        return None
-    prev = None
-    for x, y in pts:
-        if y < 1.0:
-            if prev is None:
-                return 0.0
-            x0, y0 = prev
-            t = np.log(y0) / (np.log(y0) - np.log(y))
-            return float(np.exp(np.log(x0) + t * (np.log(x) - np.log(x0))))
-        prev = (x, y)
-    return float("inf")
-
-
 def step_table(results: list[dict]) -> dict:
     """Per width: the dense reference and, per sparsity, each implementation's result."""
     by_w: dict = {}
