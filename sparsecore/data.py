@@ -140,7 +140,7 @@ class StreamedRows:
         if isinstance(idx, tuple):
             raise TypeError("StreamedRows takes one row index (int, slice or integer array)")
         src = idx if self.rows is None else self.rows[idx]
-        a = np.asarray(self.base[src], dtype=np.float32)
+        a = np.array(self.base[src], dtype=np.float32)  # a copy: the map is read-only
         one = isinstance(src, (int, np.integer)) or (isinstance(src, np.ndarray) and src.ndim == 0)
         a = a.reshape(-1) if one else a.reshape(a.shape[0], self.shape[1])
         a -= self.mean

@@ -19,9 +19,10 @@ def _folder(tmp_path, rng, n=300, shape=(4, 5), dtype=np.uint8):
     return arrays
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 @pytest.mark.parametrize("val_fraction", [0.0, 0.2])
-def test_streamed_rows_equal_the_in_memory_dataset(tmp_path, rng, val_fraction):
-    arrays = _folder(tmp_path, rng)
+def test_streamed_rows_equal_the_in_memory_dataset(tmp_path, rng, val_fraction, dtype):
+    arrays = _folder(tmp_path, rng, dtype=dtype)
     d = D.load(str(tmp_path), val_fraction=val_fraction, seed=3)
     ref = D.from_arrays(**arrays, val_fraction=val_fraction, seed=3)
     assert isinstance(d.x_train, D.StreamedRows) and isinstance(d.x_train.base, np.memmap)
