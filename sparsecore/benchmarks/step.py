@@ -15,8 +15,8 @@ Timing: a few warm-up steps, then ``steps`` steps during which topology updates 
 (it rebuilds the transpose structure); the amortised step at the nominal ΔT is
 ``median(normal) + (mean(update) + mean(after) - 2·median(normal)) / ΔT``.
 
-Memory: ``ru_maxrss`` of this process, before the model is built (interpreter, libraries, data)
-and at the end; the suite starts one process per configuration so no configuration's memory hides
+Memory: peak RSS (VmHWM) of this process above its resident memory before the model is built
+(interpreter, libraries, compiled kernels, the data, whose map is faulted in first); the suite starts one process per configuration so no configuration's memory hides
 another's. Result: one JSON object on the last line of stdout.
 
     python -m sparsecore.benchmarks.step '{"impl": "sparsecore", "arch": [784, 1024, 1024, 10],
@@ -100,6 +100,7 @@ def load_data(prefix: str):
     from sparsecore.data import Dataset
 
     x = np.load(prefix + "_x.npy", mmap_mode="r")
+    float(x.sum(dtype=np.float64))  # fault every page in now: not counted as the model's memory
     y = np.load(prefix + "_y.npy")
     n_classes = int(y.max()) + 1
     return Dataset("mnist-subset", x, y, x[:0], y[:0], x[:256], y[:256], n_classes)
@@ -227,9 +228,11 @@ def _torch_layers(c, torch):
 
 
 def run_torch_masked(c: dict, data, torch) -> dict:
-    """Masked-dense RigL: dense weights × mask, dense autograd gradient, SGD with momentum, and at
-    an update a drop by |w| and a grow by torch.topk of the dense |gradient| over absent entries
-    (new weights and their momentum zeroed), no optimizer step on the update iteration."""
+    """Masked-dense RigL as published implementations train (rigl-torch and the like): dense
+    weights kept zero outside the mask, so the forward uses W itself and autograd's W.grad is the
+    full dense gradient; at an update a drop by |w| and a grow by torch.topk of the dense
+    |gradient| over absent entries (new weights and their momentum zeroed) and no optimizer step;
+    otherwise the gradient is masked, SGD with momentum steps, and the weights are masked."""
     torch.manual_seed(c["seed"])
     shapes, dens = _torch_layers(c, torch)
     Ws, bs, masks = [], [], []
@@ -250,8 +253,8 @@ def run_torch_masked(c: dict, data, torch) -> dict:
         is_update = step > 0 and step % every == 0
         t0 = time.perf_counter()
         h = xb
-        for l, (W, b, mk) in enumerate(zip(Ws, bs, masks, strict=True)):
-            h = h @ (W * mk).t() + b
+        for l, (W, b) in enumerate(zip(Ws, bs, strict=True)):
+            h = h @ W.t() + b  # W is zero outside the mask
             if l < len(Ws) - 1:
                 h = torch.relu(h)
         loss = torch.nn.functional.cross_entropy(h, yb)
@@ -280,6 +283,8 @@ def run_torch_masked(c: dict, data, torch) -> dict:
                         buf.view(-1)[new] = 0
                     W.mul_(mk)
             else:
+                for W, mk in zip(Ws, masks, strict=True):
+                    W.grad.mul_(mk)
                 opt.step()
                 for W, mk in zip(Ws, masks, strict=True):
                     W.mul_(mk)
