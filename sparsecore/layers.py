@@ -164,6 +164,8 @@ class Linear(Layer):
         return self
 
     def forward(self, x, relu: bool = False):
+        if x.shape[0] != self.W.shape[1]:  # the skinny kernels trust their inputs
+            raise ValueError(f"{self.name}: x has {x.shape[0]} rows, expected {self.W.shape[1]}")
         self.x = x
         if self._skinny():
             y = _skinny.forward(
@@ -172,12 +174,17 @@ class Linear(Layer):
         else:
             y = self.W @ x
             y += self.b[:, None]
-        if relu:
-            self.dev.xp.maximum(y, 0.0, out=y)
+        if relu:  # the following ReLU, in place (its layer keeps this output for backward)
+            self.dev.ew.relu(y, y)
         return y
 
     def backward(self, dy, need_dx=True, gate=None):
         """gW, gb and dX (through the feeding ReLU's backward when ``gate`` is its output)."""
+        if self.x is None or dy.shape != (self.W.shape[0], self.x.shape[1]):
+            raise ValueError(
+                f"{self.name}: dy has shape {dy.shape}, expected (outputs, batch of the last "
+                f"forward) = ({self.W.shape[0]}, {None if self.x is None else self.x.shape[1]})"
+            )
         if self._skinny():
             dx = np.empty((self.W.shape[1], dy.shape[1]), np.float32) if need_dx else None
             return _skinny.backward(self.W, self.x, dy, self.gW, self.gb, dx, gate)
@@ -336,10 +343,13 @@ class Sequential:
         return dy
 
     def _fusable(self, i, j):
-        """Layer i is a SparseLinear and layer j exactly a ReLU (subclasses may differ)."""
+        """Layer i is a SparseLinear or Linear and layer j exactly a ReLU (subclasses may
+        differ)."""
         layers = self.layers
         return (
-            0 <= j < len(layers) and type(layers[j]) is ReLU and isinstance(layers[i], SparseLinear)
+            0 <= j < len(layers)
+            and type(layers[j]) is ReLU
+            and isinstance(layers[i], (SparseLinear, Linear))
         )
 
     def params(self) -> list[Param]:

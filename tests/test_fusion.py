@@ -102,3 +102,19 @@ def test_wide_dense_layer_fuses_like_the_unfused_path(rng):
     a, b = Linear(W), Linear(W)
     np.testing.assert_allclose(a.forward(x, relu=True), np.maximum(b.forward(x), 0), rtol=1e-6)
     np.testing.assert_allclose(a.backward(dy, gate=gate), b.backward(dy) * (gate > 0), rtol=1e-6)
+
+
+def test_linear_checks_shapes_before_its_kernels(rng):
+    from sparsecore.layers import Linear
+
+    layer = Linear(rng.standard_normal((10, 100)).astype(np.float32), name="head")
+    with pytest.raises(ValueError, match="head: x has 50 rows, expected 100"):
+        layer.forward(np.ones((50, 4), np.float32))
+    layer.forward(np.ones((100, 4), np.float32))
+    with pytest.raises(ValueError, match=r"head: dy has shape \(10, 3\)"):
+        layer.backward(np.ones((10, 3), np.float32))
+
+
+def test_sequential_fuses_the_dense_classifier_too():
+    model = mlp([30, 24, 5], [0.5, None], seed=1)
+    assert model._fusable(2, 1)  # Linear fed by a ReLU: its dX is gated in the kernel
