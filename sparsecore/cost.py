@@ -37,14 +37,15 @@ def model_cost(
     }
     rigl = schedule is not None and method == "rigl"
     n_updates = schedule.n_updates() if rigl else 0
-    # Σ over updates of the drop fraction: the sampled grow's candidates scale with k
-    drop_sum = (
-        sum(
+    # drop fractions of the updates: the sampled grow scores min(c·k, |absent|) candidates, with
+    # k = floor(f·nnz) and |absent| = m·n - nnz + k (dropped connections may be regrown)
+    fractions = (
+        [
             schedule.drop_fraction(t)
             for t in range(schedule.delta_t, schedule.t_end, schedule.delta_t)
-        )
+        ]
         if rigl
-        else 0.0
+        else []
     )
     for l, layer in enumerate(model.weighted()):
         m, n = layer.shape
@@ -69,7 +70,10 @@ def model_cost(
         if not isinstance(layer, SparseLinear):
             grow = 0.0
         elif grow == "sampled":
-            cands = min(grow_candidates * nnz * drop_sum, dense_w * n_updates)
+            cands = 0.0
+            for f in fractions:
+                k = int(f * nnz)
+                cands += min(grow_candidates * k, dense_w - nnz + k)
             grow = 2.0 * cands * batch / max(total_steps, 1)
         else:
             grow = 2.0 * dense_w * batch * n_updates / max(total_steps, 1)

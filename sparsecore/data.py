@@ -170,8 +170,11 @@ def _streamed_stats(x, name) -> tuple[float, float]:
     n, mean, m2 = 0, 0.0, 0.0
     for start in range(0, x.shape[0], chunk):
         c = np.asarray(x[start : start + chunk], dtype=np.float64)
-        if not np.isfinite(c).all():
-            raise ValueError(f"{name} holds NaN or inf (rows {start}..{start + c.shape[0] - 1})")
+        if not (np.abs(c) <= np.finfo(np.float32).max).all():  # NaN, inf, or inf once float32
+            raise ValueError(
+                f"{name} holds NaN or inf, or values beyond float32 (rows "
+                f"{start}..{start + c.shape[0] - 1})"
+            )
         nc = c.size
         if not nc:
             continue

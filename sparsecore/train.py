@@ -218,10 +218,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
         self.cfg = cfg.validate()
         self.device = get_device(cfg.device)  # the one clear error without CuPy or a GPU
-        if cfg.flush_denormals and not self.device.on_device:
+        if not self.device.on_device:  # the process's kernel threads keep this mode afterwards
             from kernels.cpu import fpmode
 
-            fpmode.set_flush(True)
+            fpmode.set_flush(cfg.flush_denormals)
         self.plan = check_memory(cfg)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed

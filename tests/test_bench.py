@@ -18,6 +18,11 @@ def test_log_crossing():
     assert log_crossing([(0.01, 0.5), (0.1, 0.2)]) == 0.0
     # speed-up 4 at 1%, 1/4 at 100%: log-linear crossing at the geometric middle, 10%
     assert log_crossing([(1.0, 0.25), (0.01, 4.0)]) == pytest.approx(0.1)
+    # the highest density still >= 1 counts, even if a sparser point dips below (noise)
+    be = log_crossing([(0.001, 0.9), (0.01, 1.5), (0.05, 1.2), (0.1, 0.5)])
+    assert 0.05 < be < 0.1
+    assert log_crossing([(0.01, 3.0), (0.02, 0.8), (0.05, 1.1)]) == math.inf
+    assert log_crossing([(0.01, 2.0), (0.1, 0.0)]) > 0.01  # y = 0: no division by zero
 
 
 def test_step_jobs_respect_the_preset():

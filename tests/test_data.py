@@ -51,7 +51,14 @@ def test_streamed_input_is_checked(tmp_path, rng, monkeypatch):
     arrays = _folder(tmp_path, rng, dtype=np.float32)
     arrays["x_train"][250, 1, 2] = np.nan
     np.save(tmp_path / "x_train.npy", arrays["x_train"])
-    with pytest.raises(ValueError, match=r"x_train holds NaN or inf \(rows 245\.\.251\)"):
+    with pytest.raises(
+        ValueError, match=r"x_train holds NaN or inf, or values beyond float32 \(rows 245\.\.251\)"
+    ):
+        D.load(str(tmp_path))
+    big = np.zeros((300, 4, 5), np.float64)
+    big[7, 0, 0] = 1e39  # finite in float64, inf once float32
+    np.save(tmp_path / "x_train.npy", big)
+    with pytest.raises(ValueError, match="x_train holds NaN or inf"):
         D.load(str(tmp_path))
     np.save(tmp_path / "x_train.npy", np.zeros((300,), np.float32))
     with pytest.raises(ValueError, match="at least 2 dims"):

@@ -47,3 +47,18 @@ def test_training_sets_the_mode_it_is_asked_for(flush):
         d,
     )
     assert fpmode.flushing() is flush
+
+
+def test_a_later_trainer_can_turn_flushing_off():
+    from sparsecore.data import from_arrays
+    from sparsecore.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    d = from_arrays(rng.standard_normal((64, 6)), rng.integers(0, 2, 64),
+                    rng.standard_normal((8, 6)), rng.integers(0, 2, 8))  # fmt: skip
+    cfg = dict(arch=[6, 8, 2], sparsity=0.5, batch_size=16, progress=False)
+    Trainer(TrainConfig(**cfg), d)
+    assert fpmode.flushing()
+    Trainer(TrainConfig(**cfg, flush_denormals=False), d)
+    assert not fpmode.flushing()
+    assert np.float32(1e-38) / np.float32(4) > 0  # IEEE subnormals again

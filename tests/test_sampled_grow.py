@@ -401,7 +401,22 @@ def test_cost_counts_the_sampled_grow_by_candidates():
     fs = [sched.drop_fraction(t) for t in range(100, 750, 100)]
     assert len(fs) == sched.n_updates() == 7
     assert exact["grow_flops_per_step"] == pytest.approx(2.0 * 200 * 300 * batch * 7 / total)
-    assert sampled["grow_flops_per_step"] == pytest.approx(2.0 * c * nnz * sum(fs) * batch / total)
+    want = sum(min(c * int(f * nnz), 200 * 300 - nnz + int(f * nnz)) for f in fs)
+    assert sampled["grow_flops_per_step"] == pytest.approx(2.0 * want * batch / total)
     assert sampled["grow_flops_per_step"] < exact["grow_flops_per_step"]
     base = exact["flops_per_step"] - exact["grow_flops_per_step"]
     assert sampled["flops_per_step"] - sampled["grow_flops_per_step"] == pytest.approx(base)
+
+
+def test_cost_caps_the_sampled_candidates_at_the_absent_connections():
+    from sparsecore.cost import model_cost
+    from sparsecore.layers import mlp
+    from sparsecore.rigl.schedule import UpdateSchedule
+
+    model = mlp([100, 100, 3], [0.5, None], seed=0)  # half of 100 × 100 present
+    nnz = model.sparse_layers()[0].W.nnz
+    sched = UpdateSchedule(t_end=150, delta_t=100, alpha=0.3, decay="constant")  # one update
+    out = model_cost(model, 10, None, sched, 1, "rigl", grow="sampled", grow_candidates=10)
+    k = int(0.3 * nnz)
+    assert 10 * k > 100 * 100 - nnz + k  # the cap binds: every absent connection is scored
+    assert out["grow_flops_per_step"] == pytest.approx(2.0 * (100 * 100 - nnz + k) * 10)

@@ -110,19 +110,17 @@ def peak_rss_mib() -> float:
 
 
 def log_crossing(points):
-    """Highest x at which y >= 1, log-interpolated over sorted (x, y) points (e.g. density and
-    speed-up over dense: the break-even density); inf if y >= 1 everywhere, 0 if nowhere, None
-    without points."""
-    pts = sorted(points)
+    """The highest x at which y >= 1 (e.g. density and speed-up over dense: the break-even
+    density), log-interpolated between the densest point with y >= 1 and the next denser one;
+    inf if the densest point has y >= 1, 0 if no point has, None without points."""
+    pts = sorted((float(x), max(float(y), 1e-12)) for x, y in points)
     if not pts:
         return None
-    prev = None
-    for x, y in pts:
-        if y < 1.0:
-            if prev is None:
-                return 0.0
-            x0, y0 = prev
-            t = np.log(y0) / (np.log(y0) - np.log(y))  # where log y crosses 0
-            return float(np.exp(np.log(x0) + t * (np.log(x) - np.log(x0))))
-        prev = (x, y)
-    return float("inf")
+    if pts[-1][1] >= 1.0:
+        return float("inf")
+    above = [i for i, (_, y) in enumerate(pts) if y >= 1.0]
+    if not above:
+        return 0.0
+    (x0, y0), (x1, y1) = pts[above[-1]], pts[above[-1] + 1]
+    t = np.log(y0) / (np.log(y0) - np.log(y1))  # where log y crosses 0
+    return float(np.exp(np.log(x0) + t * (np.log(x1) - np.log(x0))))

@@ -376,10 +376,14 @@ def run(config: dict) -> dict:
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
         torch.set_num_threads(numba.get_num_threads())
         torch.set_flush_denormal(True)  # as the engine does (TrainConfig.flush_denormals)
-    if c["data"] is None:
+    if c["data"] is None:  # standalone: a private copy of the data, removed at exit
+        import atexit
+        import shutil
         import tempfile
 
-        c["data"] = prepare_data(tempfile.mkdtemp(prefix="sparsecore-bench-"), c["samples"])
+        tmp = tempfile.mkdtemp(prefix="sparsecore-bench-")
+        atexit.register(shutil.rmtree, tmp, True)
+        c["data"] = prepare_data(tmp, c["samples"])
     data = load_data(c["data"])
     if data.n_features != c["arch"][0]:
         raise ValueError(f"arch starts with {c['arch'][0]} inputs; the data has {data.n_features}")

@@ -83,15 +83,24 @@ def worker_env(threads: int | None) -> dict:
     return env
 
 
+WORKER_TIMEOUT_S = 3600  # one configuration; a hung worker must not hang the suite
+
+
 def run_worker(config: dict, threads: int | None) -> dict:
     """One configuration in a fresh process: its own time and its own peak memory."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsecore.benchmarks.step", json.dumps(config)],
-        capture_output=True,
-        text=True,
-        env=worker_env(threads),
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparsecore.benchmarks.step", json.dumps(config)],
+            capture_output=True,
+            text=True,
+            env=worker_env(threads),
+            check=False,
+            timeout=WORKER_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"benchmark worker for {config} ran past {WORKER_TIMEOUT_S} s and was stopped"
+        ) from None
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         raise RuntimeError(f"benchmark worker failed for {config}:\n{tail}")
