@@ -203,6 +203,8 @@ def markdown(res: dict) -> str:
         f"- Python {env['python']}, NumPy {env['numpy']}, SciPy {env['scipy']}, "
         f"Numba {env['numba']}, torch {env['torch']}, sparsecore {env['sparsecore']}",
     ]
+    for level, how in res.get("runs", {}).items():  # results assembled from several runs
+        L.append(f"- {level}: {how}")
     th = env["threads"]
     blas = ", ".join(
         f"{b['internal_api']} {b['version']} ({b['num_threads']} threads)" for b in th["blas"]
