@@ -5,8 +5,9 @@ one of four implementations:
 
 - ``sparsecore``   RigL through the engine: CSR weights, nnz-sized state, fused grow;
 - ``dense``        the same MLP trained densely with NumPy BLAS (the engine's ``--method dense``);
-- ``torch-masked`` RigL as every published implementation trains it: dense weights × a 0/1 mask,
-                   autograd's dense gradient, ``torch.topk`` over the dense |gradient| to grow;
+- ``torch-masked`` RigL as published implementations train it: dense weights kept zero outside a
+                   0/1 mask, autograd's dense gradient, ``torch.topk`` over the dense |gradient|
+                   to grow;
 - ``torch-sparse`` static sparse training in torch.sparse (CSR weights whose values get autograd
                    gradients; torch.sparse cannot grow without the dense gradient, so no updates).
 
@@ -16,8 +17,9 @@ Timing: a few warm-up steps, then ``steps`` steps during which topology updates 
 ``median(normal) + (mean(update) + mean(after) - 2·median(normal)) / ΔT``.
 
 Memory: peak RSS (VmHWM) of this process above its resident memory before the model is built
-(interpreter, libraries, compiled kernels, the data, whose map is faulted in first); the suite starts one process per configuration so no configuration's memory hides
-another's. Result: one JSON object on the last line of stdout.
+(interpreter, libraries, compiled kernels, the data, whose map is faulted in first); the suite
+starts one process per configuration so no configuration's memory hides another's. Result: one
+JSON object on the last line of stdout.
 
     python -m sparsecore.benchmarks.step '{"impl": "sparsecore", "arch": [784, 1024, 1024, 10],
                                            "sparsity": 0.99}'
