@@ -210,32 +210,6 @@ def _sddmm_gpu(W, dY, X, out, layout):
     return cu.sddmm(W.indptr, W.indices, dY, X, out)
 
 
-def _topk_grow_gpu(W, dY, X, k, keep, layout, tile_bytes):
-    import cupy
-
-    from kernels.cuda import grow as cu
-
-    W = _device_csr(W)
-    m, n = W.shape
-    dY = _dense_in_gpu(dY, "dY", m, layout, finite=True)
-    X = _dense_in_gpu(X, "X", n, layout, finite=True)
-    if dY.shape[1] != X.shape[1]:
-        raise ValueError(f"dY and X disagree on the batch size: {dY.shape[1]} vs {X.shape[1]}")
-    if keep is not None:
-        keep = V.check_device_mask(keep, "keep", W.nnz)
-        n_present = int(cupy.count_nonzero(keep))
-    else:
-        n_present = W.nnz
-    k = V.check_int(k, "k", low=0, high=m * n - n_present)
-    if tile_bytes is not None:
-        tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
-    _check_scores_fit_float32(dY, X)
-    rows, cols, scores = cu.topk_grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
-    if rows.shape[0] != k:
-        raise RuntimeError(f"topk_grow found {rows.shape[0]} entries, expected {k}")
-    return rows, cols, scores
-
-
 def spmm(W, X, *, out=None, layout: str = "feature"):
     """Forward product Y = W·X.
 
@@ -316,24 +290,34 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
     (``config.CUDA_TOPK_TILE_BYTES`` or ``tile_bytes``, see kernels/cuda/grow.py).
     """
     layout = V.check_layout(layout)
-    if _on_gpu(W, dY=dY, X=X, keep=keep):
-        return _topk_grow_gpu(W, dY, X, k, keep, layout, tile_bytes)
-    W = as_csr(W)
+    if _on_gpu(W, dY=dY, X=X, keep=keep):  # the same checks, on device arrays
+        import cupy as xp
+
+        from kernels.cuda import grow as launcher
+
+        W = _device_csr(W)
+        dense_in, check_mask = _dense_in_gpu, V.check_device_mask
+    else:
+        xp, launcher = np, _grow
+        W = as_csr(W)
+        dense_in, check_mask = _dense_in, V.check_mask
     m, n = W.shape
-    dY = _dense_in(dY, "dY", m, layout, finite=True)
-    X = _dense_in(X, "X", n, layout, finite=True)
+    dY = dense_in(dY, "dY", m, layout, finite=True)
+    X = dense_in(X, "X", n, layout, finite=True)
     if dY.shape[1] != X.shape[1]:
         raise ValueError(f"dY and X disagree on the batch size: {dY.shape[1]} vs {X.shape[1]}")
     if keep is not None:
-        keep = V.check_mask(keep, "keep", W.nnz)
-        n_present = int(np.count_nonzero(keep))
+        keep = check_mask(keep, "keep", W.nnz)
+        n_present = int(xp.count_nonzero(keep))
     else:
         n_present = W.nnz
     k = V.check_int(k, "k", low=0, high=m * n - n_present)
     if tile_bytes is not None:
         tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
     _check_scores_fit_float32(dY, X)
-    rows, cols, scores = _grow.topk_grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
+    rows, cols, scores = launcher.topk_grow(
+        W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes
+    )
     if rows.shape[0] != k:  # cannot happen with finite scores; never return a short answer
         raise RuntimeError(f"topk_grow found {rows.shape[0]} entries, expected {k}")
     return rows, cols, scores

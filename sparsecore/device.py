@@ -88,38 +88,33 @@ def to_host(a):
     return get() if get is not None else np.asarray(a)
 
 
-def cpu_device() -> Device:
-    from kernels.cpu import drop, elementwise, grow, merge, sddmm, spmm, spmm_t
+def _launchers(name: str, xp) -> Device:
+    """The launchers of kernels/<name>/ (the CPU and CUDA twins take the same arguments)."""
+    import importlib
 
+    mod = {op: importlib.import_module(f"kernels.{name}.{op}") for op in
+           ("drop", "elementwise", "grow", "merge", "sddmm", "spmm", "spmm_t")}  # fmt: skip
     return Device(
-        "cpu",
-        np,
-        spmm=spmm.spmm,
-        spmm_t=spmm_t.spmm_t,
-        sddmm=sddmm.sddmm,
-        elementwise=elementwise,
-        drop=drop.magnitude_drop,
-        grow=grow.topk_grow,
-        merge=merge,
+        name,
+        xp,
+        spmm=mod["spmm"].spmm,
+        spmm_t=mod["spmm_t"].spmm_t,
+        sddmm=mod["sddmm"].sddmm,
+        elementwise=mod["elementwise"],
+        drop=mod["drop"].magnitude_drop,
+        grow=mod["grow"].topk_grow,
+        merge=mod["merge"],
     )
+
+
+def cpu_device() -> Device:
+    return _launchers("cpu", np)
 
 
 def cuda_device(xp) -> Device:
     """The CUDA launchers with array module ``xp``: cupy, or numpy where the tests replace
     kernels/cuda/_module.launch by NumPy models of the kernels (tests/test_device_training.py)."""
-    from kernels.cuda import drop, elementwise, grow, merge, sddmm, spmm, spmm_t
-
-    return Device(
-        "cuda",
-        xp,
-        spmm=spmm.spmm,
-        spmm_t=spmm_t.spmm_t,
-        sddmm=sddmm.sddmm,
-        elementwise=elementwise,
-        drop=drop.magnitude_drop,
-        grow=grow.topk_grow,
-        merge=merge,
-    )
+    return _launchers("cuda", xp)
 
 
 DEVICES = ("cpu", "cuda")
