@@ -161,3 +161,19 @@ def make_backend(name):
         if reason is not None:
             pytest.skip(f"CUDA backend unavailable: {reason}")
     return Backend(name)
+
+
+def blobs_npz(path, seed=0):
+    """An .npz of three well-separated Gaussian blobs in 20 features (600 train, 200 test rows),
+    the dataset file a user would pass to `sparsecore train --dataset`; returns its path."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((3, 20)) * 3
+    ytr, yte = rng.integers(0, 3, 600), rng.integers(0, 3, 200)
+    np.savez(
+        path,
+        x_train=centers[ytr] + rng.standard_normal((600, 20)),
+        y_train=ytr,
+        x_test=centers[yte] + rng.standard_normal((200, 20)),
+        y_test=yte,
+    )
+    return path

@@ -11,6 +11,7 @@ from sparsecore.layers import Linear, ReLU, Sequential, SoftmaxCrossEntropy, Spa
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl import RigL, UpdateSchedule, erk_densities, uniform_densities
 from sparsecore.train import TrainConfig, Trainer, TrainingDiverged
+from tests.cases import blobs_npz
 
 
 # ---------------------------------------------------------------- a dense float64 reference
@@ -356,17 +357,7 @@ def test_bad_data():
 def test_user_npz_and_cli(tmp_path, capsys):
     from sparsecore.cli import main
 
-    rng = np.random.default_rng(0)
-    p = tmp_path / "toy.npz"
-    centers = rng.standard_normal((3, 20)) * 3
-    ytr, yte = rng.integers(0, 3, 600), rng.integers(0, 3, 200)
-    np.savez(
-        p,
-        x_train=centers[ytr] + rng.standard_normal((600, 20)),
-        y_train=ytr,
-        x_test=centers[yte] + rng.standard_normal((200, 20)),
-        y_test=yte,
-    )
+    p = blobs_npz(tmp_path / "toy.npz")
     rc = main(
         [
             "train",

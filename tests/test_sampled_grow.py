@@ -15,6 +15,7 @@ from sparsecore.layers import SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD
 from sparsecore.rigl import RigL, UpdateSchedule
 from tests import cases
+from tests.cases import blobs_npz
 
 
 def _absent_mask(W, keep=None):
@@ -362,17 +363,7 @@ def _tiny_data():
 def test_cli_train_with_the_sampled_grow(tmp_path, capsys):
     from sparsecore.cli import main
 
-    rng = np.random.default_rng(0)
-    p = tmp_path / "toy.npz"
-    centers = rng.standard_normal((3, 20)) * 3
-    ytr, yte = rng.integers(0, 3, 600), rng.integers(0, 3, 200)
-    np.savez(
-        p,
-        x_train=centers[ytr] + rng.standard_normal((600, 20)),
-        y_train=ytr,
-        x_test=centers[yte] + rng.standard_normal((200, 20)),
-        y_test=yte,
-    )
+    p = blobs_npz(tmp_path / "toy.npz")
     argv = ["train", "--dataset", str(p), "--arch", "20-32-3", "--sparsity", "0.5"]
     argv += ["--epochs", "3", "--batch-size", "32", "--delta-t", "5", "--no-progress"]
     rc = main([*argv, "--grow", "sampled", "--grow-candidates", "3", "--out", str(tmp_path / "r")])
