@@ -549,6 +549,101 @@ class DataParallel:
 
 
 # ---------------------------------------------------------------------- sharded layers
+class RowShard:
+    """Rows [r0, r1) of an m-row sparse layer on this rank, and the collectives that make a
+    topology update of the rows equal to the whole layer's (sparsecore/rigl/updater.py).
+
+    The global K smallest |w| (drop) or K largest scores (grow) are found by an exact
+    distributed selection, never by gathering candidates: a radix select over the float32 bit
+    patterns (non-negative floats order as their bits), 8 bits per pass, one allreduce of a
+    256-bin histogram per pass (4 passes: 8 KiB), finds the K-th value; every entry strictly
+    better is taken, and of the entries equal to it the first ones in the layer's order (rank
+    order, then local order: CSR position for the drop, flat index for the grow, the kernels'
+    own tie rule), by one allgather of the ranks' tie counts. Memory O(this rank's entries);
+    bytes O(1) in nnz.
+    """
+
+    def __init__(self, comm, m: int):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.m = int(m)
+        self.r0, self.r1 = split(self.m, self.size, self.rank)
+        self.bytes = {"forward": 0, "backward": 0, "update": 0}  # payload received, per kind
+
+    def counts(self, value: int) -> np.ndarray:
+        """Every rank's ``value`` (int64), in rank order."""
+        every = np.empty(self.size, np.int64)
+        self.comm.Allgather(np.array([value], np.int64), every)
+        self.bytes["update"] += every.nbytes
+        return every
+
+    def total(self, value: int) -> int:
+        """The sum over the ranks of ``value`` (e.g. the layer's nnz from the shards')."""
+        return int(self.counts(value).sum())
+
+    def split(self, per_rank: np.ndarray, draws: int, rng) -> int:
+        """This rank's share of ``draws`` positions drawn uniformly without replacement from
+        the ranks' ``per_rank`` positions (the same generator on every rank: the same split)."""
+        from sparsecore.formats import split_count
+
+        return int(split_count(per_rank, draws, rng)[self.rank])
+
+    def _allreduce(self, a: np.ndarray) -> np.ndarray:
+        self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+        self.bytes["update"] += a.nbytes
+        return a
+
+    def select(self, values: np.ndarray, k: int, largest: bool) -> np.ndarray:
+        """Positions (into ``values``, ascending) of this rank's entries among the k smallest
+        (or largest) non-negative float32 values of all ranks, ties to the lower (rank, local
+        position)."""
+        keys = np.ascontiguousarray(values, np.float32).view(np.uint32)
+        if largest:
+            keys = ~keys  # larger float -> smaller key
+        total = self.total(keys.shape[0])
+        k = min(int(k), total)
+        if k == 0:
+            return np.empty(0, np.int64)
+        prefix = np.uint32(0)
+        need = k  # of the entries matching the prefix so far, how many are still to be taken
+        match = keys
+        for shift in (24, 16, 8, 0):
+            digits = (match >> np.uint32(shift)) & np.uint32(0xFF)
+            hist = self._allreduce(np.bincount(digits, minlength=256).astype(np.int64))
+            cum = np.cumsum(hist)
+            d = int(np.searchsorted(cum, need))  # the digit of the k-th smallest key
+            need -= int(cum[d - 1]) if d else 0
+            prefix |= np.uint32(d << shift)
+            match = match[digits == d]
+        pivot = prefix  # the k-th smallest key; `need` of the keys equal to it are taken
+        less = np.flatnonzero(keys < pivot)
+        equal = np.flatnonzero(keys == pivot)
+        ties = self.counts(equal.shape[0])
+        before = int(ties[: self.rank].sum())
+        take = min(max(need - before, 0), equal.shape[0])
+        return np.sort(np.concatenate([less, equal[:take]]))
+
+    def smallest(self, data: np.ndarray, mine: np.ndarray, k: int) -> np.ndarray:
+        """The drop: of this rank's k smallest |w| (positions ``mine``), those among the
+        layer's k smallest (|w| ascending, CSR position ascending)."""
+        mine = np.sort(mine)
+        return mine[self.select(np.abs(data[mine]), k, largest=False)]
+
+    def largest(self, flat: np.ndarray, scores: np.ndarray, k: int, n: int):
+        """The grow: of this rank's candidates (flat indices into its rows, ascending, and their
+        scores), those among the layer's k highest (score descending, flat index ascending), as
+        (rows, cols) of this rank's block."""
+        order = np.argsort(flat, kind="stable")
+        flat, scores = flat[order], scores[order]
+        best = flat[self.select(scores, k, largest=True)]
+        idx = np.int32 if max(self.m, n) < 2**31 else np.int64
+        rows = best // n
+        return rows.astype(idx), (best - rows * n).astype(idx)
+
+
 class ShardedSparseLinear(SparseLinear):
     """Rows [r0, r1) of an m × n sparse layer, on this rank: its weights, indices, bias,
     gradients and optimizer state are those rows only (memory ≈ 1/N of the layer).
@@ -557,17 +652,18 @@ class ShardedSparseLinear(SparseLinear):
     of the rows: every rank holds y (m × B; 4·m·B bytes). backward: dW and db of its rows from
     its rows of dY, and the partial dX = W_rowsᵀ·dY_rows (through the feeding ReLU's gate, which
     is elementwise and so commutes with the sum), summed over the ranks by one allreduce
-    (4·n·B bytes). Every rank runs the whole batch; layers that are not sharded (ReLUs, a dense
-    classifier) are replicated and compute the same on every rank. The update of a sharded
-    layer is ``sharded_update``: the global K smallest / largest across ranks, so the result
+    (4·n·B bytes; none for the first layer, whose dX nobody needs). Every rank runs the whole
+    batch; layers that are not sharded (ReLUs, a dense classifier) are replicated and compute
+    the same on every rank. A topology update goes through ``shard`` (RowShard), so the result
     equals the unsharded layer's.
     """
 
     def __init__(self, W_rows, bias, name, comm, m: int):
         super().__init__(W_rows, bias, name)
+        self.shard = RowShard(comm, m)
         self.comm = comm
         self.m = int(m)
-        self.r0, self.r1 = split(self.m, comm.Get_size(), comm.Get_rank())
+        self.r0, self.r1 = self.shard.r0, self.shard.r1
         if W_rows.shape[0] != self.r1 - self.r0:
             raise ValueError(
                 f"{name}: rank {comm.Get_rank()} holds rows [{self.r0}, {self.r1}) of {m}, "
@@ -575,14 +671,12 @@ class ShardedSparseLinear(SparseLinear):
             )
 
     @classmethod
-    def shard(cls, layer, comm) -> ShardedSparseLinear:
-        """This rank's rows of an unsharded SparseLinear (copied)."""
+    def shard_of(cls, layer, comm) -> ShardedSparseLinear:
+        """This rank's rows of a whole SparseLinear (copied)."""
         from sparsecore.formats import CSR
 
         W = layer.W
         m, n = W.shape
-        if m < comm.Get_size():
-            raise ValueError(f"{layer.name} has {m} rows, fewer than {comm.Get_size()} ranks")
         r0, r1 = split(m, comm.Get_size(), comm.Get_rank())
         lo, hi = int(W.indptr[r0]), int(W.indptr[r1])
         rows = CSR(
@@ -598,6 +692,10 @@ class ShardedSparseLinear(SparseLinear):
         parts = [split(self.m, size, r) for r in range(size)]
         return [(h - l) * per_row for l, h in parts], [l * per_row for l, _ in parts]
 
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        return self.m, self.W.shape[1]
+
     def forward(self, x, relu: bool = False):
         from mpi4py import MPI
 
@@ -605,6 +703,7 @@ class ShardedSparseLinear(SparseLinear):
         y = np.empty((self.m, x.shape[1]), np.float32)
         counts, displs = self._row_counts(x.shape[1])
         self.comm.Allgatherv(mine, [y, counts, displs, MPI.FLOAT])
+        self.shard.bytes["forward"] += y.nbytes
         return y
 
     def backward(self, dy, need_dx=True, gate=None):
@@ -613,16 +712,11 @@ class ShardedSparseLinear(SparseLinear):
         dx = super().backward(np.ascontiguousarray(dy[self.r0 : self.r1]), need_dx, gate)
         if dx is not None:
             self.comm.Allreduce(MPI.IN_PLACE, dx, op=MPI.SUM)
+            self.shard.bytes["backward"] += dx.nbytes
         return dx
 
-    def nnz_offset(self) -> tuple[int, int]:
-        """(position of this rank's first entry in the whole layer's CSR, the layer's nnz)."""
-        counts = np.empty(self.comm.Get_size(), np.int64)
-        self.comm.Allgather(np.array([self.W.nnz], np.int64), counts)
-        return int(counts[: self.comm.Get_rank()].sum()), int(counts.sum())
-
     def gather(self):
-        """The whole layer (CSR, bias) on every rank: for checks and checkpoints."""
+        """The whole layer (CSR, bias) on every rank: for tests (the whole layer's memory)."""
         from sparsecore.formats import CSR
 
         W = self.W
@@ -641,85 +735,12 @@ class ShardedSparseLinear(SparseLinear):
         return full, b
 
 
-def sharded_update(updater, step: int, model, optimizer=None):
-    """RigL's topology update (exact grow) of a model whose sparse layers are all
-    ShardedSparseLinear, equal to the unsharded update: per layer K = floor(f·nnz) of the whole
-    layer; the drop takes the global K smallest |w| (order |w| ascending, CSR position
-    ascending, as the drop kernel: each rank offers its K smallest, 12 bytes each, merged on
-    every rank); the grow runs the fused top-k on each rank's rows (x is on every rank) and
-    merges the candidates into the global top K (score descending, flat index ascending). Each
-    rank then merges the kept and grown entries of its rows and remaps its optimizer state; a
-    rank's nnz may change, the layer's does not."""
-    import time
-
-    from sparsecore.rigl.updater import RigL, UpdateReport
-
-    if not isinstance(updater, RigL) or updater.grow_mode != "exact":
-        raise ValueError("sharded layers are updated by RigL with the exact grow only (for now)")
-    f = updater.schedule.drop_fraction(step)
-    report = UpdateReport(step=step, drop_fraction=f)
-    for layer in model.sparse_layers():
-        if not isinstance(layer, ShardedSparseLinear):
-            raise ValueError(f"{layer.name} is not sharded: shard every sparse layer")
-        t0 = time.perf_counter()
-        W, dev, comm = layer.W, layer.dev, layer.comm
-        n = W.shape[1]
-        offset, total = layer.nnz_offset()
-        k = int(f * total)
-        # drop: the global k smallest (|w|, position), from each rank's k smallest
-        mine = dev.drop(W.data, min(k, W.nnz))
-        every = allgather_records(
-            comm, {"mag": np.abs(W.data[mine]), "pos": mine.astype(np.int64) + offset}
-        )
-        dropped = every["pos"][np.lexsort((every["pos"], every["mag"]))[:k]]
-        dropped = dropped[(dropped >= offset) & (dropped < offset + W.nnz)] - offset
-        keep = np.ones(W.nnz, dtype=bool)
-        keep[dropped] = False
-        # grow: the global top k of |dY·Xᵀ| among absent entries, from each rank's rows
-        absent = W.shape[0] * n - int(np.count_nonzero(keep))
-        rows, cols, scores = dev.grow(
-            W.indptr,
-            W.indices,
-            keep,
-            layer.dy,
-            layer.x,
-            min(k, absent),
-            tile_bytes=updater.tile_bytes,
-        )
-        flat = (rows.astype(np.int64) + layer.r0) * n + cols
-        every = allgather_records(comm, {"score": scores, "flat": flat})
-        best = every["flat"][np.lexsort((every["flat"], -every["score"]))[:k]]
-        best = np.sort(best[(best >= layer.r0 * n) & (best < layer.r1 * n)])
-        grow_rows = best // n
-        grow_cols = (best - grow_rows * n).astype(W.indices.dtype)
-        grow_rows = (grow_rows - layer.r0).astype(W.indices.dtype)
-        W2, src = dev.merge(W, keep, grow_rows, grow_cols)
-        old_grad = layer.gW
-        layer.set_weight(W2)
-        dev.remap(src, old_grad, 0.0, out=layer.gW)
-        if optimizer is not None:
-            optimizer.remap(f"{layer.name}.W", src)
-            optimizer.rebind(layer.params())
-        report.per_layer.append(
-            dict(
-                layer=layer.name,
-                nnz=total,
-                dropped=k,
-                grown=k,
-                new=int(np.count_nonzero(src < 0)),
-                seconds=time.perf_counter() - t0,
-                grow_seconds=0.0,
-            )
-        )
-    return report
-
-
 __all__ = [
     "DataParallel",
     "MPIUnavailableError",
     "RanksDiverged",
+    "RowShard",
     "ShardedSparseLinear",
-    "sharded_update",
     "data_parallel",
     "is_root",
     "launch",

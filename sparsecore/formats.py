@@ -21,6 +21,50 @@ import scipy.sparse as sp
 from sparsecore import validation as V
 
 
+def random_positions(m: int, n: int, nnz: int, rng: np.random.Generator) -> np.ndarray:
+    """nnz distinct flat positions i·n + j of an m × n matrix, uniform without replacement,
+    ascending int64, in O(nnz) memory. Below 2**24 entries, or at density <= 1/50, NumPy's
+    choice (its stream fixes the patterns of CSR.random); above that NumPy would shuffle an
+    int64 array of all m·n positions, so the rejection sampler of kernels/cpu/sampled.py
+    draws them instead."""
+    if m * n > 2**24 and 50 * nnz > m * n:
+        from kernels.cpu.sampled import sample_absent
+
+        empty = np.zeros(m + 1, dtype=np.int64)
+        return sample_absent(empty, empty[:0], None, n, nnz, rng)
+    flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)
+    flat.sort()
+    return flat
+
+
+def split_count(sizes, total: int, rng: np.random.Generator) -> np.ndarray:
+    """How many of ``total`` positions, drawn uniformly without replacement from parts of
+    ``sizes`` positions, fall in each part (int64, summing to total). A multivariate
+    hypergeometric draw; NumPy's samplers take populations below 10**9 only, so above that each
+    part's count is drawn in turn as a binomial of the remaining positions, clipped to what the
+    part and the rest can hold (the hypergeometric's mean, its variance larger by at most the
+    fraction drawn: negligible for sparse patterns)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    left = int(sizes.sum())
+    if left < 10**9:
+        return rng.multivariate_hypergeometric(sizes, total, method="marginals").astype(np.int64)
+    out = np.zeros(sizes.shape[0], np.int64)
+    k = int(total)
+    for i, s in enumerate(sizes.tolist()):
+        left -= s  # positions in the parts after this one
+        if k == 0:
+            break
+        if left == 0:
+            c = k
+        elif s + left < 10**9:
+            c = int(rng.hypergeometric(s, left, k))
+        else:
+            c = min(max(int(rng.binomial(k, s / (s + left))), k - left, 0), s, k)
+        out[i] = c
+        k -= c
+    return out
+
+
 class CSR:
     """Canonical CSR matrix (float32 values, int32|int64 indices).
 
@@ -155,17 +199,7 @@ class CSR:
         else:
             nnz = int(round(density * m * n))
             idx = V.choose_index_dtype(m, n, nnz, index_dtype, "random matrix")
-            if m * n > 2**24 and 50 * nnz > m * n:
-                # NumPy's choice would shuffle an int64 array of all m·n positions here (it does
-                # for nnz > m·n/50): draw by rejection instead, O(nnz) memory. Smaller matrices
-                # keep NumPy's stream, so their patterns are unchanged.
-                from kernels.cpu.sampled import sample_absent
-
-                empty = np.zeros(m + 1, dtype=np.int64)
-                flat = sample_absent(empty, empty[:0], None, n, nnz, rng)
-            else:
-                flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)
-                flat.sort()
+            flat = random_positions(m, n, nnz, rng)
             rows = flat // n if n else flat
             indices = (flat - rows * n).astype(idx)
             indptr = np.zeros(m + 1, dtype=idx)

@@ -24,7 +24,8 @@ from kernels import config
 from kernels.cpu import skinny as _skinny
 from kernels.cuda._csr import DeviceCSR
 from sparsecore import device as _device
-from sparsecore.formats import CSR
+from sparsecore.formats import CSR, random_positions, split_count
+from sparsecore.validation import index_dtype_for
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Layer:
 
 class SparseLinear(Layer):
     """y = W·x + b with W a canonical CSR (m × n) and b dense (m,)."""
+
+    shard = None  # a block of rows of a layer split over MPI ranks: its RowShard (distributed)
 
     def __init__(self, W: CSR, bias: np.ndarray | None = None, name: str = "sparse"):
         if not isinstance(W, CSR):
@@ -441,31 +444,79 @@ class Sequential:
         return _device.to_host(logits) if to_host else logits
 
 
+# Rows per block of a sparse layer's initial pattern: a fixed constant, so the pattern does not
+# depend on how the layer is later split over MPI ranks (see sparse_init).
+INIT_BLOCK_ROWS = 1024
+
+
 def sparse_init(
     n_in: int,
     n_out: int,
     density: float,
-    rng: np.random.Generator,
+    seed,
     *,
     fan_in: str = "sparse",
     gain: float = float(np.sqrt(2.0)),
+    rows: tuple[int, int] | None = None,
 ) -> CSR:
-    """Random pattern at the density (uniform over positions), Kaiming-uniform values.
+    """A random pattern at the density (uniform over positions), Kaiming-uniform values.
 
     fan_in="sparse" scales row i by its own number of inputs (its nonzeros), which keeps
     activations at the right scale in very sparse layers; "dense" uses n_in as a dense layer would.
+
+    ``seed``: a sequence of ints (numpy's SeedSequence entropy). The pattern is drawn by blocks
+    of INIT_BLOCK_ROWS rows: the number of nonzeros of every block (round(density·m·n) in all,
+    split as a uniform draw without replacement would split them: formats.split_count), then
+    each block's positions and values from a generator seeded by (seed, block). The whole is a
+    uniform draw of nnz positions, and any block of rows can be built alone: ``rows=(r0, r1)``
+    returns rows [r0, r1) only ((r1 - r0) × n_in, the same arrays as those rows of the whole
+    layer's init) in O(nnz of those rows + m / 1024) memory,
+    which is how an MPI rank builds its shard of a layer too large for one machine.
     """
-    W = CSR.random((n_out, n_in), density, seed=rng)
-    if fan_in == "sparse":
-        fan = np.maximum(np.diff(W.indptr), 1).astype(np.float32)
-        bound = gain * np.sqrt(3.0 / fan)
-        scale = np.repeat(bound, np.diff(W.indptr))
-    elif fan_in == "dense":
-        scale = np.float32(gain * np.sqrt(3.0 / max(n_in, 1)))
-    else:
+    if fan_in not in ("sparse", "dense"):
         raise ValueError(f"fan_in must be 'sparse' or 'dense', got {fan_in!r}")
-    W.data[:] = (rng.uniform(-1.0, 1.0, W.nnz) * scale).astype(np.float32)
-    return W
+    m, n = int(n_out), int(n_in)
+    r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= r0 <= r1 <= m:
+        raise ValueError(f"rows must be a range within [0, {m}], got {rows!r}")
+    seed = [int(s) for s in np.atleast_1d(seed)]
+    nnz = int(round(density * m * n))
+    idx = index_dtype_for(m, n, nnz)
+    R = INIT_BLOCK_ROWS
+    n_blocks = -(-m // R)
+    sizes = np.full(n_blocks, R * n, dtype=np.int64)
+    sizes[-1] = (m - (n_blocks - 1) * R) * n
+    counts = split_count(sizes, nnz, np.random.default_rng([*seed, 0]))
+    b0, b1 = r0 // R, -(-r1 // R)
+    cap = int(counts[b0:b1].sum())  # the blocks' entries: the rows' own and at most 2 blocks more
+    indices = np.empty(cap, idx)
+    data = np.empty(cap, np.float32)
+    row_nnz = np.zeros(r1 - r0, np.int64)
+    used = 0
+    for b in range(b0, b1):
+        lo, hi = b * R, min(m, (b + 1) * R)
+        rng = np.random.default_rng([*seed, 1, b])
+        flat = random_positions(hi - lo, n, int(counts[b]), rng)
+        block_rows = flat // n
+        per_row = np.bincount(block_rows, minlength=hi - lo)
+        if fan_in == "sparse":
+            bound = gain * np.sqrt(3.0 / np.maximum(per_row, 1).astype(np.float32))
+            scale = np.repeat(bound, per_row)
+        else:
+            scale = np.float32(gain * np.sqrt(3.0 / max(n, 1)))
+        values = (rng.uniform(-1.0, 1.0, flat.shape[0]) * scale).astype(np.float32)
+        s0, s1 = max(lo, r0), min(hi, r1)  # the block's rows that are wanted
+        e0, e1 = np.searchsorted(block_rows, [s0 - lo, s1 - lo])
+        k = int(e1 - e0)
+        indices[used : used + k] = flat[e0:e1] - block_rows[e0:e1] * n
+        data[used : used + k] = values[e0:e1]
+        row_nnz[s0 - r0 : s1 - r0] = per_row[s0 - lo : s1 - lo]
+        used += k
+    if used < cap:  # rows cut from a block at either end: keep exactly the wanted entries
+        indices, data = indices[:used].copy(), data[:used].copy()
+    indptr = np.zeros(r1 - r0 + 1, idx)
+    np.cumsum(row_nnz, out=indptr[1:])
+    return CSR._trusted(indptr, indices, data, (r1 - r0, n))
 
 
 def dense_init(n_in, n_out, rng, gain: float = float(np.sqrt(2.0))) -> np.ndarray:
@@ -478,23 +529,31 @@ def mlp(
     densities: list[float | None],
     *,
     activation: str = "relu",
-    seed=0,
+    seed: int = 0,
     fan_in: str = "sparse",
+    sparse_layer=None,
 ) -> Sequential:
-    """An MLP from layer sizes, e.g. [784, 300, 100, 10]; densities[l] None (or 1.0) = dense."""
+    """An MLP from layer sizes, e.g. [784, 300, 100, 10]; densities[l] None (or 1.0) = dense.
+
+    Layer l is named fc{l}; its weights are drawn from the seed (seed, l) alone (sparse_init),
+    so a layer does not depend on the others. ``sparse_layer(l, n_in, n_out, density)`` may
+    build a sparse layer itself (an MPI rank's shard: sparsecore/distributed.py); None there
+    falls back to a whole SparseLinear."""
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
     if len(densities) != len(sizes) - 1:
         raise ValueError(f"densities has {len(densities)} entries, expected {len(sizes) - 1}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    rng = np.random.default_rng(seed)
     layers: list[Layer] = []
     for l, (n_in, n_out, d) in enumerate(zip(sizes[:-1], sizes[1:], densities, strict=True)):
         if d is None or d >= 1.0:
+            rng = np.random.default_rng([seed, l])
             layers.append(Linear(dense_init(n_in, n_out, rng), name=f"fc{l}"))
+        elif sparse_layer is not None and (built := sparse_layer(l, n_in, n_out, d)) is not None:
+            layers.append(built)
         else:
-            W = sparse_init(n_in, n_out, d, rng, fan_in=fan_in)
+            W = sparse_init(n_in, n_out, d, [seed, l], fan_in=fan_in)
             layers.append(SparseLinear(W, name=f"fc{l}"))
         if l < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())

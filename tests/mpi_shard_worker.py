@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsecore  # noqa: E402,F401
-from sparsecore.distributed import ShardedSparseLinear, sharded_update, world  # noqa: E402
+from sparsecore.distributed import ShardedSparseLinear, world  # noqa: E402
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp  # noqa: E402
 from sparsecore.optim import SGD  # noqa: E402
 from sparsecore.rigl import RigL, UpdateSchedule  # noqa: E402
@@ -30,7 +30,7 @@ def main():
     ref = mlp(sizes, dens, seed=3)
     sharded = Sequential(
         [
-            ShardedSparseLinear.shard(l, comm) if isinstance(l, SparseLinear) else l
+            ShardedSparseLinear.shard_of(l, comm) if isinstance(l, SparseLinear) else l
             for l in mlp(sizes, dens, seed=3).layers
         ]
     )
@@ -49,10 +49,7 @@ def main():
             loss, dlogits, _ = loss_fn(model.forward(x), y)
             model.backward(dlogits)
             if schedule.is_update_step(step):
-                if model is ref:
-                    upd.update(step, model, opt)
-                else:
-                    sharded_update(upd, step, model, opt)
+                upd.update(step, model, opt)
             else:
                 opt.step()
             pair.append(loss)

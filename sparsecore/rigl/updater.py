@@ -11,6 +11,13 @@ same update keeps its weight and state. nnz per layer is exactly constant.
 
 To plug in another criterion, subclass TopologyUpdater and override ``drop`` and/or ``grow``.
 
+A layer split by rows over MPI ranks (``layer.shard`` set: sparsecore/distributed.py) is updated
+as the whole layer would be: K = floor(f·nnz) of the whole layer, the drop takes the global K
+smallest |w| and RigL's exact grow the global top K of |dY·Xᵀ| (each rank offers its best K,
+merged in the kernels' order), so the result equals the unsharded layer's; SET and the sampled
+grow split their K (or C) uniform draws over the ranks by the ranks' absent counts (the same
+distribution as one process's draws, not the same draws).
+
 On a device (a model moved with ``Sequential.to("cuda")``) the drop, RigL's exact grow, the
 merge and the remaps run there through the layer's launchers (``layer.dev``). The random draws
 of SET and of the sampled grow run on the host, on a downloaded copy of the pattern and keep
@@ -57,8 +64,12 @@ class TopologyUpdater:
 
     # -- criteria (override these) ----------------------------------------------------------
     def drop(self, layer: SparseLinear, k: int) -> np.ndarray:
-        """Positions (into W.data) of the k connections to drop."""
-        return layer.dev.drop(layer.W.data, k)
+        """Positions (into W.data) of the k connections to drop (of a shard: those of the
+        layer's k that are in this rank's rows)."""
+        W = layer.W
+        if layer.shard is None:
+            return layer.dev.drop(W.data, k)
+        return layer.shard.smallest(W.data, layer.dev.drop(W.data, min(k, W.nnz)), k)
 
     def grow(self, layer: SparseLinear, k: int, keep: np.ndarray, step: int, index: int):
         """(rows, cols) of k connections absent from the kept set, ascending flat order."""
@@ -74,7 +85,9 @@ class TopologyUpdater:
             t0 = time.perf_counter()
             W = layer.W
             dev = layer.dev  # the layer's side: its array module and launchers
-            k = int(f * W.nnz)  # <= nnz, so the absent-after-drop set always holds k
+            shard = layer.shard  # rows of a layer split over MPI ranks, or None
+            nnz = W.nnz if shard is None else shard.total(W.nnz)
+            k = int(f * nnz)  # <= nnz, so the absent-after-drop set always holds k
             dropped = self.drop(layer, k)
             keep = dev.xp.ones(W.nnz, dtype=bool)
             keep[dropped] = False
@@ -84,8 +97,9 @@ class TopologyUpdater:
             dev.sync()
             t_grow = time.perf_counter() - t_grow
             W2, src = dev.merge(W, keep, rows, cols)
-            if W2.nnz != W.nnz:
-                raise RuntimeError(f"layer {layer.name}: nnz changed from {W.nnz} to {W2.nnz}")
+            nnz2 = W2.nnz if shard is None else shard.total(W2.nnz)
+            if nnz2 != nnz:
+                raise RuntimeError(f"layer {layer.name}: nnz changed from {nnz} to {nnz2}")
             old_grad = layer.gW
             layer.set_weight(W2)
             dev.remap(src, old_grad, 0.0, out=layer.gW)  # for a step taken on this batch
@@ -95,9 +109,9 @@ class TopologyUpdater:
             report.per_layer.append(
                 dict(
                     layer=layer.name,
-                    nnz=W2.nnz,
-                    dropped=int(dropped.shape[0]),
-                    grown=int(rows.shape[0]),
+                    nnz=nnz2,
+                    dropped=k,
+                    grown=k,
                     new=int(dev.xp.count_nonzero(src < 0)),
                     seconds=time.perf_counter() - t0,
                     grow_seconds=t_grow,
@@ -159,6 +173,9 @@ class RigL(TopologyUpdater):
                 "forward and backward before the update"
             )
         W = layer.W
+        shard = layer.shard
+        if shard is not None:
+            return self._grow_shard(layer, k, keep, step, index)
         if self.grow_mode == "sampled":  # on a device: drawn and scored on the host, uploaded
             rng = np.random.default_rng([self.seed, step, index])
             rows, cols, _ = _sampled.sampled_grow(
@@ -173,6 +190,35 @@ class RigL(TopologyUpdater):
         )
         return rows, cols
 
+    def _grow_shard(self, layer, k, keep, step, index):
+        """This rank's rows of the layer's grow: candidates from its rows (x is the whole
+        batch's input, dy its rows of the output gradient), merged over the ranks."""
+        W, shard = layer.W, layer.shard
+        m, n = W.shape
+        absent = m * n - _sampled.count_kept(W.indptr, keep)
+        if self.grow_mode == "exact":
+            rows, cols, scores = layer.dev.grow(
+                W.indptr,
+                W.indices,
+                keep,
+                layer.dy,
+                layer.x,
+                min(k, absent),
+                tile_bytes=self.tile_bytes,
+            )
+            flat = rows.astype(np.int64) * n + cols
+        else:  # C candidates over the layer, split over the ranks by their absent counts
+            absents = shard.counts(absent)
+            total_m = shard.m
+            c = _sampled.n_candidates(
+                total_m, n, total_m * n - int(absents.sum()), k, self.candidates
+            )
+            mine = shard.split(absents, c, np.random.default_rng([self.seed, step, index]))
+            rng = np.random.default_rng([self.seed, step, index, 1, shard.rank])
+            flat = _sampled.sample_absent(W.indptr, W.indices, keep, n, mine, rng)
+            scores = _sampled.score_at(flat, n, layer.dy, layer.x, np.empty(mine, np.float32))
+        return shard.largest(flat, scores, k, n)
+
 
 class SET(TopologyUpdater):
     """Grow uniformly at random among the absent connections (Mocanu et al., 2018): k distinct
@@ -185,6 +231,11 @@ class SET(TopologyUpdater):
         W = layer.W
         rng = np.random.default_rng([self.seed, step, index])
         indptr, indices, keep = map(to_host, (W.indptr, W.indices, keep))  # (a device: a copy)
+        shard = layer.shard
+        if shard is not None:  # this rank's share of the k draws, by the ranks' absent counts
+            m, n = W.shape
+            k = shard.split(shard.counts(m * n - _sampled.count_kept(indptr, keep)), k, rng)
+            rng = np.random.default_rng([self.seed, step, index, 1, shard.rank])
         flat = _sampled.sample_absent(indptr, indices, keep, W.shape[1], k, rng)
         n = np.int64(W.shape[1])
         rows = flat // n
