@@ -48,11 +48,11 @@ def model_cost(
         else []
     )
     for l, layer in enumerate(model.weighted()):
-        m, n = layer.shape
+        m, n = getattr(layer, "full_shape", layer.shape)  # a shard's: the whole layer's
         dense_w = m * n
         first = l == 0
         if isinstance(layer, SparseLinear):
-            nnz = layer.W.nnz
+            nnz = layer.total_nnz()
             it = layer.W.indices.itemsize
             state = (
                 4 * nnz * (3 + n_moments)  # values, gradient, dX scratch, moments

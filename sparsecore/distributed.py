@@ -56,6 +56,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -263,53 +265,283 @@ def _crc(*arrays) -> int:
     return c
 
 
-def data_parallel(trainer):
-    """Set up ``trainer`` for data-parallel training when several MPI ranks run, and return the
-    ``DataParallel`` it calls (None for a single process: nothing changes)."""
+def sharding(cfg) -> tuple:
+    """(communicator, indices of the weighted layers to split by rows) for a config with
+    ``shard_layers`` run on several MPI ranks; (None, []) otherwise (one process, or
+    data-parallel training)."""
+    if cfg.shard_layers is None:
+        return None, []
+    comm = world()
+    if comm is None:
+        return None, []
+    from sparsecore.rigl.distributions import layer_densities
+
+    size = comm.Get_size()
+    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
+    if cfg.method == "dense":
+        raise ValueError("shard_layers splits sparse layers; method 'dense' has none")
+    dens = layer_densities(cfg.sparsity, shapes, cfg.distribution)
+    if cfg.shard_layers == "all":
+        chosen = [
+            l
+            for l, ((m, _), d) in enumerate(zip(shapes, dens, strict=True))
+            if d < 1.0 and m >= size
+        ]
+        if not chosen:
+            raise ValueError(f"shard_layers='all': no sparse layer has at least {size} rows")
+        return comm, chosen
+    for l in cfg.shard_layers:
+        m, n = shapes[l]
+        if dens[l] >= 1.0:
+            raise ValueError(
+                f"shard_layers: layer {l} ({m} x {n}) is dense at sparsity {cfg.sparsity} "
+                f"({cfg.distribution}); only sparse layers can be sharded"
+            )
+        if m < size:
+            raise ValueError(
+                f"shard_layers: layer {l} has {m} rows, fewer than the {size} MPI ranks"
+            )
+    return comm, sorted(set(cfg.shard_layers))
+
+
+def shard_builder(comm, sharded, seed: int, fan_in: str):
+    """For layers.mlp: builds layer l (when in ``sharded``) as this rank's rows only, drawn by
+    sparse_init's row blocks: the same values as those rows of the whole layer."""
+    from sparsecore.layers import sparse_init
+
+    def build(l, n_in, n_out, density):
+        if l not in sharded:
+            return None
+        rows = split(n_out, comm.Get_size(), comm.Get_rank())
+        W = sparse_init(n_in, n_out, density, [seed, l], fan_in=fan_in, rows=rows)
+        return ShardedSparseLinear(W, None, f"fc{l}", comm, n_out)
+
+    return build
+
+
+def parallel(trainer):
+    """Set up ``trainer`` for several MPI ranks and return its side of them: ``DataParallel``,
+    or ``ShardedParallel`` when the trainer built sharded layers (None for a single process:
+    nothing changes)."""
     comm = world()
     if comm is None:
         return None
     cfg = trainer.cfg
     if trainer.device.on_device:
         raise ValueError(
-            f"data-parallel MPI training runs on the CPU; device={cfg.device!r} with "
+            f"MPI training runs on the CPU; device={cfg.device!r} with "
             f"{comm.Get_size()} ranks is not supported yet"
-        )
-    if cfg.batch_size < comm.Get_size():
-        raise ValueError(
-            f"batch_size {cfg.batch_size} is smaller than the {comm.Get_size()} MPI ranks: "
-            "every rank needs at least one row of each mini-batch"
         )
     _abort_on_uncaught_exceptions()
     _limit_threads(comm)
-    dp = DataParallel(comm, cfg.batch_size)
-    if dp.rank != 0:  # rank 0 alone prints and writes (the others' warnings would repeat it)
+    if trainer.sharded:
+        par = ShardedParallel(comm, cfg.rank_timeout)
+    else:
+        if cfg.batch_size < comm.Get_size():
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is smaller than the {comm.Get_size()} MPI ranks: "
+                "every rank needs at least one row of each mini-batch"
+            )
+        par = DataParallel(comm, cfg.batch_size, cfg.rank_timeout)
+    if par.rank != 0:  # rank 0 alone prints and writes (the others' warnings would repeat it)
         trainer.cfg = dataclasses.replace(cfg, progress=False)
         trainer.out = None
         warnings.simplefilter("ignore")
     if trainer.updater is not None:
-        dp.wrap_updater(trainer.updater)
+        par.wrap_updater(trainer.updater)
     load = trainer.load_checkpoint
 
     def load_checkpoint(path):
         load(path)
-        dp.check_same(trainer.model, f"loading checkpoint {path}")
+        par.check_same(trainer.model, f"loading checkpoint {path}")
 
     trainer.load_checkpoint = load_checkpoint
-    dp.check_same(trainer.model, "building the model", data=trainer.data)
-    return dp
+    par.check_same(trainer.model, "building the model", data=trainer.data)
+    return par
 
 
-class DataParallel:
-    """One rank's side of data-parallel training (see the module header)."""
+class Ranks:
+    """What both MPI modes share: the guard (identical replicated state on every rank), the
+    watchdog (a rank that stops making progress stops every rank), and byte counts."""
 
-    def __init__(self, comm, batch_size: int):
+    sharded = False
+
+    def __init__(self, comm, timeout: float = 0.0):
         from mpi4py import MPI
 
         self.MPI = MPI
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
+        self.timeout = float(timeout)
+        self._last = None  # time of the last progress (None: the watchdog is not running)
+        self._watching = False
+        self.other_bytes = 0  # everything not per step: topology updates, the guard
+        self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
+        self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
+
+    # -------------------------------------------------------------- the watchdog
+    def beat(self):
+        """Progress was made (a step, an update, an evaluation): restart the clock."""
+        if self._last is not None:
+            self._last = time.monotonic()
+
+    def start_watchdog(self):
+        """From now on, ``timeout`` seconds without a beat ends every rank (MPI_Abort) with a
+        message: the others would otherwise wait forever in a collective for a rank that hangs
+        without dying (a dead rank ends the job through mpiexec)."""
+        self._last = time.monotonic()
+        if not self.timeout or self._watching:
+            return
+        self._watching = True
+
+        def watch():
+            while True:
+                time.sleep(max(0.1, min(5.0, self.timeout / 10)))
+                last = self._last
+                if last is None:
+                    continue
+                idle = time.monotonic() - last
+                if idle > self.timeout:
+                    sys.stderr.write(
+                        f"sparsecore: MPI rank {self.rank} made no progress for {idle:.0f} s "
+                        f"(rank_timeout {self.timeout:g} s): a rank is stuck; stopping every "
+                        "rank (raise --rank-timeout if single steps or updates are this slow)\n"
+                    )
+                    sys.stderr.flush()
+                    self.comm.Abort(3)
+
+        threading.Thread(target=watch, name="sparsecore-mpi-watchdog", daemon=True).start()
+
+    def stop_watchdog(self):
+        self._last = None
+
+    # -------------------------------------------------------------- topology updates
+    def wrap_updater(self, updater):
+        """The guard after every topology update (instance attributes; the class is
+        untouched)."""
+        update = updater.update
+
+        def checked_update(step, model, optimizer=None):
+            self.beat()
+            before = self.other_bytes + self._shard_update_bytes(model)
+            self.update_candidates.append([])
+            report = update(step, model, optimizer)
+            self.check_same(model, f"the topology update at step {step}")
+            self.update_bytes.append(self.other_bytes + self._shard_update_bytes(model) - before)
+            self.beat()
+            return report
+
+        updater.update = checked_update
+
+    @staticmethod
+    def _shard_update_bytes(model) -> int:
+        return sum(l.shard.bytes["update"] for l in model.sparse_layers() if l.shard is not None)
+
+    # -------------------------------------------------------------- the guard
+    def check_same(self, model, when: str, data=None):
+        """Raise RanksDiverged unless every rank holds the same pattern and values of every
+        replicated layer (crc32 of indptr, indices, data; of W and b for a dense layer). A
+        sharded layer's rows are on one rank only: nothing to compare."""
+        names, sums = [], []
+        for layer in model.weighted():
+            W = layer.W
+            if getattr(layer, "shard", None) is not None:
+                continue
+            if isinstance(layer, SparseLinear):
+                sums += [_crc(W.indptr, W.indices), _crc(W.data, layer.b)]
+            else:
+                sums += [0, _crc(W, layer.b)]
+            names.append(layer.name)
+        if data is not None:
+            names.append("the training set")
+            shape = np.array([len(data.x_train), data.n_features], np.int64)
+            sums += [_crc(shape), _crc(np.asarray(data.y_train))]
+        mine = np.array(sums, np.int64)
+        every = np.empty((self.size, mine.shape[0]), np.int64)
+        self.comm.Allgather(mine, every)
+        self.other_bytes += every.nbytes
+        differ = (every != every[0]).any(axis=0).reshape(-1, 2)
+        problems = []
+        for name, (pattern, values) in zip(names, differ, strict=True):
+            if pattern:
+                problems.append(f"the topology of {name}")
+            if values:
+                problems.append(f"the values of {name}")
+        if problems:
+            bad = [r for r in range(self.size) if (every[r] != every[0]).any()]
+            raise RanksDiverged(
+                f"after {when}, {', '.join(problems)} differ across MPI ranks (rank(s) {bad} "
+                "differ from rank 0); every rank must hold the same replicated state, so "
+                "training stops here"
+            )
+
+
+class ShardedParallel(Ranks):
+    """One rank's side of training with sharded layers (ShardedSparseLinear): every rank runs
+    every mini-batch whole; the sharded layers' collectives (forward allgather, backward
+    allreduce, the updates' selections) do the exchanging, so there is nothing to reduce per
+    step. Bytes per step: Σ over sharded layers of 4·m·B (forward) + 4·n·B (backward, none
+    for the first layer)."""
+
+    sharded = True
+
+    def __init__(self, comm, timeout: float = 0.0):
+        super().__init__(comm, timeout)
+        self.model = None
+        self.step_bytes = 0
+        self.steps = 0
+        self.step_bytes_total = 0
+        self._seen = 0
+
+    def local_rows(self, idx: np.ndarray) -> np.ndarray:
+        return idx  # the whole batch on every rank
+
+    def allreduce(self, model, loss, correct):
+        """Nothing to reduce (every rank computed the whole batch); counts the step's bytes."""
+        total = sum(
+            l.shard.bytes["forward"] + l.shard.bytes["backward"]
+            for l in model.sparse_layers()
+            if l.shard is not None
+        )
+        self.step_bytes = total - self._seen
+        self._seen = total
+        self.steps += 1
+        self.step_bytes_total += self.step_bytes
+        return loss, correct
+
+    def eval_sums(self, trainer, x, y):
+        """Every rank evaluates every row (the sharded forward is a collective)."""
+        self.beat()
+        out = trainer.eval_sums(x, y)
+        self.beat()
+        return out
+
+    def describe(self) -> str:
+        per_update = np.mean(self.update_bytes) if self.update_bytes else 0.0
+        return (
+            f"{self.size} ranks, sharded layers, {self.step_bytes / 1e3:.1f} kB per step "
+            f"(forward allgathers + backward allreduces), {per_update / 1e3:.1f} kB per "
+            f"topology update ({len(self.update_bytes)} updates)"
+        )
+
+    def stats(self) -> dict:
+        return {
+            "ranks": self.size,
+            "mode": "sharded",
+            "step_bytes": self.step_bytes,
+            "steps": self.steps,
+            "step_bytes_total": self.step_bytes_total,
+            "update_bytes": list(self.update_bytes),
+            "other_bytes": self.other_bytes,
+        }
+
+
+class DataParallel(Ranks):
+    """One rank's side of data-parallel training (see the module header)."""
+
+    def __init__(self, comm, batch_size: int, timeout: float = 0.0):
+        super().__init__(comm, timeout)
         self.batch_size = int(batch_size)
         self.lo, self.hi = split(self.batch_size, self.size, self.rank)
         self.local_batch = self.hi - self.lo
@@ -321,9 +553,15 @@ class DataParallel:
         self.step_bytes = 0  # of the last per-step allreduce
         self.steps = 0
         self.step_bytes_total = 0
-        self.other_bytes = 0  # everything else: topology updates, the guard
-        self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
-        self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
+
+    def eval_sums(self, trainer, x, y):
+        """This rank's contiguous part of the rows, then one allreduce of (correct, loss sum)."""
+        lo, hi = split(x.shape[0], self.size, self.rank)
+        self.beat()
+        sums = np.array(trainer.eval_sums(x[lo:hi], y[lo:hi]), np.float64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
+        self.beat()
+        return float(sums[0]), float(sums[1])
 
     # -------------------------------------------------------------- per step
     def local_rows(self, idx: np.ndarray) -> np.ndarray:
@@ -367,17 +605,7 @@ class DataParallel:
             updater.grow = lambda layer, k, keep, step, index: self.grow(
                 updater, layer, k, keep, step, index
             )
-        update = updater.update
-
-        def checked_update(step, model, optimizer=None):
-            before = self.other_bytes
-            self.update_candidates.append([])
-            report = update(step, model, optimizer)
-            self.check_same(model, f"the topology update at step {step}")
-            self.update_bytes.append(self.other_bytes - before)
-            return report
-
-        updater.update = checked_update
+        super().wrap_updater(updater)
 
     def grow(self, updater, layer, k, keep, step, index):
         """RigL's grow over the global batch (exact or sampled), identical on every rank."""
@@ -490,41 +718,6 @@ class DataParallel:
         order = np.lexsort((every["flat"], -every["score"]))[:k]
         return np.sort(every["flat"][order])
 
-    # -------------------------------------------------------------- the guard
-    def check_same(self, model, when: str, data=None):
-        """Raise RanksDiverged unless every rank holds the same pattern and values of every
-        layer (crc32 of indptr, indices, data; of W and b for a dense layer)."""
-        names, sums = [], []
-        for layer in model.weighted():
-            W = layer.W
-            if isinstance(layer, SparseLinear):
-                sums += [_crc(W.indptr, W.indices), _crc(W.data, layer.b)]
-            else:
-                sums += [0, _crc(W, layer.b)]
-            names.append(layer.name)
-        if data is not None:
-            names.append("the training set")
-            shape = np.array([len(data.x_train), data.n_features], np.int64)
-            sums += [_crc(shape), _crc(np.asarray(data.y_train))]
-        mine = np.array(sums, np.int64)
-        every = np.empty((self.size, mine.shape[0]), np.int64)
-        self.comm.Allgather(mine, every)
-        self.other_bytes += every.nbytes
-        differ = (every != every[0]).any(axis=0).reshape(-1, 2)
-        problems = []
-        for name, (pattern, values) in zip(names, differ, strict=True):
-            if pattern:
-                problems.append(f"the topology of {name}")
-            if values:
-                problems.append(f"the values of {name}")
-        if problems:
-            bad = [r for r in range(self.size) if (every[r] != every[0]).any()]
-            raise RanksDiverged(
-                f"after {when}, {', '.join(problems)} differ across MPI ranks (rank(s) {bad} "
-                "differ from rank 0); data-parallel training needs identical models on every "
-                "rank, so it stops here"
-            )
-
     def describe(self) -> str:
         """One line for the command line's report."""
         per_update = np.mean(self.update_bytes) if self.update_bytes else 0.0
@@ -538,6 +731,7 @@ class DataParallel:
         """Bytes communicated (payload of each collective, counted on this rank)."""
         return {
             "ranks": self.size,
+            "mode": "data-parallel",
             "local_batch": self.local_batch,
             "step_bytes": self.step_bytes,
             "steps": self.steps,
@@ -696,6 +890,9 @@ class ShardedSparseLinear(SparseLinear):
     def full_shape(self) -> tuple[int, int]:
         return self.m, self.W.shape[1]
 
+    def total_nnz(self) -> int:
+        return self.shard.total(self.W.nnz)
+
     def forward(self, x, relu: bool = False):
         from mpi4py import MPI
 
@@ -737,11 +934,13 @@ class ShardedSparseLinear(SparseLinear):
 
 __all__ = [
     "DataParallel",
+    "ShardedParallel",
     "MPIUnavailableError",
     "RanksDiverged",
     "RowShard",
     "ShardedSparseLinear",
-    "data_parallel",
+    "parallel",
+    "sharding",
     "is_root",
     "launch",
     "world",

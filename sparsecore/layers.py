@@ -102,6 +102,15 @@ class SparseLinear(Layer):
     def shape(self):
         return self.W.shape
 
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """The whole layer's shape (a shard holds some of its rows)."""
+        return self.W.shape
+
+    def total_nnz(self) -> int:
+        """The whole layer's nnz (of a shard: summed over the ranks, a collective)."""
+        return self.W.nnz
+
     def forward(self, x, relu: bool = False):
         """y = W·x + b; with ``relu`` the following ReLU is applied in the same pass."""
         W = self.W

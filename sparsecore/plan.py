@@ -64,11 +64,19 @@ def memory_plan(
     grow_candidates: float = 10,
     grow_tile_bytes: int | None = None,
     device: str = "cpu",
+    ranks: int = 1,
+    sharded=(),
 ) -> dict:
     """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin.
 
     grow_tile_bytes: the exact grow's tile as passed to topk_grow (None: its default rule).
     device: "cpu" (host memory) or "cuda" (the GPU's memory in a device run).
+    ranks, sharded: the plan of one of ``ranks`` MPI ranks over which the weighted layers
+    ``sharded`` (indices) are split by rows: such a layer counts the largest rank's rows
+    (ceil(m / ranks)) and their expected nnz, its update the rank's grow over those rows (its
+    candidate buffer still holds up to the layer's K), plus the shard's own output and output
+    gradient rows (the layer's whole output, gathered, is the next layer's input, counted
+    among the activations). Replicated layers and activations count whole on every rank.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
@@ -92,8 +100,14 @@ def memory_plan(
         return int(nbytes)
 
     update_peak = 0
-    for (m, n), d in zip(shapes, dens, strict=True):
-        row = {"shape": [m, n], "density": d}
+    shard_buffers = 0
+    for l, ((m_full, n), d) in enumerate(zip(shapes, dens, strict=True)):
+        row = {"shape": [m_full, n], "density": d}
+        m = m_full
+        if l in sharded and d < 1.0:
+            m = -(-m_full // ranks)  # the largest rank's rows
+            row["rows_per_rank"] = m
+            shard_buffers = max(shard_buffers, 4 * B * 2 * m)
         if d >= 1.0:
             row.update(
                 nnz=m * n,
@@ -102,10 +116,13 @@ def memory_plan(
                 moments=add("optimizer moments", 4 * m * n * n_mom),
             )
         else:
-            nnz = int(round(d * m * n))
-            it = np.dtype(index_dtype_for(m, n, nnz)).itemsize
+            nnz_full = int(round(d * m_full * n))
+            nnz = -(-nnz_full * m // m_full)  # this rank's share (expected; all when whole)
+            it = np.dtype(index_dtype_for(m_full, n, nnz_full)).itemsize
+            if m != m_full:
+                row["nnz_per_rank"] = nnz
             row.update(
-                nnz=nnz,
+                nnz=nnz_full,
                 weights=add("weights", 4 * nnz),
                 indices=add("indices + indptr", it * nnz + it * (m + 1)),
                 transpose=add("transpose structure", it * (2 * nnz + n + 1)),
@@ -115,6 +132,7 @@ def memory_plan(
             )
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
+                k_layer = int(alpha * nnz_full)  # a shard's exact grow keeps up to the layer's K
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
                 # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
                 if gpu and (method == "set" or grow == "sampled"):
@@ -134,7 +152,7 @@ def memory_plan(
                         if grow_tile_bytes is None
                         else tile_shape(m, n, grow_tile_bytes)  # the launcher's rule when given
                     )
-                    cap = int(config.TOPK_BUFFER_FACTOR * k)
+                    cap = int(config.TOPK_BUFFER_FACTOR * min(k_layer, m * n - nnz + k))
                     scratch = 4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8))
                     scratch += 4 * cap  # the last cut's partition copy
                 rebuild = (
@@ -151,6 +169,8 @@ def memory_plan(
                 update_peak = max(update_peak, scratch + rebuild)
         row["biases"] = add("biases", 4 * m * (2 + n_mom))
         layers.append(row)
+    if shard_buffers:
+        totals[f"shard buffers (batch {B})"] = shard_buffers
     acts = (
         4
         * B
@@ -178,6 +198,8 @@ def memory_plan(
         "grow_candidates": grow_candidates,
         "grow_tile_bytes": grow_tile_bytes,
         "device": device,
+        "ranks": ranks,
+        "sharded": list(sharded),
         "layers": layers,
         "pieces": totals,
         "state_bytes": state,
@@ -243,6 +265,11 @@ def describe_plan(plan: dict) -> str:
         f"({plan['distribution']}), batch {plan['batch_size']}, {plan['optimizer']}"
         + (", GPU memory (device=cuda)" if plan.get("device") == "cuda" else "")
     ]
+    if plan.get("sharded"):
+        lines.append(
+            f"  per MPI rank, {plan['ranks']} ranks; layers {plan['sharded']} split by rows "
+            "(the others whole on every rank)"
+        )
     for k, v in plan["pieces"].items():
         lines.append(f"  {k:32s} {_fmt(v):>12s}")
         if k.startswith("topology") and plan.get("grow_tile_bytes"):
@@ -256,5 +283,12 @@ def describe_plan(plan: dict) -> str:
     )
     for l, row in enumerate(plan["layers"]):
         m, n = row["shape"]
-        lines.append(f"  layer {l}: {m} x {n}, density {row['density']:.3g}, nnz {row['nnz']:,}")
+        lines.append(
+            f"  layer {l}: {m} x {n}, density {row['density']:.3g}, nnz {row['nnz']:,}"
+            + (
+                f" ({row['rows_per_rank']} rows, about {row['nnz_per_rank']:,} nnz per rank)"
+                if "rows_per_rank" in row
+                else ""
+            )
+        )
     return "\n".join(lines)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,53 +22,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sparsecore import checkpoint, distributed
 from sparsecore import data as data_mod
-from sparsecore import distributed
 from sparsecore.device import get_device, to_host
-from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp
+from sparsecore.layers import Sequential, SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
 
 METHODS = ("rigl", "set", "static", "dense")
-# A checkpoint must match these to be loaded at all (they decide the shapes of the state) ...
-STRUCTURE_KEYS = (
-    "arch",
-    "method",
-    "grow",
-    "optimizer",
-    "sparsity",
-    "distribution",
-    "activation",
-    "fan_in",
-)
-# ... and these to resume into the same result as a run that never stopped (else a warning).
-RESULT_KEYS = (
-    "seed",
-    "flush_denormals",
-    "batch_size",
-    "lr",
-    "lr_schedule",
-    "lr_step_every",
-    "lr_gamma",
-    "warmup_steps",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "delta_t",
-    "alpha",
-    "t_end",
-    "epochs",
-    "max_steps",
-    "step_on_update",
-    "grow_candidates",
-)
 # A training set up to this many bytes is put on the device once; a larger one is uploaded
 # batch by batch.
 DEVICE_DATA_BYTES = 4 << 30
-# Keys added after checkpoints were first written: an old checkpoint had these values.
-KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10, "flush_denormals": False}
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,6 +78,13 @@ class TrainConfig:
     # x86: flush subnormal floats to zero (MXCSR FTZ/DAZ) in the threads that run the kernels;
     # arithmetic on subnormals is 10-100x slower, and training makes them (kernels/cpu/fpmode.py)
     flush_denormals: bool = True
+    # MPI: split these sparse layers by rows over the ranks ("all": every sparse layer with at
+    # least as many rows as ranks; a list: those weighted layers, 0-based) instead of
+    # data-parallel training; ignored by a single process (sparsecore/distributed.py)
+    shard_layers: str | list | None = None
+    # MPI: stop every rank when one makes no progress (a step, an update, an evaluation batch)
+    # for this many seconds: a hung rank, not only a dead one, ends the job (0: never)
+    rank_timeout: float = 1800.0
 
     def validate(self):
         if self.device not in ("cpu", "cuda"):
@@ -145,6 +117,21 @@ class TrainConfig:
             raise ValueError(
                 f"lr_schedule must be cosine, step or constant, got {self.lr_schedule!r}"
             )
+        s = self.shard_layers
+        if not (
+            s is None
+            or s == "all"
+            or (
+                isinstance(s, (list, tuple))
+                and all(isinstance(i, int) and 0 <= i < len(self.arch) - 1 for i in s)
+            )
+        ):
+            raise ValueError(
+                f"shard_layers must be 'all' or a list of weighted-layer indices in "
+                f"[0, {len(self.arch) - 2}], got {s!r}"
+            )
+        if not (isinstance(self.rank_timeout, (int, float)) and self.rank_timeout >= 0):
+            raise ValueError(f"rank_timeout must be >= 0 seconds, got {self.rank_timeout!r}")
         if self.lr_schedule == "step" and self.lr_step_every <= 0:
             raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
         return self
@@ -154,8 +141,9 @@ class MemoryBudgetExceeded(ValueError):
     """The run's memory plan does not fit in --max-memory; nothing was allocated."""
 
 
-def check_memory(cfg: TrainConfig) -> dict:
-    """The run's memory plan; raises MemoryBudgetExceeded if it exceeds cfg.max_memory.
+def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
+    """The run's memory plan (of one rank, with the layers ``sharded`` split over ``ranks``);
+    raises MemoryBudgetExceeded if it exceeds cfg.max_memory.
 
     With a budget, RigL's exact grow gets a smaller tile than its default when that makes the
     plan fit (plan["grow_tile_bytes"], passed to the grow kernel), unless a tile was given.
@@ -172,27 +160,46 @@ def check_memory(cfg: TrainConfig) -> dict:
         grow=cfg.grow,
         grow_candidates=cfg.grow_candidates,
         device=cfg.device,  # cuda: the GPU's memory (--max-memory then bounds that)
+        ranks=ranks,
+        sharded=list(sharded),
     )
     plan = memory_plan(cfg.arch, cfg.sparsity, grow_tile_bytes=cfg.grow_tile_bytes, **kw)
     fits = cfg.max_memory is None or plan["total_bytes"] <= cfg.max_memory
     if not fits and cfg.method == "rigl" and cfg.grow == "exact" and cfg.grow_tile_bytes is None:
         plan = fit_grow_tile(cfg.max_memory, cfg.arch, cfg.sparsity, **kw) or plan
     if cfg.max_memory is not None and plan["total_bytes"] > cfg.max_memory:
+        where = f" on each of {ranks} MPI ranks" if sharded else ""
         raise MemoryBudgetExceeded(
-            f"this run needs about {plan['total_bytes'] / 2**20:.1f} MiB at its peak, more than "
-            f"--max-memory ({cfg.max_memory / 2**20:.1f} MiB); nothing was allocated.\n"
+            f"this run needs about {plan['total_bytes'] / 2**20:.1f} MiB at its peak{where}, more "
+            f"than --max-memory ({cfg.max_memory / 2**20:.1f} MiB); nothing was allocated.\n"
             + describe_plan(plan)
         )
     return plan
 
 
-def build_model(cfg: TrainConfig) -> Sequential:
+def layer_shapes_densities(cfg: TrainConfig):
+    """[(m, n)] of the weighted layers and their densities (None: dense)."""
     shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
     if cfg.method == "dense":
-        dens = [None] * len(shapes)
-    else:
-        dens = layer_densities(cfg.sparsity, shapes, cfg.distribution)
-    return mlp(cfg.arch, dens, activation=cfg.activation, seed=cfg.seed, fan_in=cfg.fan_in)
+        return shapes, [None] * len(shapes)
+    return shapes, layer_densities(cfg.sparsity, shapes, cfg.distribution)
+
+
+def build_model(cfg: TrainConfig, comm=None, sharded=()) -> Sequential:
+    """The MLP of the config; with an MPI communicator, the layers ``sharded`` are built as this
+    rank's rows only (the same values as those rows of the whole layer)."""
+    _, dens = layer_shapes_densities(cfg)
+    sparse_layer = None
+    if comm is not None and sharded:
+        sparse_layer = distributed.shard_builder(comm, sharded, cfg.seed, cfg.fan_in)
+    return mlp(
+        cfg.arch,
+        dens,
+        activation=cfg.activation,
+        seed=cfg.seed,
+        fan_in=cfg.fan_in,
+        sparse_layer=sparse_layer,
+    )
 
 
 def make_optimizer(cfg: TrainConfig, params, device=None):
@@ -222,7 +229,9 @@ class Trainer:
             from kernels.cpu import fpmode
 
             fpmode.set_flush(cfg.flush_denormals)
-        self.plan = check_memory(cfg)
+        # MPI with --shard-layers: the layers split by rows over the ranks (else none)
+        comm, self.sharded = distributed.sharding(cfg)
+        self.plan = check_memory(cfg, 1 if comm is None else comm.Get_size(), self.sharded)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed
         )
@@ -236,7 +245,7 @@ class Trainer:
                 f"arch ends with {cfg.arch[-1]} outputs but the labels go up to "
                 f"{self.data.n_classes - 1}"
             )
-        self.model = build_model(cfg).to(self.device)  # built on the host, moved once
+        self.model = build_model(cfg, comm, self.sharded).to(self.device)  # built on the host
         self.loss_fn = SoftmaxCrossEntropy().to(self.device)
         self.opt = make_optimizer(cfg, self.model.params(), self.device)
         self.steps_per_epoch = self.data.x_train.shape[0] // cfg.batch_size
@@ -270,8 +279,9 @@ class Trainer:
         self.history: list[dict] = []
         self.updates: list[dict] = []
         self.out = Path(cfg.out) if cfg.out else None
-        # None unless started by mpiexec with several ranks (sparsecore/distributed.py)
-        self.dist = distributed.data_parallel(self)
+        # None unless started by mpiexec with several ranks (sparsecore/distributed.py):
+        # data-parallel, or the sharded layers' side
+        self.dist = distributed.parallel(self)
 
     # ------------------------------------------------------------------ one step
     def lr(self) -> float:
@@ -302,6 +312,7 @@ class Trainer:
         self.model.backward(dlogits)
         if self.dist is not None:  # data-parallel: the global batch's gradient, loss, correct
             loss, correct = self.dist.allreduce(self.model, loss, correct)
+            self.dist.beat()
         report = None
         if update:
             report = self.updater.update(self.step, self.model, self.opt)
@@ -324,6 +335,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        if self.dist is None:
+            return self._run()
+        self.dist.start_watchdog()  # several MPI ranks: a rank that hangs stops them all
+        try:
+            return self._run()
+        finally:
+            self.dist.stop_watchdog()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -389,7 +409,7 @@ class Trainer:
                     f"test_{k}": v
                     for k, v in self.evaluate(self.data.x_test, self.data.y_test).items()
                 },
-                "nnz": int(sum(l.W.nnz for l in self.model.sparse_layers())),
+                "nnz": int(sum(l.total_nnz() for l in self.model.sparse_layers())),
                 "time_per_step_s": float(np.mean(step_times[-len(losses) :])) if losses else 0.0,
                 "topology_update_s": float(sum(update_times)),
                 "epoch_s": time.perf_counter() - t_epoch,
@@ -415,6 +435,10 @@ class Trainer:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 self.save_checkpoint(self.ckpt_path())
+            elif getattr(self.dist, "sharded", False):  # a shard's rows go into rank 0's file
+                self.save_checkpoint(None)
+            if self.dist is not None:
+                self.dist.beat()
         if self.out:
             self.plot(self.out / "learning_curve.png")
         return self.summary(step_times)
@@ -448,18 +472,29 @@ class Trainer:
                 )
 
     def evaluate(self, x, y) -> dict:
+        """Accuracy and mean loss over (x, y); with several MPI ranks each evaluates its
+        part of the rows (data-parallel) and two sums are reduced."""
         if x.shape[0] == 0:
             return {"acc": float("nan"), "loss": float("nan")}
+        correct, loss_sum = (
+            self.eval_sums(x, y) if self.dist is None else self.dist.eval_sums(self, x, y)
+        )
+        return {"acc": correct / x.shape[0], "loss": loss_sum / x.shape[0]}
+
+    def eval_sums(self, x, y) -> tuple[float, float]:
+        """(number correct, summed loss) over the rows of (x, y)."""
+        if x.shape[0] == 0:
+            return 0.0, 0.0
         xp = self.device.xp  # on a device: logits stay there, two numbers come back
         logits = self.model.predict(x, batch_size=self.cfg.batch_size, to_host=False)
         y = self.device.asarray(y)
         with np.errstate(invalid="ignore", over="ignore"):  # a diverged model: reported by caller
             z = logits - logits.max(axis=1, keepdims=True)
             logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
-        return {
-            "acc": float(xp.mean(xp.argmax(logits, axis=1) == y)),
-            "loss": float(-logp[xp.arange(y.shape[0]), y].mean()),
-        }
+        return (
+            float(xp.count_nonzero(xp.argmax(logits, axis=1) == y)),
+            float(-logp[xp.arange(y.shape[0]), y].astype(xp.float64).sum()),
+        )
 
     # ------------------------------------------------------------------ reporting
     def summary(self, step_times) -> dict:
@@ -533,100 +568,21 @@ class Trainer:
         return self.out / "checkpoint.npz"
 
     def save_checkpoint(self, path):
-        """Everything needed to resume, in one .npz, written to a temporary file and renamed
-        (from a device: copied to the host first; it resumes on either side)."""
-        path = Path(path)
-        arrays = {
-            "meta": np.array(
-                json.dumps(
-                    {
-                        "config": dataclasses.asdict(self.cfg),
-                        "step": self.step,
-                        "epoch": self.epoch,
-                        "history": self.history,
-                        "format": 1,
-                    }
-                )
-            ),
+        """Everything needed to resume, in one .npz (sparsecore/checkpoint.py), written to a
+        temporary file and renamed (from a device: copied to the host first; it resumes on
+        either side). With sharded layers every rank calls this; rank 0 passes the path."""
+        meta = {
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": self.history,
         }
-        for l, layer in enumerate(self.model.weighted()):
-            if isinstance(layer, SparseLinear):
-                W = layer.W
-                arrays.update(
-                    {
-                        f"L{l}/indptr": to_host(W.indptr),
-                        f"L{l}/indices": to_host(W.indices),
-                        f"L{l}/data": to_host(W.data),
-                        f"L{l}/shape": np.array(W.shape),
-                    }
-                )
-            else:
-                arrays[f"L{l}/W"] = to_host(layer.W)
-            arrays[f"L{l}/b"] = to_host(layer.b)
-        for k, v in self.opt.state_dict().items():
-            arrays[f"opt/{k}"] = v
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        checkpoint.write(path, self, meta)
 
     def load_checkpoint(self, path):
-        """Restore model, optimizer, step and epoch; the architecture must match."""
-        from sparsecore.formats import CSR
-
-        with np.load(path, allow_pickle=False) as d:
-            meta = json.loads(str(d["meta"]))
-            saved = meta["config"]
-            for key in STRUCTURE_KEYS:
-                if saved.get(key, KEY_DEFAULTS.get(key)) != getattr(self.cfg, key):
-                    raise ValueError(
-                        f"checkpoint {path} was written with "
-                        f"{key}={saved.get(key, KEY_DEFAULTS.get(key))!r}, "
-                        f"this run has {key}={getattr(self.cfg, key)!r}"
-                    )
-            changed = [
-                k for k in RESULT_KEYS if saved.get(k, KEY_DEFAULTS.get(k)) != getattr(self.cfg, k)
-            ]
-            if changed:
-                import warnings
-
-                diffs = ", ".join(
-                    f"{k} ({saved.get(k, KEY_DEFAULTS.get(k))!r} -> {getattr(self.cfg, k)!r})"
-                    for k in changed
-                )
-                warnings.warn(
-                    f"resuming with different {diffs}: the run will not equal one that never "
-                    "stopped",
-                    stacklevel=2,
-                )
-            missing = [l for l in range(len(self.model.weighted())) if f"L{l}/b" not in d.files]
-            if missing:
-                raise ValueError(f"checkpoint {path} lacks weighted layer(s) {missing}")
-            for l, layer in enumerate(self.model.weighted()):
-                if isinstance(layer, SparseLinear):
-                    W = CSR(
-                        d[f"L{l}/indptr"],
-                        d[f"L{l}/indices"],
-                        d[f"L{l}/data"].copy(),
-                        tuple(int(s) for s in d[f"L{l}/shape"]),
-                    )
-                    if W.shape != layer.W.shape:
-                        raise ValueError(
-                            f"checkpoint layer {l} has shape {W.shape}, expected {layer.W.shape}"
-                        )
-                    layer.set_weight(self.device.csr(W))
-                else:
-                    if d[f"L{l}/W"].shape != layer.W.shape:
-                        raise ValueError(
-                            f"checkpoint layer {l} has shape {d[f'L{l}/W'].shape}, "
-                            f"expected {layer.W.shape}"
-                        )
-                    layer.W[...] = self.device.asarray(d[f"L{l}/W"])
-                layer.b[...] = self.device.asarray(d[f"L{l}/b"])
-            self.opt.rebind(self.model.params())
-            self.opt.load_state_dict({k[4:]: d[k] for k in d.files if k.startswith("opt/")})
+        """Restore model, optimizer, step and epoch; the architecture must match. A checkpoint
+        written by any number of MPI ranks, sharded or not, resumes on any other."""
+        meta = checkpoint.read(path, self)
         self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
         self.history = meta["history"]
 
