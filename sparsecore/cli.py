@@ -19,6 +19,34 @@ def _arch(s: str) -> list[int]:
     return sizes
 
 
+def _shards(s: str):
+    if s == "all":
+        return "all"
+    try:
+        out = [int(v) for v in s.split(",")]
+    except ValueError:
+        out = None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--shard-layers takes 'all' or weighted-layer indices like 1 or 0,1; got {s!r}"
+        )
+    return out
+
+
+def _add_shards(p):
+    p.add_argument(
+        "--shard-layers",
+        type=_shards,
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="all|L,L",
+        help="with several MPI ranks: split these sparse layers by rows over the ranks (no "
+        "value: every sparse layer), each rank holding 1/N of their weights, indices and "
+        "optimizer state, instead of data-parallel training (same result as one process)",
+    )
+
+
 def _add_grow(p):
     p.add_argument(
         "--grow",
@@ -85,13 +113,23 @@ def _add_train(sub):
         "--nprocs",
         type=int,
         default=None,
-        help="data-parallel training on N MPI processes (needs the [mpi] extra): starts "
-        "mpiexec -n N python -m sparsecore train ... (the same result as one process)",
+        help="train on N MPI processes (needs the [mpi] extra): starts mpiexec -n N python -m "
+        "sparsecore train ...; data-parallel, or with --shard-layers layers split by rows "
+        "(the same result as one process either way)",
+    )
+    _add_shards(p)
+    p.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=1800.0,
+        help="with several MPI ranks: seconds without progress (a step, an update, an "
+        "evaluation) after which every rank stops: a hung rank ends the job (0: never)",
     )
     p.add_argument(
         "--max-memory",
         default=None,
-        help="refuse, before allocating, a run whose memory plan exceeds this (e.g. 8GB)",
+        help="refuse, before allocating, a run whose memory plan exceeds this (e.g. 8GB; per "
+        "MPI rank)",
     )
     p.add_argument(
         "--device",
@@ -116,6 +154,10 @@ def _add_plan(sub):
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: plan the GPU's memory"
     )
+    p.add_argument(
+        "--ranks", type=int, default=1, help="with --shard-layers: the plan of one of N ranks"
+    )
+    _add_shards(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -160,9 +202,19 @@ def main(argv=None) -> int:
         )
         return 0
     if args.cmd == "plan":
-        from sparsecore.plan import describe_plan, memory_plan
+        from sparsecore.plan import describe_plan, memory_plan, sharded_layers
 
         try:
+            if args.ranks < 1:
+                raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+            sharded = sharded_layers(
+                args.arch,
+                args.sparsity,
+                args.distribution,
+                args.method,
+                args.shard_layers,
+                args.ranks,
+            )
             plan = memory_plan(
                 args.arch,
                 args.sparsity,
@@ -173,6 +225,8 @@ def main(argv=None) -> int:
                 grow=args.grow,
                 grow_candidates=args.grow_candidates,
                 device=args.device,
+                ranks=args.ranks,
+                sharded=sharded,
             )
         except ValueError as e:
             print(f"sparsecore plan: error: {e}", file=sys.stderr)
@@ -227,6 +281,8 @@ def main(argv=None) -> int:
             max_steps=args.max_steps,
             max_memory=max_memory,
             device=args.device,
+            shard_layers=args.shard_layers,
+            rank_timeout=args.rank_timeout,
             out=args.out,
             progress=not args.no_progress,
         )

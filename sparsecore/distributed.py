@@ -274,34 +274,12 @@ def sharding(cfg) -> tuple:
     comm = world()
     if comm is None:
         return None, []
-    from sparsecore.rigl.distributions import layer_densities
+    from sparsecore.plan import sharded_layers
 
-    size = comm.Get_size()
-    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
-    if cfg.method == "dense":
-        raise ValueError("shard_layers splits sparse layers; method 'dense' has none")
-    dens = layer_densities(cfg.sparsity, shapes, cfg.distribution)
-    if cfg.shard_layers == "all":
-        chosen = [
-            l
-            for l, ((m, _), d) in enumerate(zip(shapes, dens, strict=True))
-            if d < 1.0 and m >= size
-        ]
-        if not chosen:
-            raise ValueError(f"shard_layers='all': no sparse layer has at least {size} rows")
-        return comm, chosen
-    for l in cfg.shard_layers:
-        m, n = shapes[l]
-        if dens[l] >= 1.0:
-            raise ValueError(
-                f"shard_layers: layer {l} ({m} x {n}) is dense at sparsity {cfg.sparsity} "
-                f"({cfg.distribution}); only sparse layers can be sharded"
-            )
-        if m < size:
-            raise ValueError(
-                f"shard_layers: layer {l} has {m} rows, fewer than the {size} MPI ranks"
-            )
-    return comm, sorted(set(cfg.shard_layers))
+    chosen = sharded_layers(
+        cfg.arch, cfg.sparsity, cfg.distribution, cfg.method, cfg.shard_layers, comm.Get_size()
+    )
+    return comm, chosen
 
 
 def shard_builder(comm, sharded, seed: int, fan_in: str):
@@ -492,6 +470,7 @@ class ShardedParallel(Ranks):
         self.step_bytes = 0
         self.steps = 0
         self.step_bytes_total = 0
+        self.eval_bytes = 0
         self._seen = 0
 
     def local_rows(self, idx: np.ndarray) -> np.ndarray:
@@ -499,11 +478,7 @@ class ShardedParallel(Ranks):
 
     def allreduce(self, model, loss, correct):
         """Nothing to reduce (every rank computed the whole batch); counts the step's bytes."""
-        total = sum(
-            l.shard.bytes["forward"] + l.shard.bytes["backward"]
-            for l in model.sparse_layers()
-            if l.shard is not None
-        )
+        total = self._step_traffic(model)
         self.step_bytes = total - self._seen
         self._seen = total
         self.steps += 1
@@ -511,11 +486,24 @@ class ShardedParallel(Ranks):
         return loss, correct
 
     def eval_sums(self, trainer, x, y):
-        """Every rank evaluates every row (the sharded forward is a collective)."""
+        """Every rank evaluates every row (the sharded forward is a collective); its bytes are
+        counted apart from the steps'."""
         self.beat()
+        before = self._step_traffic(trainer.model)
         out = trainer.eval_sums(x, y)
+        spent = self._step_traffic(trainer.model) - before
+        self._seen += spent
+        self.eval_bytes += spent
         self.beat()
         return out
+
+    @staticmethod
+    def _step_traffic(model) -> int:
+        return sum(
+            l.shard.bytes["forward"] + l.shard.bytes["backward"]
+            for l in model.sparse_layers()
+            if l.shard is not None
+        )
 
     def describe(self) -> str:
         per_update = np.mean(self.update_bytes) if self.update_bytes else 0.0
@@ -532,6 +520,7 @@ class ShardedParallel(Ranks):
             "step_bytes": self.step_bytes,
             "steps": self.steps,
             "step_bytes_total": self.step_bytes_total,
+            "eval_bytes": self.eval_bytes,
             "update_bytes": list(self.update_bytes),
             "other_bytes": self.other_bytes,
         }

@@ -209,6 +209,41 @@ def memory_plan(
     }
 
 
+def sharded_layers(arch, sparsity, distribution, method, shard_layers, ranks: int) -> list[int]:
+    """The weighted layers that ``shard_layers`` ("all", a list of indices, or None) splits
+    over ``ranks`` MPI ranks: "all" is every sparse layer with at least ``ranks`` rows; a listed
+    layer must be sparse and have that many rows. [] for one rank or None."""
+    if shard_layers is None or ranks <= 1:
+        return []
+    if method == "dense":
+        raise ValueError("shard_layers splits sparse layers; method 'dense' has none")
+    shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
+    dens = layer_densities(sparsity, shapes, distribution)
+    if shard_layers == "all":
+        chosen = [
+            l
+            for l, ((m, _), d) in enumerate(zip(shapes, dens, strict=True))
+            if d < 1.0 and m >= ranks
+        ]
+        if not chosen:
+            raise ValueError(f"shard_layers='all': no sparse layer has at least {ranks} rows")
+        return chosen
+    for l in shard_layers:
+        if not 0 <= l < len(shapes):
+            raise ValueError(
+                f"shard_layers: layer {l} does not exist (weighted layers 0..{len(shapes) - 1})"
+            )
+        m, n = shapes[l]
+        if dens[l] >= 1.0:
+            raise ValueError(
+                f"shard_layers: layer {l} ({m} x {n}) is dense at sparsity {sparsity} "
+                f"({distribution}); only sparse layers can be sharded"
+            )
+        if m < ranks:
+            raise ValueError(f"shard_layers: layer {l} has {m} rows, fewer than the {ranks} ranks")
+    return sorted(set(shard_layers))
+
+
 MIN_GROW_TILE_BYTES = 64 << 10  # smaller tiles make the grow's sgemm calls too small to be useful
 
 

@@ -169,9 +169,15 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
         plan = fit_grow_tile(cfg.max_memory, cfg.arch, cfg.sparsity, **kw) or plan
     if cfg.max_memory is not None and plan["total_bytes"] > cfg.max_memory:
         where = f" on each of {ranks} MPI ranks" if sharded else ""
+        hint = (
+            "; --shard-layers splits the sparse layers over MPI ranks: start several "
+            "(--nprocs N) to divide their state"
+            if cfg.shard_layers is not None and not sharded
+            else ""
+        )
         raise MemoryBudgetExceeded(
             f"this run needs about {plan['total_bytes'] / 2**20:.1f} MiB at its peak{where}, more "
-            f"than --max-memory ({cfg.max_memory / 2**20:.1f} MiB); nothing was allocated.\n"
+            f"than --max-memory ({cfg.max_memory / 2**20:.1f} MiB); nothing was allocated{hint}.\n"
             + describe_plan(plan)
         )
     return plan

@@ -6,7 +6,10 @@ communicated, and (rank 0) the final weights to OUT/final.npz.
 
 Fault injection for the tests: ``--die RANK:STEP:exit`` ends that rank with os._exit at that
 step (a crash), ``--die RANK:STEP:raise`` raises there (an error), ``--perturb RANK:STEP`` nudges
-one weight of that rank (a silent divergence the guard must catch).
+one weight of that rank (a silent divergence the guard must catch), ``--hang RANK:STEP``
+makes that rank sleep forever there (alive but stuck: the watchdog must end the job).
+``--shard-layers all`` (or 0,1) splits the sparse layers by rows over the ranks; a sharded
+layer is gathered whole for the hashes and final.npz (a test's convenience).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -37,11 +41,17 @@ def synthetic(n_features: int, n_train=1024, n_test=256, classes=10, seed=0) -> 
     return D.from_arrays(x[:n_train], y[:n_train], x[n_train:], y[n_train:], name="synthetic")
 
 
+def whole(layer):
+    """(CSR, bias) of the whole layer: a sharded layer's rows gathered from every rank."""
+    return layer.gather() if layer.shard is not None else (layer.W, layer.b)
+
+
 def topology_hash(model) -> list[int]:
-    return [
-        zlib.crc32(np.ascontiguousarray(l.W.indices).view(np.uint8), zlib.crc32(l.W.indptr))
-        for l in model.sparse_layers()
-    ]
+    out = []
+    for l in model.sparse_layers():
+        W, _ = whole(l)
+        out.append(zlib.crc32(np.ascontiguousarray(W.indices).view(np.uint8), zlib.crc32(W.indptr)))
+    return out
 
 
 def main(argv=None):
@@ -55,7 +65,13 @@ def main(argv=None):
     ap.add_argument("--resume", default=None)
     ap.add_argument("--die", default=None)
     ap.add_argument("--perturb", default=None)
+    ap.add_argument("--hang", default=None)
+    ap.add_argument("--shard-layers", default=None)
+    ap.add_argument("--rank-timeout", type=float, default=60.0)
     args = ap.parse_args(argv)
+    shard = args.shard_layers
+    if shard not in (None, "all"):
+        shard = [int(v) for v in shard.split(",")]
     out = Path(args.out)
     arch = [int(a) for a in args.arch.split("-")]
     cfg = TrainConfig(
@@ -72,6 +88,8 @@ def main(argv=None):
         lr_schedule="constant",
         progress=False,
         out=str(out / "run"),
+        shard_layers=shard,
+        rank_timeout=args.rank_timeout,
     )
     tr = Trainer(cfg, synthetic(arch[0]))
     rank = tr.dist.rank if tr.dist is not None else 0
@@ -81,6 +99,7 @@ def main(argv=None):
         tr.load_checkpoint(args.resume)
     die = args.die.split(":") if args.die else None
     perturb = [int(v) for v in args.perturb.split(":")] if args.perturb else None
+    hang = [int(v) for v in args.hang.split(":")] if args.hang else None
     losses, topology, grown = {}, {}, {}
     step_once = tr.train_step
 
@@ -89,6 +108,9 @@ def main(argv=None):
             if die[2] == "exit":
                 os._exit(3)
             raise RuntimeError(f"injected failure in rank {rank} at step {tr.step}")
+        if hang and hang[0] == rank and hang[1] == tr.step:
+            while True:
+                time.sleep(1)
         if perturb and perturb[0] == rank and perturb[1] == tr.step:
             tr.model.sparse_layers()[0].W.data[0] += np.float32(1e-3)
         step = tr.step
@@ -102,6 +124,7 @@ def main(argv=None):
     tr.train_step = traced
     tr.run()
     layers = tr.model.weighted()
+    wholes = [whole(l) if isinstance(l, SparseLinear) else (l.W, l.b) for l in layers]
     result = {
         "ranks": tr.dist.size if tr.dist is not None else 1,
         "losses": losses,
@@ -109,24 +132,26 @@ def main(argv=None):
         "grown": grown,
         "steps": tr.step,
         "history": tr.history,
-        "nnz": sum(int(l.W.nnz) for l in tr.model.sparse_layers()),
-        "biases": sum(int(l.b.shape[0]) for l in layers),
+        "nnz": sum(int(l.total_nnz()) for l in tr.model.sparse_layers()),
+        "local_nnz": [int(l.W.nnz) for l in tr.model.sparse_layers()],
+        "sharded": [l.name for l in tr.model.sparse_layers() if l.shard is not None],
+        "biases": sum(int(b.shape[0]) for _, b in wholes),
         "params": sum(int(p.value.size) for p in tr.model.params()),
-        "dense": sum(int(l.W.shape[0]) * int(l.W.shape[1]) for l in layers),
-        "shapes": [list(l.W.shape) for l in layers],
+        "dense": sum(int(W.shape[0]) * int(W.shape[1]) for W, _ in wholes),
+        "shapes": [list(W.shape) for W, _ in wholes],
         "comm": tr.dist.stats() if tr.dist is not None else None,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:
         arrays = {}
-        for i, l in enumerate(layers):
+        for i, (l, (W, b)) in enumerate(zip(layers, wholes, strict=True)):
             if isinstance(l, SparseLinear):
-                arrays.update({f"{i}/indptr": l.W.indptr, f"{i}/indices": l.W.indices})
-                arrays[f"{i}/data"] = l.W.data
+                arrays.update({f"{i}/indptr": W.indptr, f"{i}/indices": W.indices})
+                arrays[f"{i}/data"] = W.data
             else:
-                arrays[f"{i}/W"] = l.W
-            arrays[f"{i}/b"] = l.b
+                arrays[f"{i}/W"] = W
+            arrays[f"{i}/b"] = b
         np.savez(out / "final.npz", **arrays)
 
 
