@@ -20,7 +20,67 @@ import sparsecore  # noqa: E402,F401
 from sparsecore.distributed import ShardedSparseLinear, world  # noqa: E402
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp  # noqa: E402
 from sparsecore.optim import SGD  # noqa: E402
-from sparsecore.rigl import RigL, UpdateSchedule  # noqa: E402
+from sparsecore.rigl import SET, RigL, UpdateSchedule  # noqa: E402
+
+
+def select_cases(comm) -> list:
+    """RowShard.select against a sort of every rank's values (heavy ties: small integers, and
+    zeros), smallest and largest, for k from 0 to past the total: returns the failures."""
+    from sparsecore.distributed import RowShard, allgather_records
+
+    shard = RowShard(comm, 64)
+    rank = comm.Get_rank()
+    rng = np.random.default_rng(100 + rank)
+    values = rng.integers(0, 4, size=5 + 3 * rank).astype(np.float32) * np.float32(0.25)
+    every = allgather_records(comm, {"v": values, "pos": np.arange(values.shape[0])})
+    rank_of = np.repeat(np.arange(comm.Get_size()), [5 + 3 * r for r in range(comm.Get_size())])
+    offset = int(np.searchsorted(rank_of, rank))
+    failures = []
+    for largest in (False, True):
+        for k in range(0, every.shape[0] + 2):
+            got = shard.select(values, k, largest)
+            key = -every["v"] if largest else every["v"]
+            order = np.lexsort((np.arange(every.shape[0]), key))[:k]  # ties: rank, position
+            want = np.sort(order[rank_of[order] == rank] - offset)
+            if not np.array_equal(got, want):
+                failures.append([largest, k, got.tolist(), want.tolist()])
+    return failures
+
+
+def random_grow_cases(comm, sizes, dens) -> list:
+    """SET and the sampled RigL grow on sharded layers: each update keeps every layer's nnz,
+    grows exactly k new-or-regrown connections in valid (canonical) rows; returns failures."""
+    failures = []
+    for updater in (
+        SET(UpdateSchedule(t_end=20, delta_t=2, alpha=0.3), seed=1),
+        RigL(UpdateSchedule(t_end=20, delta_t=2, alpha=0.3), seed=1, grow="sampled"),
+    ):
+        model = Sequential(
+            [
+                ShardedSparseLinear.shard_of(l, comm) if isinstance(l, SparseLinear) else l
+                for l in mlp(sizes, dens, seed=5).layers
+            ]
+        )
+        opt = SGD(model.params(), lr=0.05, momentum=0.9)
+        rng = np.random.default_rng(9)
+        for step in range(8):
+            x = rng.standard_normal((sizes[0], 32)).astype(np.float32)
+            y = rng.integers(0, sizes[-1], 32)
+            _, dlogits, _ = SoftmaxCrossEntropy()(model.forward(x), y)
+            model.backward(dlogits)
+            before = [l.total_nnz() for l in model.sparse_layers()]
+            if updater.is_update_step(step):
+                report = updater.update(step, model, opt)
+                for d, nnz in zip(report.per_layer, before, strict=True):
+                    if d["nnz"] != nnz or d["grown"] != int(
+                        updater.schedule.drop_fraction(step) * nnz
+                    ):
+                        failures.append([updater.name, step, d])
+                for l in model.sparse_layers():
+                    l.gather()  # builds a validated CSR: sorted, no duplicate, in range
+            else:
+                opt.step()
+    return failures
 
 
 def main():
@@ -69,6 +129,8 @@ def main():
                     max_diff = max(max_diff, float(np.abs(a.b - bias).max()))
             topology_same.append([step, same])
     rank = comm.Get_rank()
+    select_failures = select_cases(comm)
+    random_failures = random_grow_cases(comm, sizes, dens)
     local_nnz = [int(l.W.nnz) for l in sharded.sparse_layers()]
     full_nnz = [int(l.W.nnz) for l in ref.sparse_layers()]
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +142,8 @@ def main():
                 "max_diff": max_diff,
                 "local_nnz": local_nnz,
                 "full_nnz": full_nnz,
+                "select_failures": select_failures,
+                "random_grow_failures": random_failures,
             }
         )
     )

@@ -334,3 +334,140 @@ def test_sharded_layers_equal_unsharded(tmp_path, n):
     local = np.array([res["local_nnz"] for res in ranks])
     assert (local.sum(axis=0) == ranks[0]["full_nnz"]).all()
     assert (local < np.array(ranks[0]["full_nnz"])).all()
+    for res in ranks:  # the distributed selection, with ties; SET and sampled grow sharded
+        assert res["select_failures"] == []
+        assert res["random_grow_failures"] == []
+
+
+# ---------------------------------------------------------------------- sharded layers
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """784-32-10 with --shard-layers all (fc0: 32 × 784 and fc1: 10 × 32, both sparse, split
+    by rows) on 2 and 3 ranks, and on 2 ranks stopped after epoch 2."""
+    base = tmp_path_factory.mktemp("sharded")
+    done = {}
+    for n in (2, 3):
+        launch(base / f"s{n}", n, "--shard-layers", "all")
+        done[n] = base / f"s{n}"
+    launch(base / "stop2", 2, "--shard-layers", "all", "--stop-epoch", 2)
+    done["stop2"] = base / "stop2"
+    return done
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_training_equals_one_process(runs, sharded_runs, n):
+    """Every sparse layer split by rows over n ranks (3: 32 rows as 10 + 11 + 11): the same
+    losses at all 32 steps, topology after each of the 5 updates and final weights as one
+    process training the whole layers; each rank holds only its rows."""
+    one = result(runs[1])
+    ranks = [result(sharded_runs[n], r) for r in range(n)]
+    assert ranks[0]["sharded"] == ["fc0", "fc1"] and ranks[0]["ranks"] == n
+    updates = assert_same_run(one, ranks[0], steps=range(32))
+    assert [int(s) for s in updates] == [4, 8, 12, 16, 20]
+    assert_same_weights(runs[1], sharded_runs[n])
+    local = np.array([res["local_nnz"] for res in ranks])
+    assert (local.sum(axis=0) == one["local_nnz"]).all()  # the shards add up to the layers
+    assert (local.max(axis=0) < 0.6 * np.array(one["local_nnz"])).all()
+    for res in ranks[1:]:
+        assert res["losses"] == ranks[0]["losses"]
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_bytes_follow_the_cost_model(sharded_runs, n):
+    """Per step: 4·m·B (forward allgather) for every sharded layer and 4·n·B (backward
+    allreduce of dX) for all but the first: 4·128·(32 + 10 + 32) bytes, evaluation apart. Per
+    update: a radix select's four 256-bin histograms for the drop and for the grow of each
+    layer, with a few counts: independent of nnz and of the dense size."""
+    res = result(sharded_runs[n])
+    comm = res["comm"]
+    assert comm["mode"] == "sharded"
+    assert comm["step_bytes"] == 4 * 128 * (32 + 10 + 32)
+    assert comm["step_bytes_total"] == 32 * comm["step_bytes"]
+    assert len(comm["update_bytes"]) == 5
+    histograms = 2 * 2 * 4 * 256 * 8  # (drop, grow) × 2 layers × 4 passes × 256 int64
+    for got in comm["update_bytes"]:
+        assert histograms <= got <= histograms + 64 * 8 * n + 16 * n * 2
+
+
+@needs_mpi
+def test_sharded_checkpoints_resume_on_any_number_of_ranks(runs, sharded_runs, tmp_path):
+    """A checkpoint of 2 sharded ranks (each layer written as 2 parts, streamed to rank 0)
+    resumes sharded on 3 ranks and whole in one process; a data-parallel checkpoint resumes
+    sharded. All equal the uninterrupted run over epochs 3-4."""
+    ckpt = sharded_runs["stop2"] / "run" / "checkpoint.npz"
+    with np.load(ckpt) as f:
+        assert f["L0/parts"].tolist() == [0, 16, 32] and f["L1/parts"].tolist() == [0, 5, 10]
+        assert "L0/p1/opt/momentum/W" in f.files
+    full = result(runs[1])
+    cases = {
+        "s3": (3, ckpt, "all"),
+        "one": (1, ckpt, None),
+        "dp-to-s3": (3, runs["stop2"] / "run" / "checkpoint.npz", "all"),
+    }
+    for name, (n, path, shard) in cases.items():
+        extra = ["--shard-layers", shard] if shard else []
+        launch(tmp_path / name, n, "--resume", path, *extra)
+        resumed = result(tmp_path / name)
+        updates = assert_same_run(full, resumed, steps=range(16, 32))
+        assert [int(s) for s in updates] == [16, 20]
+        assert_same_weights(runs[1], tmp_path / name)
+
+
+@needs_mpi
+def test_a_dying_sharded_rank_stops_the_job_and_the_checkpoint_stays(sharded_runs, tmp_path):
+    p = launch(tmp_path, 2, "--shard-layers", "all", "--die", "1:20:exit", check=False)
+    assert p.returncode != 0
+    assert not (tmp_path / "rank0.json").exists()
+    good = _checkpoint_arrays(sharded_runs["stop2"] / "run" / "checkpoint.npz")
+    got = _checkpoint_arrays(tmp_path / "run" / "checkpoint.npz")
+    assert sorted(got) == sorted(good)
+    for k in good:
+        np.testing.assert_array_equal(got[k], good[k], err_msg=k)
+
+
+@needs_mpi
+@pytest.mark.parametrize("shard", [None, "all"])
+def test_a_hung_rank_stops_every_rank_after_the_timeout(tmp_path, shard):
+    """Rank 1 stays alive but stops making progress at step 20: the others would wait in the
+    next collective forever; the watchdog ends the job after --rank-timeout (3 s here) with a
+    message, and the checkpoint of epoch 2 stays."""
+    extra = ["--shard-layers", shard] if shard else []
+    p = launch(tmp_path, 2, "--hang", "1:20", "--rank-timeout", 3, *extra, check=False)
+    assert p.returncode != 0
+    assert "made no progress for" in p.stderr and "rank_timeout 3 s" in p.stderr
+    meta = json.loads(str(np.load(tmp_path / "run" / "checkpoint.npz")["meta"]))
+    assert meta["step"] == 16
+
+
+@needs_mpi
+def test_cli_a_layer_too_big_for_one_rank_trains_on_two(tmp_path):
+    """--max-memory per rank between the 2-rank and the 1-rank plan of a model whose sparse
+    layers are sharded: one process refuses before allocating, 2 ranks train it."""
+    from sparsecore.plan import memory_plan
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 24)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)
+    np.savez(tmp_path / "d.npz", x_train=x[:512], y_train=y[:512], x_test=x[512:], y_test=y[512:])
+    arch = [24, 3000, 3000, 3]
+    kw = dict(sparsity=0.9, batch_size=64)
+    one = memory_plan(arch, **kw)["total_bytes"]
+    two = memory_plan(arch, ranks=2, sharded=[0, 1], **kw)["total_bytes"]
+    assert two < 0.8 * one
+    budget = str((one + two) // 2)
+    cmd = [sys.executable, "-m", "sparsecore", "train", "--dataset", str(tmp_path / "d.npz")]
+    cmd += ["--arch", "24-3000-3000-3", "--sparsity", "0.9", "--batch-size", "64"]
+    cmd += ["--epochs", "1", "--delta-t", "3", "--no-progress", "--shard-layers"]
+    cmd += ["--max-memory", budget, "--out", str(tmp_path / "run")]
+    p = run(cmd)
+    assert p.returncode == 2
+    assert "more than --max-memory" in p.stderr and "--nprocs N" in p.stderr
+    assert not (tmp_path / "run").exists()
+    p = run([*cmd, "--nprocs", "2"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "communication: 2 ranks, sharded layers" in p.stdout
+    assert p.stdout.count("test accuracy:") == 1
+    with np.load(tmp_path / "run" / "checkpoint.npz") as f:
+        assert f["L1/parts"].tolist() == [0, 1500, 3000]
