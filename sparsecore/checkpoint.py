@@ -116,9 +116,10 @@ def write(path, trainer, meta: dict):
         tmp = path.with_name(path.name + ".tmp")
         f = open(tmp, "wb")  # noqa: SIM115 (closed below, after the fsync)
         writer = _NpzWriter(f)
-        writer.add("meta", np.array(json.dumps({**meta, "format": FORMAT})))
-        writer.add("opt/t", state["t"])
     try:
+        if root:
+            writer.add("meta", np.array(json.dumps({**meta, "format": FORMAT})))
+            writer.add("opt/t", state["t"])
         for l, layer in enumerate(trainer.model.weighted()):
             if not isinstance(layer, SparseLinear):
                 if root:

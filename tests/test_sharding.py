@@ -1,0 +1,261 @@
+"""The single-process parts of sharded layers (the MPI runs are in tests/test_mpi.py): the
+row-block initialisation any rank can build alone, the uniform split of draws over parts, the
+per-rank memory plan and the choice of layers, and checkpoints read by row range (format 2,
+and format 1 of earlier versions)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparsecore import checkpoint
+from sparsecore.formats import split_count
+from sparsecore.layers import INIT_BLOCK_ROWS, sparse_init
+from sparsecore.plan import memory_plan, sharded_layers
+from sparsecore.train import TrainConfig, Trainer
+from tests.cases import blobs_npz
+
+
+@pytest.mark.parametrize(
+    "m, n, density, fan_in",
+    [
+        (300, 784, 0.1, "sparse"),
+        (2 * INIT_BLOCK_ROWS + 7, 33, 0.05, "dense"),
+        (1, 50, 0.5, "sparse"),
+        (INIT_BLOCK_ROWS + 1, 3, 1.0, "sparse"),
+        (40, 40, 0.0, "sparse"),
+    ],
+)
+def test_any_block_of_rows_is_the_whole_layers_rows(m, n, density, fan_in):
+    seed = [int(np.random.default_rng().integers(1 << 30)), 2]
+    W = sparse_init(n, m, density, seed, fan_in=fan_in)
+    assert W.shape == (m, n) and W.nnz == round(density * m * n)
+    assert W.indices.dtype == np.int32 and W.data.dtype == np.float32
+    for parts in (2, 3, 5):
+        bounds = [i * m // parts for i in range(parts + 1)]
+        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+            P = sparse_init(n, m, density, seed, fan_in=fan_in, rows=(r0, r1))
+            lo, hi = W.indptr[r0], W.indptr[r1]
+            assert P.shape == (r1 - r0, n)
+            np.testing.assert_array_equal(P.indptr, W.indptr[r0 : r1 + 1] - lo)
+            np.testing.assert_array_equal(P.indices, W.indices[lo:hi])
+            np.testing.assert_array_equal(P.data, W.data[lo:hi])
+    if density == 0.0 or fan_in != "sparse":
+        return
+    fan = np.maximum(np.diff(W.indptr), 1)  # Kaiming-uniform bound by each row's own fan-in
+    bound = np.repeat(np.sqrt(2.0) * np.sqrt(3.0 / fan), np.diff(W.indptr))
+    assert (np.abs(W.data) <= bound * (1 + 1e-6)).all()
+
+
+def test_the_pattern_is_uniform_over_positions():
+    """Across seeds, every position of a 3-block matrix is drawn about equally often (the
+    blocks' counts are hypergeometric, not equal shares)."""
+    m, n, d = 2 * INIT_BLOCK_ROWS + 500, 4, 0.25
+    hits = np.zeros((m, n))
+    counts = []
+    for s in range(200):
+        W = sparse_init(n, m, d, [s, 0])
+        hits += W.to_dense() != 0
+        counts.append(int(W.indptr[INIT_BLOCK_ROWS]))
+    assert abs(hits.mean() / 200 - d) < 1e-3
+    per_block = hits.reshape(-1)[: INIT_BLOCK_ROWS * n].mean() / 200
+    assert abs(per_block - d) < 0.01
+    assert np.std(counts) > 5  # the first block's count varies (hypergeometric), sd ~ 25
+
+
+def test_bad_rows_are_refused():
+    with pytest.raises(ValueError, match="rows must be a range"):
+        sparse_init(10, 20, 0.5, [0], rows=(5, 21))
+
+
+@pytest.mark.parametrize(
+    "sizes, total",
+    [
+        ([5, 5, 5], 15),
+        ([10, 0, 3], 7),
+        ([4], 2),
+        ([10**9, 10**9, 3], 2 * 10**9 + 1),
+        ([10**12] * 50, 10**7),
+        ([7, 9], 0),
+    ],
+)
+def test_split_count_is_a_valid_split(sizes, total):
+    c = split_count(sizes, total, np.random.default_rng(0))
+    assert c.sum() == total and (c >= 0).all() and (c <= np.array(sizes)).all()
+
+
+def test_split_count_has_hypergeometric_moments_above_numpys_limit():
+    """Parts of 4·10^8 and 8·10^8 positions (sum above NumPy's 10^9): the first part's share of
+    10^5 draws has mean k/3 and the hypergeometric sd."""
+    rng = np.random.default_rng(1)
+    k, N1, N = 10**5, 4 * 10**8, 12 * 10**8
+    first = np.array([split_count([N1, N - N1], k, rng)[0] for _ in range(2000)])
+    p = N1 / N
+    sd = np.sqrt(k * p * (1 - p) * (N - k) / (N - 1))
+    assert abs(first.mean() - k * p) < 4 * sd / np.sqrt(2000)
+    assert abs(first.std() / sd - 1) < 0.1
+
+
+def test_a_ranks_plan_divides_the_sharded_layers_state():
+    arch, kw = [784, 8192, 8192, 10], dict(sparsity=0.95, batch_size=128)
+    one = memory_plan(arch, **kw)
+    for ranks in (2, 4):
+        p = memory_plan(arch, ranks=ranks, sharded=[0, 1], **kw)
+        for piece in ("weights", "optimizer moments"):
+            whole = one["pieces"][piece] - 4 * 10 * 8192 * (1 if piece == "weights" else 1)
+            assert p["pieces"][piece] < whole / ranks * 1.01 + 4 * 10 * 8192
+        assert p["layers"][1]["rows_per_rank"] == 8192 // ranks
+        assert p["layers"][1]["nnz"] == one["layers"][1]["nnz"]
+        assert p["total_bytes"] < one["total_bytes"]
+        assert p["pieces"][f"shard buffers (batch {128})"] == 4 * 128 * 2 * (8192 // ranks)
+    assert memory_plan(arch, ranks=2, sharded=[], **kw)["total_bytes"] == one["total_bytes"]
+
+
+def test_which_layers_are_sharded():
+    arch = [784, 300, 100, 10]
+    assert sharded_layers(arch, 0.9, "erk", "rigl", "all", 2) == [0, 1]  # ERK: layer 2 dense
+    assert sharded_layers(arch, 0.9, "uniform", "rigl", "all", 2) == [0, 1, 2]
+    assert sharded_layers(arch, 0.9, "uniform", "rigl", "all", 16) == [0, 1]  # 10 rows < 16
+    assert sharded_layers(arch, 0.9, "erk", "rigl", [1], 2) == [1]
+    assert sharded_layers(arch, 0.9, "erk", "rigl", "all", 1) == []
+    assert sharded_layers(arch, 0.9, "erk", "rigl", None, 4) == []
+    with pytest.raises(ValueError, match="layer 2 has 10 rows, fewer than the 16"):
+        sharded_layers(arch, 0.9, "uniform", "rigl", [2], 16)
+    with pytest.raises(ValueError, match="is dense"):
+        sharded_layers([784, 32, 10], 0.5, "erk", "rigl", [1], 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        sharded_layers(arch, 0.9, "erk", "rigl", [3], 2)
+    with pytest.raises(ValueError, match="method 'dense' has none"):
+        sharded_layers(arch, 0.9, "erk", "dense", "all", 2)
+
+
+def test_config_checks_shard_layers_and_rank_timeout():
+    with pytest.raises(ValueError, match="shard_layers must be 'all' or a list"):
+        TrainConfig(arch=[4, 3, 2], shard_layers="some").validate()
+    with pytest.raises(ValueError, match="shard_layers must be"):
+        TrainConfig(arch=[4, 3, 2], shard_layers=[2]).validate()
+    with pytest.raises(ValueError, match="rank_timeout"):
+        TrainConfig(rank_timeout=-1).validate()
+    TrainConfig(arch=[4, 3, 2], shard_layers=[0, 1]).validate()
+
+
+def _trainer(tmp_path, **kw):
+    cfg = TrainConfig(
+        dataset=str(blobs_npz(tmp_path / "d.npz")),
+        arch=[20, 16, 3],
+        sparsity=0.5,
+        batch_size=32,
+        epochs=1,
+        delta_t=3,
+        progress=False,
+        out=str(tmp_path / "run"),
+        **kw,
+    )
+    return Trainer(cfg)
+
+
+def _format1(tr, path):
+    """The checkpoint layout of format 1 (sparsecore before sharded layers)."""
+    arrays = {
+        "meta": np.array(
+            json.dumps(
+                {
+                    "config": __import__("dataclasses").asdict(tr.cfg),
+                    "step": tr.step,
+                    "epoch": tr.epoch,
+                    "history": tr.history,
+                    "format": 1,
+                }
+            )
+        )
+    }
+    for l, layer in enumerate(tr.model.weighted()):
+        if hasattr(layer.W, "indptr"):
+            arrays.update(
+                {
+                    f"L{l}/indptr": layer.W.indptr,
+                    f"L{l}/indices": layer.W.indices,
+                    f"L{l}/data": layer.W.data,
+                    f"L{l}/shape": np.array(layer.W.shape),
+                }
+            )
+        else:
+            arrays[f"L{l}/W"] = layer.W
+        arrays[f"L{l}/b"] = layer.b
+    for k, v in tr.opt.state_dict().items():
+        arrays[f"opt/{k}"] = v
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_checkpoints_of_both_formats_restore_everything(tmp_path, optimizer):
+    tr = _trainer(tmp_path, optimizer=optimizer, lr=0.01)
+    tr.run()
+    _format1(tr, tmp_path / "old.npz")
+    for path in (tr.ckpt_path(), tmp_path / "old.npz"):
+        other = _trainer(tmp_path, optimizer=optimizer, lr=0.01)
+        other.load_checkpoint(path)
+        assert other.step == tr.step and other.history == tr.history
+        for a, b in zip(tr.model.weighted(), other.model.weighted(), strict=True):
+            for name in ("indptr", "indices", "data"):
+                if hasattr(a.W, name):
+                    np.testing.assert_array_equal(getattr(a.W, name), getattr(b.W, name))
+            np.testing.assert_array_equal(np.asarray(a.b), np.asarray(b.b))
+        sa, sb = tr.opt.state_dict(), other.opt.state_dict()
+        assert sorted(sa) == sorted(sb)
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+def test_any_row_range_is_read_from_the_parts(tmp_path):
+    """A sparse layer written as 3 parts (as 3 ranks write it) read back as rows [a, b) for
+    ranges inside one part, across parts, whole, and as another split (2 parts)."""
+    tr = _trainer(tmp_path)
+    tr.run()
+    layer = tr.model.weighted()[0]
+    W, b = layer.W, layer.b
+    mom = tr.opt.state_dict()[f"{layer.name}.W/momentum"]
+    bmom = tr.opt.state_dict()[f"{layer.name}.b/momentum"]
+    m = W.shape[0]
+    bounds = [0, 5, 11, m]
+    arrays = {"L0/shape": np.array(W.shape), "L0/parts": np.array(bounds)}
+    for p, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        lo, hi = W.indptr[r0], W.indptr[r1]
+        arrays.update(
+            {
+                f"L0/p{p}/indptr": W.indptr[r0 : r1 + 1] - lo,
+                f"L0/p{p}/indices": W.indices[lo:hi],
+                f"L0/p{p}/data": W.data[lo:hi],
+                f"L0/p{p}/b": b[r0:r1],
+                f"L0/p{p}/opt/momentum/W": mom[lo:hi],
+                f"L0/p{p}/opt/momentum/b": bmom[r0:r1],
+            }
+        )
+    np.savez(tmp_path / "parts.npz", **arrays)
+    with np.load(tmp_path / "parts.npz") as d:
+        for r0, r1 in [(0, m), (1, 4), (3, 12), (0, 8), (8, m), (11, m), (5, 11)]:
+            R, rb, st = checkpoint.read_rows(d, 0, layer.name, ("momentum",), r0, r1)
+            lo, hi = W.indptr[r0], W.indptr[r1]
+            np.testing.assert_array_equal(R.indptr, W.indptr[r0 : r1 + 1] - lo)
+            np.testing.assert_array_equal(R.indices, W.indices[lo:hi])
+            np.testing.assert_array_equal(R.data, W.data[lo:hi])
+            np.testing.assert_array_equal(rb, b[r0:r1])
+            np.testing.assert_array_equal(st[f"{layer.name}.W/momentum"], mom[lo:hi])
+            np.testing.assert_array_equal(st[f"{layer.name}.b/momentum"], bmom[r0:r1])
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_last_one(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path)
+    tr.run()
+    before = tr.ckpt_path().read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint._NpzWriter, "add", boom)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save_checkpoint(tr.ckpt_path())
+    assert tr.ckpt_path().read_bytes() == before
+    assert not tr.ckpt_path().with_name("checkpoint.npz.tmp").exists()
