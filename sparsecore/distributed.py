@@ -732,6 +732,12 @@ class DataParallel(Ranks):
 
 
 # ---------------------------------------------------------------------- sharded layers
+# A sharded layer's exact grow first asks each rank for ceil(GROW_SHARE·k/N) + 64 candidates
+# (RowShard.largest_of): its share of the k if the top k spread evenly, with room for unevenness.
+GROW_SHARE = 1.5
+GROW_SLACK = 64
+
+
 class RowShard:
     """Rows [r0, r1) of an m-row sparse layer on this rank, and the collectives that make a
     topology update of the rows equal to the whole layer's (sparsecore/rigl/updater.py).
@@ -755,6 +761,7 @@ class RowShard:
         self.m = int(m)
         self.r0, self.r1 = split(self.m, self.size, self.rank)
         self.bytes = {"forward": 0, "backward": 0, "update": 0}  # payload received, per kind
+        self.grow_rounds = 0  # selections run by the exact grow (> updates: a rank saturated)
 
     def counts(self, value: int) -> np.ndarray:
         """Every rank's ``value`` (int64), in rank order."""
@@ -815,16 +822,42 @@ class RowShard:
         mine = np.sort(mine)
         return mine[self.select(np.abs(data[mine]), k, largest=False)]
 
+    def largest_of(self, candidates, k: int, most: int, n: int):
+        """The exact grow: ``candidates(want)`` gives this rank's best ``want`` absent entries
+        (flat indices into its rows, scores), at most ``most``. Each rank first offers
+        ceil(GROW_SHARE·k/N) + GROW_SLACK (its expected share of the layer's k, with slack),
+        not k, so a rank's candidate buffer is O(k/N). A rank whose offer was taken whole while
+        it had more (saturated) may hold more of the top k: it recomputes with 4x the offer and
+        the selection is repeated, until no rank is saturated; then every rank's offer holds all
+        of its entries in the top k (an unselected candidate ranks after all it did not
+        offer), so the result is exact."""
+        want = min(most, -(-int(GROW_SHARE * k) // self.size) + GROW_SLACK)
+        flat, scores = candidates(want)
+        while True:
+            order = np.argsort(flat, kind="stable")
+            flat, scores = flat[order], scores[order]
+            chosen = self.select(scores, k, largest=True)
+            saturated = chosen.shape[0] == want and want < most
+            self.grow_rounds += 1
+            if not self.counts(int(saturated)).any():
+                break
+            if saturated:
+                want = min(most, 4 * want)
+                flat, scores = candidates(want)
+        return self._rows_cols(flat[chosen], n)
+
+    def _rows_cols(self, best: np.ndarray, n: int):
+        idx = np.int32 if max(self.m, n) < 2**31 else np.int64
+        rows = best // n
+        return rows.astype(idx), (best - rows * n).astype(idx)
+
     def largest(self, flat: np.ndarray, scores: np.ndarray, k: int, n: int):
         """The grow: of this rank's candidates (flat indices into its rows, ascending, and their
         scores), those among the layer's k highest (score descending, flat index ascending), as
         (rows, cols) of this rank's block."""
         order = np.argsort(flat, kind="stable")
         flat, scores = flat[order], scores[order]
-        best = flat[self.select(scores, k, largest=True)]
-        idx = np.int32 if max(self.m, n) < 2**31 else np.int64
-        rows = best // n
-        return rows.astype(idx), (best - rows * n).astype(idx)
+        return self._rows_cols(flat[self.select(scores, k, largest=True)], n)
 
 
 class ShardedSparseLinear(SparseLinear):

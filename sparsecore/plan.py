@@ -74,7 +74,7 @@ def memory_plan(
     ranks, sharded: the plan of one of ``ranks`` MPI ranks over which the weighted layers
     ``sharded`` (indices) are split by rows: such a layer counts the largest rank's rows
     (ceil(m / ranks)) and their expected nnz, its update the rank's grow over those rows (its
-    candidate buffer still holds up to the layer's K), plus the shard's own output and output
+    candidate buffer holds its first offer, about 1.5·K/N), plus the shard's own output and output
     gradient rows (the layer's whole output, gathered, is the next layer's input, counted
     among the activations). Replicated layers and activations count whole on every rank.
     """
@@ -132,7 +132,13 @@ def memory_plan(
             )
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
-                k_layer = int(alpha * nnz_full)  # a shard's exact grow keeps up to the layer's K
+                # a shard's exact grow first offers its share of the layer's K (with slack;
+                # more only when the top K falls unevenly: distributed.RowShard.largest_of)
+                k_offer = k
+                if m != m_full:
+                    from sparsecore.distributed import GROW_SHARE, GROW_SLACK
+
+                    k_offer = -(-int(GROW_SHARE * int(alpha * nnz_full)) // ranks) + GROW_SLACK
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
                 # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
                 if gpu and (method == "set" or grow == "sampled"):
@@ -152,7 +158,7 @@ def memory_plan(
                         if grow_tile_bytes is None
                         else tile_shape(m, n, grow_tile_bytes)  # the launcher's rule when given
                     )
-                    cap = int(config.TOPK_BUFFER_FACTOR * min(k_layer, m * n - nnz + k))
+                    cap = int(config.TOPK_BUFFER_FACTOR * min(k_offer, m * n - nnz + k))
                     scratch = 4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8))
                     scratch += 4 * cap  # the last cut's partition copy
                 rebuild = (

@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsecore  # noqa: E402,F401
+from sparsecore import distributed  # noqa: E402
 from sparsecore.distributed import ShardedSparseLinear, world  # noqa: E402
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp  # noqa: E402
 from sparsecore.optim import SGD  # noqa: E402
@@ -86,6 +87,9 @@ def random_grow_cases(comm, sizes, dens) -> list:
 def main():
     out = Path(sys.argv[1])
     comm = world()
+    if len(sys.argv) > 2 and sys.argv[2] == "tight":
+        # each rank first offers 1 + k/20 grow candidates: the saturated ranks' retries run
+        distributed.GROW_SHARE, distributed.GROW_SLACK = 0.05 * comm.Get_size(), 1
     sizes, dens = [96, 64, 48, 10], [0.2, 0.3, 0.5]
     ref = mlp(sizes, dens, seed=3)
     sharded = Sequential(
@@ -132,6 +136,7 @@ def main():
     select_failures = select_cases(comm)
     random_failures = random_grow_cases(comm, sizes, dens)
     local_nnz = [int(l.W.nnz) for l in sharded.sparse_layers()]
+    grow_rounds = [l.shard.grow_rounds for l in sharded.sparse_layers()]
     full_nnz = [int(l.W.nnz) for l in ref.sparse_layers()]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(
@@ -142,6 +147,7 @@ def main():
                 "max_diff": max_diff,
                 "local_nnz": local_nnz,
                 "full_nnz": full_nnz,
+                "grow_rounds": grow_rounds,
                 "select_failures": select_failures,
                 "random_grow_failures": random_failures,
             }

@@ -307,8 +307,8 @@ def test_several_ranks_without_mpi4py_is_one_clear_error(monkeypatch):
 
 
 @needs_mpi
-@pytest.mark.parametrize("n", [2, 3])
-def test_sharded_layers_equal_unsharded(tmp_path, n):
+@pytest.mark.parametrize("n, offer", [(2, "even"), (3, "even"), (2, "tight"), (3, "tight")])
+def test_sharded_layers_equal_unsharded(tmp_path, n, offer):
     """96-64-48-10, every sparse layer sharded by rows over n ranks (ShardedSparseLinear): 24
     SGD steps on the full batch with RigL updates (exact grow) at 4, 8, 12, 16; gathered, the
     sharded layers have the reference's topology after every update and its values and losses
@@ -321,6 +321,7 @@ def test_sharded_layers_equal_unsharded(tmp_path, n):
             sys.executable,
             str(WORKER.with_name("mpi_shard_worker.py")),
             str(tmp_path),
+            offer,
         ]
     )
     assert p.returncode == 0, p.stdout + p.stderr
@@ -334,6 +335,8 @@ def test_sharded_layers_equal_unsharded(tmp_path, n):
     local = np.array([res["local_nnz"] for res in ranks])
     assert (local.sum(axis=0) == ranks[0]["full_nnz"]).all()
     assert (local < np.array(ranks[0]["full_nnz"])).all()
+    rounds = np.array(ranks[0]["grow_rounds"])  # selections per layer; 4 exact-grow updates
+    assert (rounds == 4).all() if offer == "even" else (rounds > 4).all()
     for res in ranks:  # the distributed selection, with ties; SET and sampled grow sharded
         assert res["select_failures"] == []
         assert res["random_grow_failures"] == []

@@ -197,16 +197,14 @@ class RigL(TopologyUpdater):
         m, n = W.shape
         absent = m * n - _sampled.count_kept(W.indptr, keep)
         if self.grow_mode == "exact":
-            rows, cols, scores = layer.dev.grow(
-                W.indptr,
-                W.indices,
-                keep,
-                layer.dy,
-                layer.x,
-                min(k, absent),
-                tile_bytes=self.tile_bytes,
-            )
-            flat = rows.astype(np.int64) * n + cols
+
+            def candidates(want):  # this rank's best `want` absent entries (fused top-k)
+                rows, cols, scores = layer.dev.grow(
+                    W.indptr, W.indices, keep, layer.dy, layer.x, want, tile_bytes=self.tile_bytes
+                )
+                return rows.astype(np.int64) * n + cols, scores
+
+            return shard.largest_of(candidates, k, min(k, absent), n)
         else:  # C candidates over the layer, split over the ranks by their absent counts
             absents = shard.counts(absent)
             total_m = shard.m
