@@ -297,6 +297,13 @@ def main(argv=None) -> int:
         print(f"cost: {describe(summary['cost'])}")
         if tr.dist is not None:
             print(f"communication: {tr.dist.describe()}")
+        else:
+            from sparsecore.cost import held_bytes
+
+            print(
+                f"training state held: {held_bytes(tr.model, tr.opt) / 2**20:.1f} MiB "
+                "(measured from the arrays)"
+            )
         if summary["time_per_step_s"]:
             print(
                 f"measured time per step: {1e3 * summary['time_per_step_s']:.2f} ms "

@@ -96,6 +96,21 @@ def model_cost(
     return out
 
 
+def held_bytes(model, optimizer=None) -> int:
+    """Bytes of training state the process holds, summed from the arrays themselves: weights,
+    indices, indptr, the transpose structure once built, gradients, the dX scratch, biases and
+    optimizer moments (of a sharded layer: this rank's rows)."""
+    held = optimizer.state_bytes() if optimizer is not None else 0
+    for layer in model.weighted():
+        if isinstance(layer, SparseLinear):
+            held += layer.W.nbytes()["total"] + layer.gW.nbytes
+            held += layer._t_data.nbytes if layer._t_data is not None else 0
+        else:
+            held += layer.W.nbytes + layer.gW.nbytes
+        held += layer.b.nbytes + layer.gb.nbytes
+    return int(held)
+
+
 def describe(cost: dict) -> str:
     def mib(b):
         return f"{b / 2**20:.2f} MiB"
@@ -112,4 +127,4 @@ def describe(cost: dict) -> str:
     )
 
 
-__all__ = ["model_cost", "describe"]
+__all__ = ["model_cost", "describe", "held_bytes"]

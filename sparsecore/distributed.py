@@ -394,6 +394,31 @@ class Ranks:
     def stop_watchdog(self):
         self._last = None
 
+    # -------------------------------------------------------------- memory, per rank
+    def gather_memory(self, model, optimizer):
+        """Every rank's (peak RSS, bytes of training state it holds), in rank order, measured:
+        the state summed from the arrays themselves (weights, indices, indptr, transpose
+        structure, gradients, dX scratch, biases, optimizer moments). A collective."""
+        import resource
+
+        from sparsecore.cost import held_bytes
+
+        held = held_bytes(model, optimizer)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        every = np.empty((self.size, 2), np.int64)
+        self.comm.Allgather(np.array([rss, held], np.int64), every)
+        self.memory = every.tolist()
+        return self.memory
+
+    def describe_memory(self) -> str:
+        if not getattr(self, "memory", None):
+            return ""
+        rss, held = np.array(self.memory).T / 2**20
+        return (
+            f"; per rank: training state {held.min():.1f}-{held.max():.1f} MiB, peak RSS "
+            f"{rss.min():.0f}-{rss.max():.0f} MiB"
+        )
+
     # -------------------------------------------------------------- topology updates
     def wrap_updater(self, updater):
         """The guard after every topology update (instance attributes; the class is
@@ -510,13 +535,14 @@ class ShardedParallel(Ranks):
         return (
             f"{self.size} ranks, sharded layers, {self.step_bytes / 1e3:.1f} kB per step "
             f"(forward allgathers + backward allreduces), {per_update / 1e3:.1f} kB per "
-            f"topology update ({len(self.update_bytes)} updates)"
+            f"topology update ({len(self.update_bytes)} updates)" + self.describe_memory()
         )
 
     def stats(self) -> dict:
         return {
             "ranks": self.size,
             "mode": "sharded",
+            "memory": getattr(self, "memory", None),
             "step_bytes": self.step_bytes,
             "steps": self.steps,
             "step_bytes_total": self.step_bytes_total,
@@ -713,7 +739,7 @@ class DataParallel(Ranks):
         return (
             f"{self.size} ranks (local batch {self.local_batch}), {self.step_bytes / 1e3:.1f} kB "
             f"per step (one allreduce), {per_update / 1e6:.2f} MB per topology update "
-            f"({len(self.update_bytes)} updates)"
+            f"({len(self.update_bytes)} updates)" + self.describe_memory()
         )
 
     def stats(self) -> dict:
@@ -721,6 +747,7 @@ class DataParallel(Ranks):
         return {
             "ranks": self.size,
             "mode": "data-parallel",
+            "memory": getattr(self, "memory", None),
             "local_batch": self.local_batch,
             "step_bytes": self.step_bytes,
             "steps": self.steps,

@@ -345,7 +345,9 @@ class Trainer:
             return self._run()
         self.dist.start_watchdog()  # several MPI ranks: a rank that hangs stops them all
         try:
-            return self._run()
+            summary = self._run()
+            self.dist.gather_memory(self.model, self.opt)
+            return summary
         finally:
             self.dist.stop_watchdog()
 

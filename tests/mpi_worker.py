@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsecore  # noqa: E402,F401  (the thread setup, before NumPy's BLAS starts)
 from sparsecore import data as D  # noqa: E402
+from sparsecore.cost import held_bytes  # noqa: E402
 from sparsecore.layers import SparseLinear  # noqa: E402
 from sparsecore.train import TrainConfig, Trainer  # noqa: E402
 
@@ -140,6 +141,7 @@ def main(argv=None):
         "dense": sum(int(W.shape[0]) * int(W.shape[1]) for W, _ in wholes),
         "shapes": [list(W.shape) for W, _ in wholes],
         "comm": tr.dist.stats() if tr.dist is not None else None,
+        "held": held_bytes(tr.model, tr.opt),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -374,6 +374,10 @@ def test_sharded_training_equals_one_process(runs, sharded_runs, n):
     assert (local.max(axis=0) < 0.6 * np.array(one["local_nnz"])).all()
     for res in ranks[1:]:
         assert res["losses"] == ranks[0]["losses"]
+    # the training state each rank holds (measured from its arrays, gathered to every rank)
+    held = np.array(ranks[0]["comm"]["memory"])[:, 1]
+    assert (held == [res["held"] for res in ranks]).all()
+    assert held.max() < 1.25 * one["held"] / n
 
 
 @needs_mpi
