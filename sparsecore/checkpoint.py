@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -106,70 +107,120 @@ def write(path, trainer, meta: dict):
     """Write the trainer's checkpoint. Every rank calls this (a sharded layer's rows come from
     every rank); rank 0 (or a single process) writes ``path``, the others pass None."""
     dist = trainer.dist
-    comm = getattr(dist, "comm", None) if getattr(dist, "sharded", False) else None
-    root = path is not None
-    state = trainer.opt.state_dict()
-    moments = trainer.opt.state_names
-    writer = tmp = f = None
-    if root:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        f = open(tmp, "wb")  # noqa: SIM115 (closed below, after the fsync)
-        writer = _NpzWriter(f)
-    try:
-        if root:
-            writer.add("meta", np.array(json.dumps({**meta, "format": FORMAT})))
-            writer.add("opt/t", state["t"])
-        for l, layer in enumerate(trainer.model.weighted()):
-            if not isinstance(layer, SparseLinear):
-                if root:
-                    writer.add(f"L{l}/W", to_host(layer.W))
-                    writer.add(f"L{l}/b", to_host(layer.b))
-                    for name in (f"{layer.name}.W", f"{layer.name}.b"):
-                        for key in moments:
-                            writer.add(f"opt/{name}/{key}", state[f"{name}/{key}"])
-                continue
-            mine = _layer_arrays(layer, state, moments)
-            m, n = layer.full_shape
-            if layer.shard is None or comm is None:
-                if root:
-                    writer.add(f"L{l}/shape", np.array([m, n], np.int64))
-                    writer.add(f"L{l}/parts", np.array([0, m], np.int64))
-                    for k, a in mine.items():
-                        writer.add(f"L{l}/p0/{k}", a)
-                continue
-            size = comm.Get_size()
-            if not root:  # this rank's rows go to rank 0
+    sharded = getattr(dist, "sharded", False)
+    root = dist is None or dist.rank == 0
+    if root and path is None:
+        raise ValueError("checkpoint.write: rank 0 (or a single process) needs a path")
+    if not root and path is not None:
+        raise ValueError("checkpoint.write: only rank 0 writes; the other ranks pass None")
+    if not root and not sharded:
+        return  # data-parallel: rank 0 holds everything
+    comm = dist.p2p if sharded else None  # a duplicate of the world: no clash with user tags
+    if not root:  # this rank's rows of every sharded layer go to rank 0, in layer order
+        state = trainer.opt.state_dict()
+        for layer in trainer.model.sparse_layers():
+            if layer.shard is not None:
+                mine = _layer_arrays(layer, state, trainer.opt.state_names)
                 comm.send([(k, a.dtype.str, a.shape) for k, a in mine.items()], 0, _HEADER_TAG)
                 for a in mine.values():
                     comm.Send(np.ascontiguousarray(a), 0, _ARRAY_TAG)
-                continue
-            from sparsecore.distributed import split
-
-            bounds = [split(m, size, r)[0] for r in range(size)] + [m]
-            writer.add(f"L{l}/shape", np.array([m, n], np.int64))
-            writer.add(f"L{l}/parts", np.array(bounds, np.int64))
-            for k, a in mine.items():
-                writer.add(f"L{l}/p0/{k}", a)
-            del mine
-            for p in range(1, size):  # one other rank's rows at a time
-                for k, dtype, shape in comm.recv(source=p, tag=_HEADER_TAG):
-                    a = np.empty(shape, np.dtype(dtype))
-                    comm.Recv(a, source=p, tag=_ARRAY_TAG)
-                    writer.add(f"L{l}/p{p}/{k}", a)
-                    del a
+                dist.beat()
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            writer = _NpzWriter(f)
+            try:
+                _write_root(writer, trainer, meta, comm)
+            finally:
+                writer.close()
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
-        if root:
-            writer.close()
-            f.close()
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    if root:
-        writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
+    os.replace(tmp, path)
+
+
+def _write_root(writer, trainer, meta, comm):
+    state = trainer.opt.state_dict()
+    moments = trainer.opt.state_names
+    dist = trainer.dist
+    writer.add("meta", np.array(json.dumps({**meta, "format": FORMAT})))
+    writer.add("opt/t", state["t"])
+    for l, layer in enumerate(trainer.model.weighted()):
+        if not isinstance(layer, SparseLinear):
+            writer.add(f"L{l}/W", to_host(layer.W))
+            writer.add(f"L{l}/b", to_host(layer.b))
+            for name in (f"{layer.name}.W", f"{layer.name}.b"):
+                for key in moments:
+                    writer.add(f"opt/{name}/{key}", state[f"{name}/{key}"])
+            continue
+        m, n = layer.full_shape
+        writer.add(f"L{l}/shape", np.array([m, n], np.int64))
+        if layer.shard is None or comm is None:
+            writer.add(f"L{l}/parts", np.array([0, m], np.int64))
+            for k, a in _layer_arrays(layer, state, moments).items():
+                writer.add(f"L{l}/p0/{k}", a)
+            continue
+        from sparsecore.distributed import split
+
+        size = comm.Get_size()
+        writer.add(f"L{l}/parts", np.array([split(m, size, r)[0] for r in range(size)] + [m]))
+        for k, a in _layer_arrays(layer, state, moments).items():
+            writer.add(f"L{l}/p0/{k}", a)
+        for p in range(1, size):  # one other rank's rows at a time
+            for k, dtype, shape in comm.recv(source=p, tag=_HEADER_TAG):
+                a = np.empty(shape, np.dtype(dtype))
+                comm.Recv(a, source=p, tag=_ARRAY_TAG)
+                writer.add(f"L{l}/p{p}/{k}", a)
+                del a
+            dist.beat()
+
+
+class _Members:
+    """The .npy members of an .npz, each opened as a read-only memory map where it is stored
+    uncompressed (as sparsecore and numpy.savez write them): slicing one reads only the bytes
+    of the slice, so a rank resuming its rows of a layer never loads the layer whole.
+    Compressed members are read whole."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.zf = zipfile.ZipFile(self.path)
+        self.files = [n[:-4] for n in self.zf.namelist() if n.endswith(".npy")]
+
+    def __getitem__(self, name):
+        info = self.zf.getinfo(name + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with self.zf.open(info) as fh:
+                return np.lib.format.read_array(fh, allow_pickle=False)
+        with open(self.path, "rb") as fh:
+            fh.seek(info.header_offset)
+            local = fh.read(30)  # the member's local header: its own name and extra lengths
+            n_name, n_extra = struct.unpack("<HH", local[26:30])
+            fh.seek(info.header_offset + 30 + n_name + n_extra)
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            offset = fh.tell()
+        if dtype.hasobject:
+            raise ValueError(f"{self.path}: member {name} holds Python objects; refused")
+        if int(np.prod(shape)) == 0:
+            return np.empty(shape, dtype)
+        return np.memmap(
+            self.path,
+            dtype=dtype,
+            mode="r",
+            offset=offset,
+            shape=shape,
+            order="F" if fortran else "C",
+        )
+
+    def close(self):
+        self.zf.close()
 
 
 def read_rows(d, l: int, name: str, moments, r0: int, r1: int):
@@ -197,13 +248,13 @@ def read_rows(d, l: int, name: str, moments, r0: int, r1: int):
         a, b = max(r0, p0) - p0, min(r1, p1) - p0
         if a >= b:
             continue
-        indptr = d[key(prefix, "indptr")]
-        e0, e1 = int(indptr[a]), int(indptr[b])
-        row_nnz.append(np.diff(indptr[a : b + 1]))
+        indptr = np.array(d[key(prefix, "indptr")][a : b + 1])
+        e0, e1 = int(indptr[0]), int(indptr[-1])
+        row_nnz.append(np.diff(indptr))
         for k in pieces:
-            whole = d[key(prefix, k)]
+            whole = d[key(prefix, k)]  # a memory map (_Members): the slice alone is read
             per_row = k == "b" or k.endswith("/b")
-            pieces[k].append(whole[a:b] if per_row else whole[e0:e1])
+            pieces[k].append(np.array(whole[a:b] if per_row else whole[e0:e1]))
             del whole
     cat = {k: np.concatenate(v) if v else np.empty(0, np.float32) for k, v in pieces.items()}
     counts = np.concatenate(row_nnz) if row_nnz else np.empty(0, np.int64)
@@ -244,41 +295,45 @@ def read(path, trainer) -> dict:
     layer); returns the checkpoint's meta (step, epoch, history)."""
     device = trainer.device
     moments = trainer.opt.state_names
-    with np.load(path, allow_pickle=False) as d:
-        meta = json.loads(str(d["meta"]))
-        check_config(meta["config"], trainer.cfg, path)
-        weighted = trainer.model.weighted()
-        missing = [
-            l
-            for l in range(len(weighted))
-            if f"L{l}/b" not in d.files and f"L{l}/parts" not in d.files
-        ]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks weighted layer(s) {missing}")
-        state = {"t": d["opt/t"]}
-        for l, layer in enumerate(weighted):
-            if isinstance(layer, SparseLinear):
-                shape = tuple(int(s) for s in d[f"L{l}/shape"])
-                if shape != tuple(layer.full_shape):
-                    raise ValueError(
-                        f"checkpoint layer {l} has shape {shape}, expected {layer.full_shape}"
-                    )
-                r0, r1 = (0, shape[0]) if layer.shard is None else (layer.r0, layer.r1)
-                W, b, st = read_rows(d, l, layer.name, moments, r0, r1)
-                layer.set_weight(device.csr(W))
-                layer.b[...] = device.asarray(b)
-                state.update(st)
-            else:
-                if d[f"L{l}/W"].shape != layer.W.shape:
-                    raise ValueError(
-                        f"checkpoint layer {l} has shape {d[f'L{l}/W'].shape}, "
-                        f"expected {layer.W.shape}"
-                    )
-                layer.W[...] = device.asarray(d[f"L{l}/W"])
-                layer.b[...] = device.asarray(d[f"L{l}/b"])
-                for name in (f"{layer.name}.W", f"{layer.name}.b"):
-                    for key in moments:
-                        state[f"{name}/{key}"] = d[f"opt/{name}/{key}"]
-        trainer.opt.rebind(trainer.model.params())
-        trainer.opt.load_state_dict(state)
+    members = _Members(path)
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            meta = json.loads(str(d["meta"]))
+            check_config(meta["config"], trainer.cfg, path)
+            weighted = trainer.model.weighted()
+            missing = [
+                l
+                for l in range(len(weighted))
+                if f"L{l}/b" not in d.files and f"L{l}/parts" not in d.files
+            ]
+            if missing:
+                raise ValueError(f"checkpoint {path} lacks weighted layer(s) {missing}")
+            state = {"t": d["opt/t"]}
+            for l, layer in enumerate(weighted):
+                if isinstance(layer, SparseLinear):
+                    shape = tuple(int(s) for s in d[f"L{l}/shape"])
+                    if shape != tuple(layer.full_shape):
+                        raise ValueError(
+                            f"checkpoint layer {l} has shape {shape}, expected {layer.full_shape}"
+                        )
+                    r0, r1 = (0, shape[0]) if layer.shard is None else (layer.r0, layer.r1)
+                    W, b, st = read_rows(members, l, layer.name, moments, r0, r1)
+                    layer.set_weight(device.csr(W))
+                    layer.b[...] = device.asarray(b)
+                    state.update(st)
+                else:
+                    if d[f"L{l}/W"].shape != layer.W.shape:
+                        raise ValueError(
+                            f"checkpoint layer {l} has shape {d[f'L{l}/W'].shape}, "
+                            f"expected {layer.W.shape}"
+                        )
+                    layer.W[...] = device.asarray(d[f"L{l}/W"])
+                    layer.b[...] = device.asarray(d[f"L{l}/b"])
+                    for name in (f"{layer.name}.W", f"{layer.name}.b"):
+                        for key in moments:
+                            state[f"{name}/{key}"] = d[f"opt/{name}/{key}"]
+            trainer.opt.rebind(trainer.model.params())
+            trainer.opt.load_state_dict(state)
+    finally:
+        members.close()
     return meta

@@ -207,6 +207,11 @@ def main(argv=None) -> int:
         try:
             if args.ranks < 1:
                 raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+            if args.ranks > 1 and args.shard_layers is None:
+                raise ValueError(
+                    "--ranks plans one rank of sharded layers: add --shard-layers (data-parallel "
+                    "ranks each hold the whole model: their plan is the 1-rank plan)"
+                )
             sharded = sharded_layers(
                 args.arch,
                 args.sparsity,

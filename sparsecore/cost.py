@@ -102,8 +102,10 @@ def held_bytes(model, optimizer=None) -> int:
     optimizer moments (of a sharded layer: this rank's rows)."""
     held = optimizer.state_bytes() if optimizer is not None else 0
     for layer in model.weighted():
-        if isinstance(layer, SparseLinear):
-            held += layer.W.nbytes()["total"] + layer.gW.nbytes
+        if isinstance(layer, SparseLinear):  # (a CSR on the host, a DeviceCSR on a GPU)
+            W = layer.W
+            held += W.indptr.nbytes + W.indices.nbytes + W.data.nbytes + layer.gW.nbytes
+            held += sum(a.nbytes for a in W._cache.get("T", ()))  # the transpose, once built
             held += layer._t_data.nbytes if layer._t_data is not None else 0
         else:
             held += layer.W.nbytes + layer.gW.nbytes

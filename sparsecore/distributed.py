@@ -139,7 +139,14 @@ def _abort_on_uncaught_exceptions():
     previous = sys.excepthook
 
     def hook(kind, value, tb):
-        previous(kind, value, tb)  # the traceback, then every rank stops
+        # the error in one line first (the launcher may drop the rest of a rank's output once
+        # the abort starts), then the traceback; a moment to forward them; then every rank stops
+        rank = world().Get_rank()
+        sys.stderr.write(f"sparsecore: MPI rank {rank} failed: {kind.__name__}: {value}\n")
+        sys.stderr.flush()
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        time.sleep(0.5)
         abort(1)
 
     sys.excepthook = hook
@@ -285,13 +292,13 @@ def sharding(cfg) -> tuple:
 def shard_builder(comm, sharded, seed: int, fan_in: str):
     """For layers.mlp: builds layer l (when in ``sharded``) as this rank's rows only, drawn by
     sparse_init's row blocks: the same values as those rows of the whole layer."""
-    from sparsecore.layers import sparse_init
+    from sparsecore.layers import INIT_TAG, sparse_init
 
     def build(l, n_in, n_out, density):
         if l not in sharded:
             return None
         rows = split(n_out, comm.Get_size(), comm.Get_rank())
-        W = sparse_init(n_in, n_out, density, [seed, l], fan_in=fan_in, rows=rows)
+        W = sparse_init(n_in, n_out, density, [seed, INIT_TAG, l], fan_in=fan_in, rows=rows)
         return ShardedSparseLinear(W, None, f"fc{l}", comm, n_out)
 
     return build
@@ -353,7 +360,7 @@ class Ranks:
         self.size = comm.Get_size()
         self.timeout = float(timeout)
         self._last = None  # time of the last progress (None: the watchdog is not running)
-        self._watching = False
+        self._watchdog = None  # (stop event, thread) while it runs
         self.other_bytes = 0  # everything not per step: topology updates, the guard
         self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
         self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
@@ -367,15 +374,24 @@ class Ranks:
     def start_watchdog(self):
         """From now on, ``timeout`` seconds without a beat ends every rank (MPI_Abort) with a
         message: the others would otherwise wait forever in a collective for a rank that hangs
-        without dying (a dead rank ends the job through mpiexec)."""
+        without dying (a dead rank ends the job through mpiexec). The watchdog thread calls
+        MPI_Abort while the main thread may sit in a collective, which needs an MPI library
+        initialised with MPI_THREAD_MULTIPLE (mpi4py asks for it); with less, it is not started
+        and a warning says so."""
         self._last = time.monotonic()
-        if not self.timeout or self._watching:
+        if not self.timeout or self._watchdog is not None:
             return
-        self._watching = True
+        if self.MPI.Query_thread() < self.MPI.THREAD_MULTIPLE:
+            warnings.warn(
+                "the MPI library was not initialised with MPI_THREAD_MULTIPLE: the watchdog "
+                "for hung ranks (rank_timeout) is off",
+                stacklevel=2,
+            )
+            return
+        stop = threading.Event()
 
         def watch():
-            while True:
-                time.sleep(max(0.1, min(5.0, self.timeout / 10)))
+            while not stop.wait(max(0.1, min(5.0, self.timeout / 10))):
                 last = self._last
                 if last is None:
                     continue
@@ -389,10 +405,18 @@ class Ranks:
                     sys.stderr.flush()
                     self.comm.Abort(3)
 
-        threading.Thread(target=watch, name="sparsecore-mpi-watchdog", daemon=True).start()
+        thread = threading.Thread(target=watch, name="sparsecore-mpi-watchdog", daemon=True)
+        thread.start()
+        self._watchdog = (stop, thread)
 
     def stop_watchdog(self):
+        """No more watching: the thread ends (joined)."""
         self._last = None
+        if self._watchdog is not None:
+            stop, thread = self._watchdog
+            stop.set()
+            thread.join()
+            self._watchdog = None
 
     # -------------------------------------------------------------- memory, per rank
     def gather_memory(self, model, optimizer):
@@ -491,6 +515,7 @@ class ShardedParallel(Ranks):
 
     def __init__(self, comm, timeout: float = 0.0):
         super().__init__(comm, timeout)
+        self.p2p = comm.Dup()  # checkpoint traffic (point to point), apart from the world's
         self.model = None
         self.step_bytes = 0
         self.steps = 0
@@ -568,6 +593,7 @@ class DataParallel(Ranks):
         self.step_bytes = 0  # of the last per-step allreduce
         self.steps = 0
         self.step_bytes_total = 0
+        self.eval_bytes = 0
 
     def eval_sums(self, trainer, x, y):
         """This rank's contiguous part of the rows, then one allreduce of (correct, loss sum)."""
@@ -575,6 +601,7 @@ class DataParallel(Ranks):
         self.beat()
         sums = np.array(trainer.eval_sums(x[lo:hi], y[lo:hi]), np.float64)
         self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
+        self.eval_bytes += sums.nbytes
         self.beat()
         return float(sums[0]), float(sums[1])
 
@@ -748,6 +775,7 @@ class DataParallel(Ranks):
             "ranks": self.size,
             "mode": "data-parallel",
             "memory": getattr(self, "memory", None),
+            "eval_bytes": self.eval_bytes,
             "local_batch": self.local_batch,
             "step_bytes": self.step_bytes,
             "steps": self.steps,
@@ -759,10 +787,10 @@ class DataParallel(Ranks):
 
 
 # ---------------------------------------------------------------------- sharded layers
-# A sharded layer's exact grow first asks each rank for ceil(GROW_SHARE·k/N) + 64 candidates
-# (RowShard.largest_of): its share of the k if the top k spread evenly, with room for unevenness.
-GROW_SHARE = 1.5
-GROW_SLACK = 64
+# A sharded layer's drop and exact grow first ask each rank for ceil(OFFER_SHARE·k/N) +
+# OFFER_SLACK candidates (RowShard.offered): its share of the k if they spread evenly, with room.
+OFFER_SHARE = 1.5
+OFFER_SLACK = 64
 
 
 class RowShard:
@@ -788,7 +816,8 @@ class RowShard:
         self.m = int(m)
         self.r0, self.r1 = split(self.m, self.size, self.rank)
         self.bytes = {"forward": 0, "backward": 0, "update": 0}  # payload received, per kind
-        self.grow_rounds = 0  # selections run by the exact grow (> updates: a rank saturated)
+        # selections run per kind (more than one per update: a rank's offer was saturated)
+        self.rounds = {"drop": 0, "grow": 0}
 
     def counts(self, value: int) -> np.ndarray:
         """Every rank's ``value`` (int64), in rank order."""
@@ -796,6 +825,10 @@ class RowShard:
         self.comm.Allgather(np.array([value], np.int64), every)
         self.bytes["update"] += every.nbytes
         return every
+
+    def sums(self, values) -> list[int]:
+        """Element-wise sums over the ranks of a few integers (one allreduce)."""
+        return [int(v) for v in self._allreduce(np.array(values, np.int64))]
 
     def total(self, value: int) -> int:
         """The sum over the ranks of ``value`` (e.g. the layer's nnz from the shards')."""
@@ -843,35 +876,51 @@ class RowShard:
         take = min(max(need - before, 0), equal.shape[0])
         return np.sort(np.concatenate([less, equal[:take]]))
 
-    def smallest(self, data: np.ndarray, mine: np.ndarray, k: int) -> np.ndarray:
-        """The drop: of this rank's k smallest |w| (positions ``mine``), those among the
-        layer's k smallest (|w| ascending, CSR position ascending)."""
-        mine = np.sort(mine)
-        return mine[self.select(np.abs(data[mine]), k, largest=False)]
+    def offered(self, candidates, k: int, most: int, largest: bool, what: str) -> np.ndarray:
+        """The keys of this rank's entries among the layer's k smallest (or largest) values.
+
+        ``candidates(want)`` returns this rank's best ``want`` entries (at most ``most``) as
+        (keys ascending, values): CSR positions and |w| for the drop, flat indices and scores
+        for the grow. Each rank first offers ceil(OFFER_SHARE·k/N) + OFFER_SLACK (its share
+        of the k if they spread evenly, with room for unevenness), not k, so its buffers are
+        O(k/N). A rank whose offer was taken whole while it had more (saturated) may hold more
+        of the k: it recomputes with 4x the offer and the selection is repeated until no rank
+        is saturated. Then every rank's offer holds all of its entries among the k (an entry
+        offered but not chosen ranks before everything that rank did not offer), so the result
+        is exact."""
+        want = min(most, -(-int(OFFER_SHARE * k) // self.size) + OFFER_SLACK)
+        keys, values = candidates(want)
+        while True:
+            chosen = self.select(values, k, largest)
+            saturated = chosen.shape[0] == want and want < most
+            self.rounds[what] += 1
+            if not self.counts(int(saturated)).any():
+                return keys[chosen]
+            if saturated:
+                want = min(most, 4 * want)
+                keys, values = candidates(want)
+
+    def smallest_of(self, dev, data: np.ndarray, k: int) -> np.ndarray:
+        """The drop: positions (ascending) of this rank's entries among the layer's k smallest
+        |w| (|w| ascending, CSR position ascending: the drop kernel's order)."""
+
+        def candidates(want):
+            pos = np.sort(dev.drop(data, want))
+            return pos, np.abs(data[pos])
+
+        return self.offered(candidates, k, min(k, data.shape[0]), False, "drop")
 
     def largest_of(self, candidates, k: int, most: int, n: int):
         """The exact grow: ``candidates(want)`` gives this rank's best ``want`` absent entries
-        (flat indices into its rows, scores), at most ``most``. Each rank first offers
-        ceil(GROW_SHARE·k/N) + GROW_SLACK (its expected share of the layer's k, with slack),
-        not k, so a rank's candidate buffer is O(k/N). A rank whose offer was taken whole while
-        it had more (saturated) may hold more of the top k: it recomputes with 4x the offer and
-        the selection is repeated, until no rank is saturated; then every rank's offer holds all
-        of its entries in the top k (an unselected candidate ranks after all it did not
-        offer), so the result is exact."""
-        want = min(most, -(-int(GROW_SHARE * k) // self.size) + GROW_SLACK)
-        flat, scores = candidates(want)
-        while True:
+        (flat indices into its rows, scores); returns (rows, cols) of those among the layer's
+        k highest scores (score descending, flat index ascending: the grow kernel's order)."""
+
+        def sorted_candidates(want):
+            flat, scores = candidates(want)
             order = np.argsort(flat, kind="stable")
-            flat, scores = flat[order], scores[order]
-            chosen = self.select(scores, k, largest=True)
-            saturated = chosen.shape[0] == want and want < most
-            self.grow_rounds += 1
-            if not self.counts(int(saturated)).any():
-                break
-            if saturated:
-                want = min(most, 4 * want)
-                flat, scores = candidates(want)
-        return self._rows_cols(flat[chosen], n)
+            return flat[order], scores[order]
+
+        return self._rows_cols(self.offered(sorted_candidates, k, most, True, "grow"), n)
 
     def _rows_cols(self, best: np.ndarray, n: int):
         idx = np.int32 if max(self.m, n) < 2**31 else np.int64

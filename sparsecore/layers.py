@@ -456,6 +456,7 @@ class Sequential:
 # Rows per block of a sparse layer's initial pattern: a fixed constant, so the pattern does not
 # depend on how the layer is later split over MPI ranks (see sparse_init).
 INIT_BLOCK_ROWS = 1024
+INIT_TAG = 0x1A17  # a layer's initial weights are seeded by (seed, INIT_TAG, layer)
 
 
 def sparse_init(
@@ -488,14 +489,17 @@ def sparse_init(
     r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
     if not 0 <= r0 <= r1 <= m:
         raise ValueError(f"rows must be a range within [0, {m}], got {rows!r}")
-    seed = [int(s) for s in np.atleast_1d(seed)]
+    seed = np.atleast_1d(np.asarray(seed))
+    if seed.ndim != 1 or seed.dtype.kind not in "iu" or (seed < 0).any():
+        raise ValueError(f"seed must be non-negative int(s) (SeedSequence entropy), got {seed!r}")
+    seed = [int(s) for s in seed]
     nnz = int(round(density * m * n))
     idx = index_dtype_for(m, n, nnz)
     R = INIT_BLOCK_ROWS
     n_blocks = -(-m // R)
     sizes = np.full(n_blocks, R * n, dtype=np.int64)
     sizes[-1] = (m - (n_blocks - 1) * R) * n
-    counts = split_count(sizes, nnz, np.random.default_rng([*seed, 0]))
+    counts = split_count(sizes, nnz, np.random.default_rng([*seed, 2]))
     b0, b1 = r0 // R, -(-r1 // R)
     cap = int(counts[b0:b1].sum())  # the blocks' entries: the rows' own and at most 2 blocks more
     indices = np.empty(cap, idx)
@@ -544,10 +548,11 @@ def mlp(
 ) -> Sequential:
     """An MLP from layer sizes, e.g. [784, 300, 100, 10]; densities[l] None (or 1.0) = dense.
 
-    Layer l is named fc{l}; its weights are drawn from the seed (seed, l) alone (sparse_init),
-    so a layer does not depend on the others. ``sparse_layer(l, n_in, n_out, density)`` may
-    build a sparse layer itself (an MPI rank's shard: sparsecore/distributed.py); None there
-    falls back to a whole SparseLinear."""
+    Layer l is named fc{l}; its weights are drawn from the seed (seed, INIT_TAG, l) alone
+    (sparse_init), so a layer does not depend on the others (INIT_TAG keeps these streams apart
+    from the data's and the epochs' generators, seeded by (seed, ...) too).
+    ``sparse_layer(l, n_in, n_out, density)`` may build a sparse layer itself (an MPI rank's
+    shard: sparsecore/distributed.py); None there falls back to a whole SparseLinear."""
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
     if len(densities) != len(sizes) - 1:
@@ -557,12 +562,12 @@ def mlp(
     layers: list[Layer] = []
     for l, (n_in, n_out, d) in enumerate(zip(sizes[:-1], sizes[1:], densities, strict=True)):
         if d is None or d >= 1.0:
-            rng = np.random.default_rng([seed, l])
+            rng = np.random.default_rng([seed, INIT_TAG, l, 3])
             layers.append(Linear(dense_init(n_in, n_out, rng), name=f"fc{l}"))
         elif sparse_layer is not None and (built := sparse_layer(l, n_in, n_out, d)) is not None:
             layers.append(built)
         else:
-            W = sparse_init(n_in, n_out, d, [seed, l], fan_in=fan_in)
+            W = sparse_init(n_in, n_out, d, [seed, INIT_TAG, l], fan_in=fan_in)
             layers.append(SparseLinear(W, name=f"fc{l}"))
         if l < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())

@@ -132,13 +132,14 @@ def memory_plan(
             )
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
-                # a shard's exact grow first offers its share of the layer's K (with slack;
-                # more only when the top K falls unevenly: distributed.RowShard.largest_of)
+                # a shard's drop and exact grow first offer its share of the layer's K (with
+                # slack; more only when the K fall unevenly: distributed.RowShard.offered)
                 k_offer = k
                 if m != m_full:
-                    from sparsecore.distributed import GROW_SHARE, GROW_SLACK
+                    from sparsecore.distributed import OFFER_SHARE, OFFER_SLACK
 
-                    k_offer = -(-int(GROW_SHARE * int(alpha * nnz_full)) // ranks) + GROW_SLACK
+                    k_layer = int(alpha * nnz_full)
+                    k_offer = min(nnz, -(-int(OFFER_SHARE * k_layer) // ranks) + OFFER_SLACK)
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
                 # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
                 if gpu and (method == "set" or grow == "sampled"):
@@ -167,8 +168,10 @@ def memory_plan(
                     + it * (m + 1)  # the new pattern and values
                     + 8 * nnz  # src map
                     + 4 * nnz * (2 + n_mom)  # new gradient, scratch, remapped moments
-                    + 8 * k * 3
-                )  # dropped positions, grown rows and cols
+                    + 8 * k * 3  # dropped positions, grown rows and cols
+                )
+                if m != m_full:  # a shard's offers: positions + values, their sort and keys
+                    rebuild += 24 * k_offer
                 if gpu:  # the device merge's int64 sort keys (old, grown, joined) and order
                     rebuild += 32 * nnz
                 row["update_transient"] = scratch + rebuild

@@ -123,15 +123,18 @@ class TrainConfig:
             or s == "all"
             or (
                 isinstance(s, (list, tuple))
+                and len(s) > 0
                 and all(isinstance(i, int) and 0 <= i < len(self.arch) - 1 for i in s)
             )
         ):
             raise ValueError(
-                f"shard_layers must be 'all' or a list of weighted-layer indices in "
-                f"[0, {len(self.arch) - 2}], got {s!r}"
+                f"shard_layers (--shard-layers) must be 'all' or a non-empty list of "
+                f"weighted-layer indices in [0, {len(self.arch) - 2}], got {s!r}"
             )
         if not (isinstance(self.rank_timeout, (int, float)) and self.rank_timeout >= 0):
-            raise ValueError(f"rank_timeout must be >= 0 seconds, got {self.rank_timeout!r}")
+            raise ValueError(
+                f"rank_timeout (--rank-timeout) must be >= 0 seconds, got {self.rank_timeout!r}"
+            )
         if self.lr_schedule == "step" and self.lr_step_every <= 0:
             raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
         return self
@@ -443,8 +446,8 @@ class Trainer:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 self.save_checkpoint(self.ckpt_path())
-            elif getattr(self.dist, "sharded", False):  # a shard's rows go into rank 0's file
-                self.save_checkpoint(None)
+            elif cfg.out is not None and getattr(self.dist, "sharded", False):
+                self.save_checkpoint(None)  # another rank's shard goes into rank 0's file
             if self.dist is not None:
                 self.dist.beat()
         if self.out:

@@ -88,8 +88,8 @@ def main():
     out = Path(sys.argv[1])
     comm = world()
     if len(sys.argv) > 2 and sys.argv[2] == "tight":
-        # each rank first offers 1 + k/20 grow candidates: the saturated ranks' retries run
-        distributed.GROW_SHARE, distributed.GROW_SLACK = 0.05 * comm.Get_size(), 1
+        # each rank first offers 1 + k/20 drop and grow candidates: the saturated ranks' retries
+        distributed.OFFER_SHARE, distributed.OFFER_SLACK = 0.05 * comm.Get_size(), 1
     sizes, dens = [96, 64, 48, 10], [0.2, 0.3, 0.5]
     ref = mlp(sizes, dens, seed=3)
     sharded = Sequential(
@@ -136,7 +136,7 @@ def main():
     select_failures = select_cases(comm)
     random_failures = random_grow_cases(comm, sizes, dens)
     local_nnz = [int(l.W.nnz) for l in sharded.sparse_layers()]
-    grow_rounds = [l.shard.grow_rounds for l in sharded.sparse_layers()]
+    rounds = [l.shard.rounds for l in sharded.sparse_layers()]
     full_nnz = [int(l.W.nnz) for l in ref.sparse_layers()]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(
@@ -147,7 +147,7 @@ def main():
                 "max_diff": max_diff,
                 "local_nnz": local_nnz,
                 "full_nnz": full_nnz,
-                "grow_rounds": grow_rounds,
+                "rounds": rounds,
                 "select_failures": select_failures,
                 "random_grow_failures": random_failures,
             }

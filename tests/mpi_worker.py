@@ -69,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--hang", default=None)
     ap.add_argument("--shard-layers", default=None)
     ap.add_argument("--rank-timeout", type=float, default=60.0)
+    ap.add_argument("--no-out", action="store_true", help="TrainConfig(out=None): no files")
     args = ap.parse_args(argv)
     shard = args.shard_layers
     if shard not in (None, "all"):
@@ -88,7 +89,7 @@ def main(argv=None):
         lr=0.05,
         lr_schedule="constant",
         progress=False,
-        out=str(out / "run"),
+        out=None if args.no_out else str(out / "run"),
         shard_layers=shard,
         rank_timeout=args.rank_timeout,
     )

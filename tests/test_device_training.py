@@ -367,3 +367,18 @@ def test_plan_counts_device_memory_apart():
     assert sampled["total_bytes"] < gpu["total_bytes"]
     with pytest.raises(ValueError, match="device must be cpu or cuda"):
         memory_plan(arch, 0.99, device="tpu")
+
+
+def test_cli_device_run_reports_its_state(emulated_cuda, tmp_path, capsys):
+    """A device run through the command line ends with its report (the training state held is
+    summed from the device arrays)."""
+    from sparsecore import cli
+    from tests.cases import blobs_npz
+
+    data = blobs_npz(tmp_path / "d.npz")
+    argv = ["train", "--device", "cuda", "--dataset", str(data), "--arch", "20-16-3"]
+    argv += ["--sparsity", "0.5", "--epochs", "1", "--delta-t", "3", "--no-progress"]
+    rc = cli.main([*argv, "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "training state held:" in out and "test accuracy:" in out

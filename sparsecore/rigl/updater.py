@@ -69,7 +69,7 @@ class TopologyUpdater:
         W = layer.W
         if layer.shard is None:
             return layer.dev.drop(W.data, k)
-        return layer.shard.smallest(W.data, layer.dev.drop(W.data, min(k, W.nnz)), k)
+        return layer.shard.smallest_of(layer.dev, W.data, k)
 
     def grow(self, layer: SparseLinear, k: int, keep: np.ndarray, step: int, index: int):
         """(rows, cols) of k connections absent from the kept set, ascending flat order."""
@@ -97,7 +97,10 @@ class TopologyUpdater:
             dev.sync()
             t_grow = time.perf_counter() - t_grow
             W2, src = dev.merge(W, keep, rows, cols)
-            nnz2 = W2.nnz if shard is None else shard.total(W2.nnz)
+            # what happened, counted (over the ranks' rows for a shard: one allreduce)
+            counts = [W2.nnz, int(dropped.shape[0]), int(rows.shape[0])]
+            counts.append(int(dev.xp.count_nonzero(src < 0)))
+            nnz2, n_dropped, n_grown, n_new = counts if shard is None else shard.sums(counts)
             if nnz2 != nnz:
                 raise RuntimeError(f"layer {layer.name}: nnz changed from {nnz} to {nnz2}")
             old_grad = layer.gW
@@ -110,10 +113,10 @@ class TopologyUpdater:
                 dict(
                     layer=layer.name,
                     nnz=nnz2,
-                    dropped=k,
-                    grown=k,
-                    new=int(dev.xp.count_nonzero(src < 0)),
-                    seconds=time.perf_counter() - t0,
+                    dropped=n_dropped,
+                    grown=n_grown,
+                    new=n_new,
+                    seconds=time.perf_counter() - t0,  # (a shard: this rank's time)
                     grow_seconds=t_grow,
                 )
             )
