@@ -392,8 +392,16 @@ class Sequential:
             layer.clear()
 
     def to_scipy(self) -> list:
-        """The weights as scipy.sparse csr_arrays (dense layers too), with the biases: [(W, b)]."""
+        """The weights as scipy.sparse csr_arrays (dense layers too), with the biases: [(W, b)].
+        A layer sharded over MPI ranks is refused (its rows are spread: ``gather()`` it)."""
         import scipy.sparse as sp
+
+        sharded = [l.name for l in self.sparse_layers() if l.shard is not None]
+        if sharded:
+            raise ValueError(
+                f"layers {sharded} are sharded over MPI ranks: this rank holds some of their "
+                "rows only; gather() them (every rank) to get the whole layers"
+            )
 
         cpu, host = _device.CPU, _device.to_host
         return [

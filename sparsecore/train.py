@@ -483,8 +483,10 @@ class Trainer:
                 )
 
     def evaluate(self, x, y) -> dict:
-        """Accuracy and mean loss over (x, y); with several MPI ranks each evaluates its
-        part of the rows (data-parallel) and two sums are reduced."""
+        """Accuracy and mean loss over (x, y). With several MPI ranks this is a collective
+        that every rank calls with the same (x, y): data-parallel ranks each evaluate their
+        part of the rows and two sums are reduced; with sharded layers every rank runs every
+        row (the sharded forward pass gathers)."""
         if x.shape[0] == 0:
             return {"acc": float("nan"), "loss": float("nan")}
         correct, loss_sum = (

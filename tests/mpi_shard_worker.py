@@ -133,6 +133,11 @@ def main():
                     max_diff = max(max_diff, float(np.abs(a.b - bias).max()))
             topology_same.append([step, same])
     rank = comm.Get_rank()
+    try:
+        sharded.to_scipy()
+        to_scipy_refused = False
+    except ValueError as e:
+        to_scipy_refused = "sharded over MPI ranks" in str(e)
     select_failures = select_cases(comm)
     random_failures = random_grow_cases(comm, sizes, dens)
     local_nnz = [int(l.W.nnz) for l in sharded.sparse_layers()]
@@ -148,6 +153,7 @@ def main():
                 "local_nnz": local_nnz,
                 "full_nnz": full_nnz,
                 "rounds": rounds,
+                "to_scipy_refused": to_scipy_refused,
                 "select_failures": select_failures,
                 "random_grow_failures": random_failures,
             }

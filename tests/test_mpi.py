@@ -338,6 +338,7 @@ def test_sharded_layers_equal_unsharded(tmp_path, n, offer):
     for what in ("drop", "grow"):  # selections per layer in the 4 updates: retries if tight
         rounds = np.array([r[what] for r in ranks[0]["rounds"]])
         assert (rounds == 4).all() if offer == "even" else (rounds > 4).all()
+    assert all(res["to_scipy_refused"] for res in ranks)
     for res in ranks:  # the distributed selection, with ties; SET and sampled grow sharded
         assert res["select_failures"] == []
         assert res["random_grow_failures"] == []
