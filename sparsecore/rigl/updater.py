@@ -13,9 +13,10 @@ To plug in another criterion, subclass TopologyUpdater and override ``drop`` and
 
 A layer split by rows over MPI ranks (``layer.shard`` set: sparsecore/distributed.py) is updated
 as the whole layer would be: K = floor(f·nnz) of the whole layer, the drop takes the global K
-smallest |w| and RigL's exact grow the global top K of |dY·Xᵀ| (each rank offers its best K,
-merged in the kernels' order), so the result equals the unsharded layer's; SET and the sampled
-grow split their K (or C) uniform draws over the ranks by the ranks' absent counts (the same
+smallest |w| and RigL's exact grow the global top K of |dY·Xᵀ|, by an exact distributed
+selection over the candidates each rank offers (about 1.5·K/N, more if needed), in the kernels'
+order, so the result equals the unsharded layer's (RowShard.offered); SET and the sampled grow
+split their K (or C) uniform draws over the ranks by the ranks' absent counts (the same
 distribution as one process's draws, not the same draws).
 
 On a device (a model moved with ``Sequential.to("cuda")``) the drop, RigL's exact grow, the
