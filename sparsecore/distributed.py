@@ -317,6 +317,7 @@ def parallel(trainer):
             f"MPI training runs on the CPU; device={cfg.device!r} with "
             f"{comm.Get_size()} ranks is not supported yet"
         )
+    _check_counts(trainer, comm.Get_size())
     _abort_on_uncaught_exceptions()
     _limit_threads(comm)
     if trainer.sharded:
@@ -343,6 +344,35 @@ def parallel(trainer):
     trainer.load_checkpoint = load_checkpoint
     par.check_same(trainer.model, "building the model", data=trainer.data)
     return par
+
+
+MAX_COUNT = 2**31 - 1  # MPI's counts and displacements are C ints
+
+
+def _check_counts(trainer, size: int):
+    """Refuse, before the first collective, a run whose MPI messages would exceed the C-int
+    counts (elements) of MPI's calls: the data-parallel gradient buffer; a sharded layer's
+    gathered outputs (m·B), dX (n·B) and a rank's entries (sent to rank 0 in checkpoints)."""
+    B = trainer.cfg.batch_size
+    checks = []
+    if trainer.sharded:
+        for layer in trainer.model.sparse_layers():
+            if layer.shard is not None:
+                m, n = layer.full_shape
+                checks += [
+                    (m * B, f"{layer.name}'s outputs for a batch (m·B)"),
+                    (n * B, f"{layer.name}'s dX for a batch (n·B)"),
+                    (layer.W.nnz, f"{layer.name}'s entries on one rank"),
+                ]
+    else:
+        total = sum(p.value.size for p in trainer.model.params()) + 2
+        checks.append((total, "the gradients of all parameters (the per-step allreduce)"))
+    for count, what in checks:
+        if count > MAX_COUNT:
+            raise ValueError(
+                f"MPI message counts are 32-bit: {what} is {count:,} elements, above "
+                f"{MAX_COUNT:,}; lower the batch size, or shard the layer over more ranks"
+            )
 
 
 class Ranks:

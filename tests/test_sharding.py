@@ -272,3 +272,24 @@ def test_a_checkpoint_killed_mid_write_leaves_the_last_one(tmp_path, monkeypatch
         tr.save_checkpoint(tr.ckpt_path())
     assert tr.ckpt_path().read_bytes() == before
     assert not tr.ckpt_path().with_name("checkpoint.npz.tmp").exists()
+
+
+def test_mpi_messages_above_32_bit_counts_are_refused():
+    """MPI counts are C ints: a sharded layer whose gathered outputs for a batch exceed 2^31-1
+    elements is refused before any collective, naming the layer and what to change."""
+    from types import SimpleNamespace
+
+    from sparsecore.distributed import _check_counts
+
+    class Layer(SimpleNamespace):
+        pass
+
+    big = Layer(
+        name="fc1", shard=object(), full_shape=(20_000_000, 1000), W=SimpleNamespace(nnz=10)
+    )
+    model = SimpleNamespace(sparse_layers=lambda: [big], params=lambda: [])
+    tr = SimpleNamespace(cfg=SimpleNamespace(batch_size=128), sharded=[1], model=model)
+    with pytest.raises(ValueError, match=r"fc1's outputs for a batch \(m·B\) is 2,560,000,000"):
+        _check_counts(tr, 2)
+    tr.cfg.batch_size = 64  # 1.28·10^9 elements: fits
+    _check_counts(tr, 2)
