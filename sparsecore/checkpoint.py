@@ -124,7 +124,6 @@ def write(path, trainer, meta: dict):
                 comm.send([(k, a.dtype.str, a.shape) for k, a in mine.items()], 0, _HEADER_TAG)
                 for a in mine.values():
                     comm.Send(np.ascontiguousarray(a), 0, _ARRAY_TAG)
-                dist.beat()
         return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -146,7 +145,6 @@ def write(path, trainer, meta: dict):
 def _write_root(writer, trainer, meta, comm):
     state = trainer.opt.state_dict()
     moments = trainer.opt.state_names
-    dist = trainer.dist
     writer.add("meta", np.array(json.dumps({**meta, "format": FORMAT})))
     writer.add("opt/t", state["t"])
     for l, layer in enumerate(trainer.model.weighted()):
@@ -176,7 +174,6 @@ def _write_root(writer, trainer, meta, comm):
                 comm.Recv(a, source=p, tag=_ARRAY_TAG)
                 writer.add(f"L{l}/p{p}/{k}", a)
                 del a
-            dist.beat()
 
 
 class _Members:
@@ -198,16 +195,26 @@ class _Members:
         with open(self.path, "rb") as fh:
             fh.seek(info.header_offset)
             local = fh.read(30)  # the member's local header: its own name and extra lengths
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{self.path}: member {name} has no zip local header")
             n_name, n_extra = struct.unpack("<HH", local[26:30])
-            fh.seek(info.header_offset + 30 + n_name + n_extra)
+            start = info.header_offset + 30 + n_name + n_extra
+            fh.seek(start)
             version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            if version not in ((1, 0), (2, 0)):  # (3, 0): utf-8 field names; read whole
+                with self.zf.open(info) as member:
+                    return np.lib.format.read_array(member, allow_pickle=False)
+            header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = header(fh)
             offset = fh.tell()
         if dtype.hasobject:
             raise ValueError(f"{self.path}: member {name} holds Python objects; refused")
+        if offset + int(np.prod(shape)) * dtype.itemsize > start + info.file_size:
+            raise ValueError(f"{self.path}: member {name} is shorter than its header says")
         if int(np.prod(shape)) == 0:
             return np.empty(shape, dtype)
         return np.memmap(

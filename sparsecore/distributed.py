@@ -317,11 +317,12 @@ def parallel(trainer):
             f"MPI training runs on the CPU; device={cfg.device!r} with "
             f"{comm.Get_size()} ranks is not supported yet"
         )
-    _check_counts(trainer, comm.Get_size())
     _abort_on_uncaught_exceptions()
+    _check_counts(trainer, comm.Get_size())
     _limit_threads(comm)
     if trainer.sharded:
         par = ShardedParallel(comm, cfg.rank_timeout)
+        par.model = trainer.model
     else:
         if cfg.batch_size < comm.Get_size():
             raise ValueError(
@@ -349,10 +350,18 @@ def parallel(trainer):
 MAX_COUNT = 2**31 - 1  # MPI's counts and displacements are C ints
 
 
-def _check_counts(trainer, size: int):
-    """Refuse, before the first collective, a run whose MPI messages would exceed the C-int
-    counts (elements) of MPI's calls: the data-parallel gradient buffer; a sharded layer's
-    gathered outputs (m·B), dX (n·B) and a rank's entries (sent to rank 0 in checkpoints)."""
+def _check_counts(trainer, size: int, mpi_version=None):
+    """With an MPI library older than MPI-4 (no large-count calls), refuse a run whose messages
+    would exceed the C-int counts (elements) of MPI's calls: the data-parallel gradient buffer;
+    a sharded layer's gathered outputs (m·B), dX (n·B) and its entries (a rank's, sent to rank
+    0 in checkpoints: bounded by the layer's). Every rank computes the same limits, so all or
+    none refuse. MPI-4 libraries (mpi4py uses their large-count calls) need no check."""
+    if mpi_version is None:
+        from mpi4py import MPI
+
+        mpi_version = MPI.Get_version()
+    if tuple(mpi_version) >= (4, 0):
+        return
     B = trainer.cfg.batch_size
     checks = []
     if trainer.sharded:
@@ -362,7 +371,7 @@ def _check_counts(trainer, size: int):
                 checks += [
                     (m * B, f"{layer.name}'s outputs for a batch (m·B)"),
                     (n * B, f"{layer.name}'s dX for a batch (n·B)"),
-                    (layer.W.nnz, f"{layer.name}'s entries on one rank"),
+                    (layer.total_nnz(), f"{layer.name}'s entries"),
                 ]
     else:
         total = sum(p.value.size for p in trainer.model.params()) + 2
@@ -391,6 +400,7 @@ class Ranks:
         self.timeout = float(timeout)
         self._last = None  # time of the last progress (None: the watchdog is not running)
         self._watchdog = None  # (stop event, thread) while it runs
+        self._paused = False  # during a checkpoint write
         self.other_bytes = 0  # everything not per step: topology updates, the guard
         self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
         self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
@@ -423,7 +433,7 @@ class Ranks:
         def watch():
             while not stop.wait(max(0.1, min(5.0, self.timeout / 10))):
                 last = self._last
-                if last is None:
+                if last is None or self._paused:
                     continue
                 idle = time.monotonic() - last
                 if idle > self.timeout:
@@ -438,6 +448,18 @@ class Ranks:
         thread = threading.Thread(target=watch, name="sparsecore-mpi-watchdog", daemon=True)
         thread.start()
         self._watchdog = (stop, thread)
+
+    def pause_watchdog(self):
+        """Around a checkpoint write, which takes what the filesystem takes: no clock (the
+        other ranks wait for rank 0's write in resume_watchdog's barrier)."""
+        self._paused = True
+
+    def resume_watchdog(self):
+        """After a checkpoint write: every rank waits until all are done (a barrier), then the
+        clock restarts."""
+        self.comm.Barrier()
+        self._paused = False
+        self.beat()
 
     def stop_watchdog(self):
         """No more watching: the thread ends (joined)."""
@@ -604,6 +626,13 @@ class ShardedParallel(Ranks):
             "eval_bytes": self.eval_bytes,
             "update_bytes": list(self.update_bytes),
             "other_bytes": self.other_bytes,
+            # selections per sharded layer (drop, grow): more than the updates when a rank's
+            # first offer was saturated and it offered again
+            "rounds": {
+                l.name: dict(l.shard.rounds)
+                for l in (self.model.sparse_layers() if self.model is not None else [])
+                if l.shard is not None
+            },
         }
 
 
@@ -724,7 +753,7 @@ class DataParallel(Ranks):
 
         W = layer.W
         m, n = W.shape
-        rng = np.random.default_rng([updater.seed, step, index])  # as RigL.grow: same draws
+        rng = updater.rng(step, index)  # as RigL.grow: the same draws
         c = sampled.n_candidates(m, n, sampled.count_kept(W.indptr, keep), k, updater.candidates)
         flat = sampled.sample_absent(W.indptr, W.indices, keep, n, c, rng)
         partial = np.empty(c, np.float32)  # Σ_b dY[i, b]·X[j, b] over this rank's columns
@@ -918,7 +947,7 @@ class RowShard:
         is saturated. Then every rank's offer holds all of its entries among the k (an entry
         offered but not chosen ranks before everything that rank did not offer), so the result
         is exact."""
-        want = min(most, -(-int(OFFER_SHARE * k) // self.size) + OFFER_SLACK)
+        want = min(most, max(1, -(-int(OFFER_SHARE * k) // self.size) + OFFER_SLACK))
         keys, values = candidates(want)
         while True:
             chosen = self.select(values, k, largest)
@@ -927,7 +956,7 @@ class RowShard:
             if not self.counts(int(saturated)).any():
                 return keys[chosen]
             if saturated:
-                want = min(most, 4 * want)
+                want = min(most, 4 * want)  # (want >= 1 here: a saturated offer was taken)
                 keys, values = candidates(want)
 
     def smallest_of(self, dev, data: np.ndarray, k: int) -> np.ndarray:

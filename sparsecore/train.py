@@ -32,6 +32,7 @@ from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
 
 METHODS = ("rigl", "set", "static", "dense")
+EPOCH_TAG = 0xE90C  # an epoch's order is seeded by (seed, EPOCH_TAG, epoch)
 # A training set up to this many bytes is put on the device once; a larger one is uploaded
 # batch by batch.
 DEVICE_DATA_BYTES = 4 << 30
@@ -135,6 +136,8 @@ class TrainConfig:
             raise ValueError(
                 f"rank_timeout (--rank-timeout) must be >= 0 seconds, got {self.rank_timeout!r}"
             )
+        if self.out is not None and not str(self.out):
+            raise ValueError("out must be a folder path, or None for no files; got ''")
         if self.lr_schedule == "step" and self.lr_step_every <= 0:
             raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
         return self
@@ -333,10 +336,12 @@ class Trainer:
         return loss, correct, report
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.data.x_train.shape[0])
+        rng = np.random.default_rng([self.cfg.seed, EPOCH_TAG, epoch])  # (tagged: own stream)
+        return rng.permutation(self.data.x_train.shape[0])
 
     def batches(self, epoch: int):
-        """Indices of each mini-batch of an epoch: a permutation seeded by (seed, epoch)."""
+        """Indices of each mini-batch of an epoch: a permutation seeded by (seed, EPOCH_TAG,
+        epoch)."""
         perm = self.epoch_permutation(epoch)
         bs = self.cfg.batch_size
         for s in range(self.steps_per_epoch):
@@ -442,14 +447,16 @@ class Trainer:
                     f"train {row['train_acc']:.4f}  test {row['test_acc']:.4f}  "
                     f"{1e3 * row['time_per_step_s']:.2f} ms/step"
                 )
+            if self.dist is not None:  # several ranks: no hang clock during the write
+                self.dist.pause_watchdog()
             if self.out:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 self.save_checkpoint(self.ckpt_path())
-            elif cfg.out is not None and getattr(self.dist, "sharded", False):
+            elif cfg.out and getattr(self.dist, "sharded", False):
                 self.save_checkpoint(None)  # another rank's shard goes into rank 0's file
             if self.dist is not None:
-                self.dist.beat()
+                self.dist.resume_watchdog()
         if self.out:
             self.plot(self.out / "learning_curve.png")
         return self.summary(step_times)

@@ -88,8 +88,8 @@ def main():
     out = Path(sys.argv[1])
     comm = world()
     if len(sys.argv) > 2 and sys.argv[2] == "tight":
-        # each rank first offers 1 + k/20 drop and grow candidates: the saturated ranks' retries
-        distributed.OFFER_SHARE, distributed.OFFER_SLACK = 0.05 * comm.Get_size(), 1
+        # each rank first offers k/20 (at least 1) drop and grow candidates: the saturated ranks' retries
+        distributed.OFFER_SHARE, distributed.OFFER_SLACK = 0.05 * comm.Get_size(), 0
     sizes, dens = [96, 64, 48, 10], [0.2, 0.3, 0.5]
     ref = mlp(sizes, dens, seed=3)
     sharded = Sequential(

@@ -70,12 +70,23 @@ def main(argv=None):
     ap.add_argument("--shard-layers", default=None)
     ap.add_argument("--rank-timeout", type=float, default=60.0)
     ap.add_argument("--no-out", action="store_true", help="TrainConfig(out=None): no files")
+    ap.add_argument("--slow-write", type=float, default=0.0, help="seconds per .npz member")
     args = ap.parse_args(argv)
     shard = args.shard_layers
     if shard not in (None, "all"):
         shard = [int(v) for v in shard.split(",")]
     out = Path(args.out)
     arch = [int(a) for a in args.arch.split("-")]
+    if args.slow_write:  # a slow filesystem: every checkpoint member takes this long
+        from sparsecore import checkpoint
+
+        add = checkpoint._NpzWriter.add
+
+        def slow_add(self, name, array):
+            time.sleep(args.slow_write)
+            add(self, name, array)
+
+        checkpoint._NpzWriter.add = slow_add
     cfg = TrainConfig(
         arch=arch,
         sparsity=args.sparsity,

@@ -392,6 +392,7 @@ def test_sharded_bytes_follow_the_cost_model(sharded_runs, n):
     res = result(sharded_runs[n])
     comm = res["comm"]
     assert comm["mode"] == "sharded"
+    assert comm["rounds"] == {l: {"drop": 5, "grow": 5} for l in ("fc0", "fc1")}  # 1 per update
     assert comm["step_bytes"] == 4 * 128 * (32 + 10 + 32)
     assert comm["step_bytes_total"] == 32 * comm["step_bytes"]
     assert len(comm["update_bytes"]) == 5
@@ -422,6 +423,20 @@ def test_sharded_checkpoints_resume_on_any_number_of_ranks(runs, sharded_runs, t
         updates = assert_same_run(full, resumed, steps=range(16, 32))
         assert [int(s) for s in updates] == [16, 20]
         assert_same_weights(runs[1], tmp_path / name)
+
+
+@needs_mpi
+@pytest.mark.parametrize("shard", [None, "all"])
+def test_a_slow_checkpoint_write_is_not_a_hung_rank(tmp_path, shard):
+    """Each checkpoint takes 3-7 s to write (0.15 s per .npz member), longer than
+    --rank-timeout 2: the watchdog pauses during the write (the other ranks wait at a
+    barrier), so the job completes."""
+    extra = ["--shard-layers", shard] if shard else []
+    p = launch(
+        tmp_path, 3, "--epochs", 2, "--rank-timeout", 2, "--slow-write", 0.15, *extra, check=False
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert result(tmp_path)["steps"] == 16
 
 
 @needs_mpi

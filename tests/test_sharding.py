@@ -147,6 +147,8 @@ def test_config_checks_shard_layers_and_rank_timeout():
     with pytest.raises(ValueError, match=r"rank_timeout \(--rank-timeout\)"):
         TrainConfig(rank_timeout=-1).validate()
     TrainConfig(arch=[4, 3, 2], shard_layers=[0, 1]).validate()
+    with pytest.raises(ValueError, match="out must be a folder path, or None"):
+        TrainConfig(out="").validate()
 
 
 def _trainer(tmp_path, **kw):
@@ -275,8 +277,8 @@ def test_a_checkpoint_killed_mid_write_leaves_the_last_one(tmp_path, monkeypatch
 
 
 def test_mpi_messages_above_32_bit_counts_are_refused():
-    """MPI counts are C ints: a sharded layer whose gathered outputs for a batch exceed 2^31-1
-    elements is refused before any collective, naming the layer and what to change."""
+    """Before MPI-4, counts are C ints: a sharded layer whose gathered outputs for a batch
+    exceed 2^31-1 elements is refused before training, naming the layer and what to change."""
     from types import SimpleNamespace
 
     from sparsecore.distributed import _check_counts
@@ -284,12 +286,37 @@ def test_mpi_messages_above_32_bit_counts_are_refused():
     class Layer(SimpleNamespace):
         pass
 
-    big = Layer(
-        name="fc1", shard=object(), full_shape=(20_000_000, 1000), W=SimpleNamespace(nnz=10)
-    )
+    big = Layer(name="fc1", shard=object(), full_shape=(20_000_000, 1000), total_nnz=lambda: 10)
     model = SimpleNamespace(sparse_layers=lambda: [big], params=lambda: [])
     tr = SimpleNamespace(cfg=SimpleNamespace(batch_size=128), sharded=[1], model=model)
     with pytest.raises(ValueError, match=r"fc1's outputs for a batch \(m·B\) is 2,560,000,000"):
-        _check_counts(tr, 2)
+        _check_counts(tr, 2, mpi_version=(3, 1))
+    _check_counts(tr, 2, mpi_version=(4, 0))  # large-count calls: no limit
     tr.cfg.batch_size = 64  # 1.28·10^9 elements: fits
-    _check_counts(tr, 2)
+    _check_counts(tr, 2, mpi_version=(3, 1))
+
+
+def test_npz_members_of_every_header_version_and_a_lying_header(tmp_path):
+    """_Members maps .npy members of format 1.0 and 2.0 (Fortran order, empty arrays too),
+    reads a 3.0 member whole, and refuses a member whose header claims more bytes than it has."""
+    import zipfile
+
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)
+    cases = {"v1": (a, (1, 0)), "v2": (a, (2, 0)), "v3": (a, (3, 0)), "fortran": (a.T, (1, 0))}
+    cases["empty"] = (np.empty((0, 3), np.int32), (1, 0))
+    with zipfile.ZipFile(tmp_path / "v.npz", "w", zipfile.ZIP_STORED) as zf:
+        for name, (arr, version) in cases.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, arr, version=version)
+    members = checkpoint._Members(tmp_path / "v.npz")
+    for name, (arr, _) in cases.items():
+        got = members[name]
+        np.testing.assert_array_equal(got, arr, err_msg=name)
+        assert isinstance(got, np.memmap) == (name in ("v1", "v2", "fortran"))
+    members.close()
+    with zipfile.ZipFile(tmp_path / "bad.npz", "w", zipfile.ZIP_STORED) as zf:
+        buf = __import__("io").BytesIO()
+        np.lib.format.write_array(buf, a)
+        zf.writestr("x.npy", buf.getvalue()[:-8])  # 2 floats short of what the header says
+    with pytest.raises(ValueError, match="shorter than its header says"):
+        checkpoint._Members(tmp_path / "bad.npz")["x"]

@@ -51,10 +51,18 @@ class UpdateReport:
         return sum(d["grown"] for d in self.per_layer)
 
 
+DRAW_TAG = 0x5E7  # topology draws are seeded by (seed, DRAW_TAG, step, layer, ...)
+
+
 class TopologyUpdater:
     """Base: drop the K smallest |w| per layer, grow K by ``grow`` (abstract here)."""
 
     name = "base"
+
+    def rng(self, step: int, index: int, *more: int) -> np.random.Generator:
+        """The generator of layer ``index``'s random draws at update ``step`` (tagged: apart
+        from the data's, the epochs' and the initialisation's streams of the same seed)."""
+        return np.random.default_rng([self.seed, DRAW_TAG, step, index, *more])
 
     def __init__(self, schedule: UpdateSchedule, seed: int = 0):
         self.schedule = schedule
@@ -181,7 +189,7 @@ class RigL(TopologyUpdater):
         if shard is not None:
             return self._grow_shard(layer, k, keep, step, index)
         if self.grow_mode == "sampled":  # on a device: drawn and scored on the host, uploaded
-            rng = np.random.default_rng([self.seed, step, index])
+            rng = self.rng(step, index)
             rows, cols, _ = _sampled.sampled_grow(
                 *map(to_host, (W.indptr, W.indices, keep, layer.dy, layer.x)),
                 k,
@@ -215,8 +223,8 @@ class RigL(TopologyUpdater):
             c = _sampled.n_candidates(
                 total_m, n, total_m * n - int(absents.sum()), k, self.candidates
             )
-            mine = shard.split(absents, c, np.random.default_rng([self.seed, step, index]))
-            rng = np.random.default_rng([self.seed, step, index, 1, shard.rank])
+            mine = shard.split(absents, c, self.rng(step, index))
+            rng = self.rng(step, index, 1, shard.rank)
             flat = _sampled.sample_absent(W.indptr, W.indices, keep, n, mine, rng)
             scores = _sampled.score_at(flat, n, layer.dy, layer.x, np.empty(mine, np.float32))
         return shard.largest(flat, scores, k, n)
@@ -231,13 +239,13 @@ class SET(TopologyUpdater):
 
     def grow(self, layer, k, keep, step, index):
         W = layer.W
-        rng = np.random.default_rng([self.seed, step, index])
+        rng = self.rng(step, index)
         indptr, indices, keep = map(to_host, (W.indptr, W.indices, keep))  # (a device: a copy)
         shard = layer.shard
         if shard is not None:  # this rank's share of the k draws, by the ranks' absent counts
             m, n = W.shape
             k = shard.split(shard.counts(m * n - _sampled.count_kept(indptr, keep)), k, rng)
-            rng = np.random.default_rng([self.seed, step, index, 1, shard.rank])
+            rng = self.rng(step, index, 1, shard.rank)
         flat = _sampled.sample_absent(indptr, indices, keep, W.shape[1], k, rng)
         n = np.int64(W.shape[1])
         rows = flat // n
