@@ -189,18 +189,15 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     return plan
 
 
-def layer_shapes_densities(cfg: TrainConfig):
-    """[(m, n)] of the weighted layers and their densities (None: dense)."""
-    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
-    if cfg.method == "dense":
-        return shapes, [None] * len(shapes)
-    return shapes, layer_densities(cfg.sparsity, shapes, cfg.distribution)
-
-
 def build_model(cfg: TrainConfig, comm=None, sharded=()) -> Sequential:
     """The MLP of the config; with an MPI communicator, the layers ``sharded`` are built as this
     rank's rows only (the same values as those rows of the whole layer)."""
-    _, dens = layer_shapes_densities(cfg)
+    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
+    dens = (
+        [None] * len(shapes)
+        if cfg.method == "dense"
+        else layer_densities(cfg.sparsity, shapes, cfg.distribution)
+    )
     sparse_layer = None
     if comm is not None and sharded:
         sparse_layer = distributed.shard_builder(comm, sharded, cfg.seed, cfg.fan_in)

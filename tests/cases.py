@@ -177,3 +177,21 @@ def blobs_npz(path, seed=0):
         y_test=yte,
     )
     return path
+
+
+def mnist_subset(n_train=1024, n_test=256, features=784):
+    """The first rows (and features) of the bundled MNIST's training and test sets, with its
+    validation split, as a Dataset."""
+    from sparsecore import data as D
+
+    full = D.load("mnist")
+    return D.Dataset(
+        "mnist-subset",
+        full.x_train[:n_train, :features],
+        full.y_train[:n_train],
+        full.x_val,
+        full.y_val,
+        full.x_test[:n_test, :features],
+        full.y_test[:n_test],
+        10,
+    )

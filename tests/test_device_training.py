@@ -323,17 +323,9 @@ def gpu():
 
 def test_rigl_on_mnist_on_the_gpu_equals_the_cpu_run(gpu):
     """300 steps of RigL on MNIST 784-64-10 at 90% (5 topology updates): losses, topology."""
-    full = D.load("mnist")
-    data = D.Dataset(
-        "mnist-subset",
-        full.x_train[:12800],
-        full.y_train[:12800],
-        full.x_val,
-        full.y_val,
-        full.x_test[:1000],
-        full.y_test[:1000],
-        10,
-    )
+    from tests.cases import mnist_subset
+
+    data = mnist_subset(12800, 1000)
     kw = dict(arch=[784, 64, 10], sparsity=0.9, epochs=3, max_steps=300, delta_t=50, t_end=0.9)
     kw.update(batch_size=128, lr=0.1, progress=False)
     cpu = Trainer(TrainConfig(**kw), data)

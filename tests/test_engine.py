@@ -11,7 +11,7 @@ from sparsecore.layers import Linear, ReLU, Sequential, SoftmaxCrossEntropy, Spa
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl import RigL, UpdateSchedule, erk_densities, uniform_densities
 from sparsecore.train import TrainConfig, Trainer, TrainingDiverged
-from tests.cases import blobs_npz
+from tests.cases import blobs_npz, mnist_subset
 
 
 # ---------------------------------------------------------------- a dense float64 reference
@@ -73,24 +73,10 @@ def test_gradients_against_finite_differences(rng):
         np.testing.assert_allclose(layer.gb, gb[l], rtol=1e-4, atol=1e-6)
 
 
-def _mnist_subset(n_train=1024, n_test=256, features=784):
-    full = D.load("mnist")
-    return D.Dataset(
-        "mnist-subset",
-        full.x_train[:n_train, :features],
-        full.y_train[:n_train],
-        full.x_val,
-        full.y_val,
-        full.x_test[:n_test, :features],
-        full.y_test[:n_test],
-        10,
-    )
-
-
 def test_true_sparse_rigl_equals_dense_masked_float64_reference():
     """Loss curve and topology of the sparse engine = a dense float64 masked-weights RigL, for
     200 steps with 7 topology updates (ΔT = 20, T_end = 150), on MNIST."""
-    data = _mnist_subset(n_train=2560)
+    data = mnist_subset(n_train=2560)
     cfg = TrainConfig(
         arch=[784, 48, 10],
         sparsity=0.9,
@@ -279,7 +265,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_resume_gives_the_same_result_as_not_stopping(tmp_path):
-    data = _mnist_subset(n_train=640, n_test=128)
+    data = mnist_subset(n_train=640, n_test=128)
     a = Trainer(_cfg(tmp_path / "a", epochs=4), data)
     a.run()
     b = Trainer(_cfg(tmp_path / "b", epochs=4), data)
@@ -301,7 +287,7 @@ def test_resume_gives_the_same_result_as_not_stopping(tmp_path):
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
-    data = _mnist_subset(n_train=640, n_test=128)
+    data = mnist_subset(n_train=640, n_test=128)
     tr = Trainer(_cfg(tmp_path, epochs=3, lr=0.05), data)
     tr.cfg.epochs = 1
     tr.run()
@@ -318,7 +304,7 @@ def test_divergence_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
-    data = _mnist_subset(n_train=256, n_test=64)
+    data = mnist_subset(n_train=256, n_test=64)
     Trainer(_cfg(tmp_path, epochs=1), data).run()
     other = Trainer(_cfg(tmp_path / "o", arch=[784, 32, 10], epochs=1), data)
     with pytest.raises(
@@ -338,7 +324,7 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     ],
 )
 def test_bad_configs(kw, msg, tmp_path):
-    data = _mnist_subset(n_train=256, n_test=64)
+    data = mnist_subset(n_train=256, n_test=64)
     with pytest.raises(ValueError, match=msg):
         Trainer(_cfg(tmp_path, **kw), data)
 
@@ -410,7 +396,7 @@ def test_scipy_export_and_import(rng):
 
 
 def test_dense_layers_and_dense_method(tmp_path):
-    data = _mnist_subset(n_train=256, n_test=64)
+    data = mnist_subset(n_train=256, n_test=64)
     tr = Trainer(_cfg(tmp_path, method="dense", epochs=1), data)
     assert all(isinstance(l, Linear) for l in tr.model.weighted())
     summary = tr.run()
@@ -463,7 +449,7 @@ def test_adam_matches_its_formula(rng):
 def test_divergence_on_the_last_step_of_an_epoch_is_not_saved(tmp_path):
     """The loss is checked before each step; a step that blows up the weights at the end of an
     epoch must still not reach the checkpoint."""
-    data = _mnist_subset(n_train=640, n_test=128)
+    data = mnist_subset(n_train=640, n_test=128)
     tr = Trainer(_cfg(tmp_path, epochs=2, method="static"), data)
     tr.cfg.epochs = 1
     tr.run()
@@ -478,7 +464,7 @@ def test_divergence_on_the_last_step_of_an_epoch_is_not_saved(tmp_path):
 
 
 def test_resume_refuses_a_different_structure(tmp_path):
-    data = _mnist_subset(n_train=256, n_test=64)
+    data = mnist_subset(n_train=256, n_test=64)
     Trainer(_cfg(tmp_path, epochs=1), data).run()
     other = Trainer(_cfg(tmp_path / "o", epochs=1, sparsity=0.8), data)
     with pytest.raises(ValueError, match=r"written with sparsity=0.9, this run has sparsity=0.8"):
@@ -582,7 +568,7 @@ def test_dataset_from_a_folder_of_npy_files(tmp_path):
 
 def test_memory_plan_matches_the_arrays_the_engine_allocates(tmp_path):
     """The plan's state bytes within 10% of the arrays a built trainer actually holds."""
-    data = _mnist_subset(n_train=256, n_test=64)
+    data = mnist_subset(n_train=256, n_test=64)
     for optimizer, method in (("sgd", "rigl"), ("adam", "static"), ("sgd", "dense")):
         tr = Trainer(
             _cfg(tmp_path, optimizer=optimizer, method=method, arch=[784, 200, 50, 10]), data

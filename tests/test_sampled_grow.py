@@ -248,21 +248,10 @@ def test_plan_counts_the_sampled_grow(tmp_path):
 
 
 def test_training_with_sampled_grow_end_to_end(tmp_path, capsys):
-    from sparsecore import data as D
     from sparsecore.cli import main
     from sparsecore.train import TrainConfig, Trainer
 
-    full = D.load("mnist")
-    data = D.Dataset(
-        "mnist-subset",
-        full.x_train[:640],
-        full.y_train[:640],
-        full.x_val,
-        full.y_val,
-        full.x_test[:128],
-        full.y_test[:128],
-        10,
-    )
+    data = cases.mnist_subset(640, 128)
     cfg = dict(
         arch=[784, 64, 10],
         sparsity=0.9,
@@ -345,19 +334,7 @@ def test_exact_grow_tile_is_fitted_to_the_memory_budget(tmp_path):
 
 
 def _tiny_data():
-    from sparsecore import data as D
-
-    full = D.load("mnist")
-    return D.Dataset(
-        "mnist-subset",
-        full.x_train[:64],
-        full.y_train[:64],
-        full.x_val,
-        full.y_val,
-        full.x_test[:32],
-        full.y_test[:32],
-        10,
-    )
+    return cases.mnist_subset(64, 32)
 
 
 def test_cli_train_with_the_sampled_grow(tmp_path, capsys):
