@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from sparsecore.train import TrainingDiverged
+from sparsecore.validation import GPUUnavailableError
+
+# What a user's input can cause, reported as one "sparsecore CMD: error: ..." line and exit 2
+# (SPARSECORE_DEBUG=1 shows the traceback instead); anything else is a bug and propagates.
+USER_ERRORS = (ValueError, TypeError, OverflowError, OSError, TrainingDiverged, GPUUnavailableError)
 
 
 def _arch(s: str) -> list[int]:
@@ -177,6 +185,22 @@ def main(argv=None) -> int:
 
     add_arguments(bench)
     args = ap.parse_args(argv)
+    try:
+        return _dispatch(args, argv)
+    except USER_ERRORS as e:
+        if os.environ.get("SPARSECORE_DEBUG"):
+            raise
+        # the error on one line; a memory plan that did not fit follows it on the next ones
+        text = str(e).strip() or type(e).__name__
+        print(f"sparsecore {args.cmd}: error: {text}", file=sys.stderr)
+        if args.cmd == "train":
+            from sparsecore import distributed
+
+            distributed.abort(2)  # several ranks: stop the others too (else they would wait)
+        return 2
+
+
+def _dispatch(args, argv) -> int:
     if args.cmd == "bench":
         from sparsecore.benchmarks.suite import run
 
@@ -203,60 +227,62 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "plan":
         from sparsecore.plan import describe_plan, memory_plan, sharded_layers
+        from sparsecore.train import TrainConfig
 
-        try:
-            if args.ranks < 1:
-                raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
-            if args.ranks > 1 and args.shard_layers is None:
-                raise ValueError(
-                    "--ranks plans one rank of sharded layers: add --shard-layers (data-parallel "
-                    "ranks each hold the whole model: their plan is the 1-rank plan)"
-                )
-            sharded = sharded_layers(
-                args.arch,
-                args.sparsity,
-                args.distribution,
-                args.method,
-                args.shard_layers,
-                args.ranks,
+        TrainConfig(  # the same checks and messages as a training run's
+            arch=args.arch,
+            sparsity=args.sparsity,
+            distribution=args.distribution,
+            method=args.method,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            grow=args.grow,
+            grow_candidates=args.grow_candidates,
+            device=args.device,
+        ).validate()
+        if args.ranks < 1:
+            raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+        if args.ranks > 1 and args.shard_layers is None:
+            raise ValueError(
+                "--ranks plans one rank of sharded layers: add --shard-layers (data-parallel "
+                "ranks each hold the whole model: their plan is the 1-rank plan)"
             )
-            plan = memory_plan(
-                args.arch,
-                args.sparsity,
-                distribution=args.distribution,
-                batch_size=args.batch_size,
-                optimizer=args.optimizer,
-                method=args.method,
-                grow=args.grow,
-                grow_candidates=args.grow_candidates,
-                device=args.device,
-                ranks=args.ranks,
-                sharded=sharded,
-            )
-        except ValueError as e:
-            print(f"sparsecore plan: error: {e}", file=sys.stderr)
-            return 2
+        sharded = sharded_layers(
+            args.arch,
+            args.sparsity,
+            args.distribution,
+            args.method,
+            args.shard_layers,
+            args.ranks,
+        )
+        plan = memory_plan(
+            args.arch,
+            args.sparsity,
+            distribution=args.distribution,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            method=args.method,
+            grow=args.grow,
+            grow_candidates=args.grow_candidates,
+            device=args.device,
+            ranks=args.ranks,
+            sharded=sharded,
+        )
         print(json.dumps(plan, indent=1) if args.json else describe_plan(plan))
         return 0
     if args.cmd == "train":
         from sparsecore import distributed
 
-        if args.nprocs is not None and args.nprocs > 1 and distributed.world() is None:
-            try:  # re-launch this command on N ranks
-                return distributed.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
-            except distributed.MPIUnavailableError as e:
-                print(f"sparsecore train: error: {e}", file=sys.stderr)
-                return 2
+        if args.nprocs is not None and args.nprocs < 1:
+            raise ValueError(f"--nprocs must be >= 1 (processes to start), got {args.nprocs}")
         from sparsecore.cost import describe
         from sparsecore.plan import parse_bytes
 
         try:
             max_memory = None if args.max_memory is None else parse_bytes(args.max_memory)
         except ValueError as e:
-            print(f"sparsecore train: error: --max-memory: {e}", file=sys.stderr)
-            return 2
-        from sparsecore.train import TrainConfig, TrainingDiverged, train
-        from sparsecore.validation import GPUUnavailableError
+            raise ValueError(f"--max-memory: {e}") from None
+        from sparsecore.train import TrainConfig, train
 
         cfg = TrainConfig(
             dataset=args.dataset,
@@ -290,13 +316,13 @@ def main(argv=None) -> int:
             rank_timeout=args.rank_timeout,
             out=args.out,
             progress=not args.no_progress,
-        )
-        try:
-            tr, summary = train(cfg, resume=args.resume)
-        except (ValueError, OSError, TrainingDiverged, GPUUnavailableError) as e:
-            print(f"sparsecore train: error: {e}", file=sys.stderr)
-            distributed.abort(2)  # several ranks: stop the others too (else they would wait)
-            return 2
+        ).validate()  # before starting any rank: bad settings are one error, not N
+        if args.nprocs is not None and args.nprocs > 1 and distributed.world() is None:
+            try:  # re-launch this command on N ranks
+                return distributed.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
+            except distributed.MPIUnavailableError as e:
+                raise ValueError(str(e)) from None
+        tr, summary = train(cfg, resume=args.resume)
         if tr.dist is not None and tr.dist.rank != 0:
             return 0  # rank 0 reports
         print(f"cost: {describe(summary['cost'])}")
@@ -315,7 +341,10 @@ def main(argv=None) -> int:
                 f"(batch {cfg.batch_size}, topology updates included)"
             )
         print(f"outputs: {args.out}/metrics.jsonl, learning_curve.png, checkpoint.npz")
-        print(f"test accuracy: {100 * summary['test_acc']:.2f}%")
+        if summary["test_acc"] is None:  # a resumed run that had nothing left to train
+            print("test accuracy: no epoch ran (the checkpoint's run was complete)")
+        else:
+            print(f"test accuracy: {100 * summary['test_acc']:.2f}%")
         return 0
     return 1
 

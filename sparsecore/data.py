@@ -9,6 +9,9 @@ when the batch is drawn (``StreamedRows``), so a dataset larger than memory trai
 from __future__ import annotations
 
 import hashlib
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,27 +42,49 @@ class Dataset:
         return int(self.x_train.shape[1])
 
 
+class DatasetError(ValueError):
+    """A dataset file or array that cannot be used, with what is wrong and where."""
+
+
+MAX_LABEL = 2**31 - 1  # class indices; a label beyond this is not a class of any real model
+
+
 def _labels(y, name):
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D integer labels, got shape {y.shape}")
-    if y.size and y.dtype.kind not in "iu":
-        if y.dtype.kind == "f" and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
-    if y.size and y.min() < 0:
-        raise ValueError(f"{name} holds a negative label ({int(y.min())}); labels are 0..C-1")
+        raise DatasetError(f"{name} must be 1-D integer labels, got shape {y.shape}")
+    if y.size and y.dtype.kind not in "iuf":
+        raise DatasetError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if not y.size:
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            p = int(np.flatnonzero(bad)[0])
+            raise DatasetError(
+                f"{name} must hold integer class labels, found {y[p]!r} at row {p} "
+                f"(dtype {y.dtype})"
+            )
+    lo, hi = y.min(), y.max()  # compared in y's own dtype: no wrap-around before the check
+    if lo < 0:
+        raise DatasetError(f"{name} holds a negative label ({lo.item()!r}); labels are 0..C-1")
+    if hi > MAX_LABEL:
+        raise DatasetError(
+            f"{name} holds the label {hi.item()!r}, beyond {MAX_LABEL}: labels must be class "
+            "indices 0..C-1"
+        )
     return y.astype(np.int64)
 
 
 def _features(x, name):
     x = np.asarray(x)
     if x.ndim < 2:
-        raise ValueError(f"{name} must be (N, features...) with at least 2 dims, got {x.shape}")
+        raise DatasetError(
+            f"{name} must be (N, features...) with at least 2 dims, got shape {x.shape}"
+        )
     if x.dtype.kind not in "fiub":
-        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
-    x = x.reshape(x.shape[0], -1).astype(np.float32)
+        raise DatasetError(f"{name} must be numeric, got dtype {x.dtype}")
+    x = x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64))).astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or inf")
     return x
@@ -74,7 +99,7 @@ def _check_split(xtr, ytr, xte, yte, val_fraction) -> int:
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
     if xtr.shape[0] == 0:
-        raise ValueError("x_train is empty")
+        raise DatasetError("x_train is empty (0 rows)")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     return int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
@@ -208,8 +233,57 @@ def streamed(x_train, y_train, x_test, y_test, *, name="streamed", val_fraction=
 def _load_npy_dir(path: Path) -> dict:
     missing = [k for k in KEYS if not (path / f"{k}.npy").exists()]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(f'{k}.npy' for k in missing)}")
-    return {k: np.load(path / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in KEYS}
+        raise DatasetError(f"{path} lacks {', '.join(f'{k}.npy' for k in missing)}")
+    out = {}
+    for k in KEYS:
+        a = np.load(path / f"{k}.npy", mmap_mode="r", allow_pickle=False)
+        if not isinstance(a, np.ndarray):
+            raise DatasetError(f"{path / (k + '.npy')} is not a .npy array file")
+        out[k] = a
+    return out
+
+
+def _load_npz(path: Path) -> dict:
+    d = np.load(path, allow_pickle=False)
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise DatasetError(
+            f"dataset {path} is a single array, not an .npz of x_train, y_train, x_test, "
+            "y_test (np.savez them together, or put four .npy files in a folder)"
+        )
+    with d:
+        missing = [k for k in KEYS if k not in d.files]
+        if missing:
+            raise DatasetError(f"{path} lacks array(s) {', '.join(missing)}; it has {d.files}")
+        return {k: d[k] for k in KEYS}
+
+
+# What a damaged or foreign file makes NumPy's and zipfile's readers raise
+_READ_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    TypeError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    UnicodeDecodeError,
+    NotImplementedError,
+)
+
+
+def _read_file(path: Path, reader) -> dict:
+    """reader(path), with whatever a damaged file raises turned into one DatasetError."""
+    try:
+        return reader(path)
+    except DatasetError:
+        raise
+    except _READ_ERRORS as e:
+        raise DatasetError(
+            f"dataset {path} cannot be read ({type(e).__name__}: {str(e).strip() or 'damaged'}); "
+            "expected an .npz with x_train, y_train, x_test, y_test, or a folder of those four "
+            ".npy files"
+        ) from None
 
 
 def load(name_or_path: str, *, val_fraction: float = 0.0, seed: int = 0, verify=True) -> Dataset:
@@ -225,14 +299,9 @@ def load(name_or_path: str, *, val_fraction: float = 0.0, seed: int = 0, verify=
                 "of those four .npy files)"
             )
     if path.is_dir():
-        arrays = _load_npy_dir(path)
+        arrays = _read_file(path, _load_npy_dir)
         return streamed(**arrays, name=path.stem, val_fraction=val_fraction, seed=seed)
-    else:
-        with np.load(path, allow_pickle=False) as d:
-            missing = [k for k in KEYS if k not in d.files]
-            if missing:
-                raise ValueError(f"{path} lacks array(s) {', '.join(missing)}; it has {d.files}")
-            arrays = {k: d[k] for k in KEYS}
+    arrays = _read_file(path, _load_npz)
     if verify and name_or_path == "mnist":
         for k, h in MNIST_SHA256.items():
             if hashlib.sha256(np.ascontiguousarray(arrays[k]).tobytes()).hexdigest() != h:

@@ -13,6 +13,7 @@ Derived structures are built on first use and cached until the pattern changes:
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -70,9 +71,25 @@ class CSR:
 
     Build with ``CSR(indptr, indices, data, shape)`` (fully validated, O(nnz)), or with
     ``CSR.from_dense``, ``CSR.from_scipy``, ``CSR.random``.
+
+    Validated once, then trusted. What is checked when it is built: the O(nnz) scans (indptr
+    monotone from 0 to nnz, columns in range, sorted and unique within each row, values finite).
+    What stays guarded afterwards, at O(1):
+
+    - ``indptr``, ``indices`` and ``shape`` cannot be reassigned, and the two index arrays are
+      read-only (their ``writeable`` flag is off; the CSR owns them, no caller holds a
+      writeable view);
+    - ``data`` may be changed in place (the optimizer writes it), and assigning a new array
+      goes through a setter that checks it is a 1-D C-contiguous float32 NumPy array of
+      length nnz, not sharing memory with the index arrays;
+    - every kernel call checks those lengths and dtypes again (O(1)).
+
+    What is trusted: the index arrays' contents, as long as nobody turns their writeable flag
+    back on and edits them (that is deliberate, and then out of bounds reads are on the
+    caller); the values' finiteness after in-place writes.
     """
 
-    __slots__ = ("shape", "indptr", "indices", "data", "_cache")
+    __slots__ = ("_shape", "_indptr", "_indices", "_data", "_cache")
 
     def __init__(self, indptr, indices, data, shape, *, check: bool = True, index_dtype=None):
         if check:
@@ -80,20 +97,53 @@ class CSR:
                 (indptr, indices),
                 V.check_csr_arrays(indptr, indices, data, shape, "W", index_dtype=index_dtype),
             )
+        else:  # still the O(1) invariants: the kernels read indptr and indices unchecked
+            _check_trusted(indptr, indices, data, shape)
         self._set(indptr, indices, data, tuple(int(s) for s in shape))
 
     def _set(self, indptr, indices, data, shape):
         indptr.flags.writeable = False
         indices.flags.writeable = False
-        self.indptr, self.indices, self.data, self.shape = indptr, indices, data, shape
+        self._indptr, self._indices, self._data, self._shape = indptr, indices, data, shape
         self._cache = {}
 
     @classmethod
     def _trusted(cls, indptr, indices, data, shape) -> CSR:
-        """Internal: arrays already canonical and in kernel dtypes (no checks)."""
+        """Internal: arrays already canonical and in kernel dtypes (O(1) checks only)."""
+        _check_trusted(indptr, indices, data, shape)
         obj = cls.__new__(cls)
-        obj._set(indptr, indices, data, tuple(shape))
+        obj._set(indptr, indices, data, tuple(int(s) for s in shape))
         return obj
+
+    # ------------------------------------------------------------------ guarded attributes
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """Row pointers (read-only; length n_rows + 1)."""
+        return self._indptr
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Column of every stored entry, in CSR order (read-only)."""
+        return self._indices
+
+    @property
+    def data(self) -> np.ndarray:
+        """The stored values, float32, aligned with ``indices``; writeable in place."""
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = check_values(value, self.nnz, "W.data", self._indptr, self._indices)
+
+    def check(self, name: str = "W") -> CSR:
+        """The O(1) invariants every kernel call relies on (lengths, dtypes, layout); raises
+        ValueError/TypeError naming ``name`` if anything changed them. Returns self."""
+        _check_trusted(self._indptr, self._indices, self._data, self._shape, name)
+        return self
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,8 +182,10 @@ class CSR:
         # scipy does not check these by default, and its canonicalisation crashes without them
         V.check_csr_arrays(M.indptr, M.indices, M.data, M.shape, name, full=False)
         V.check_indptr_monotone(M.indptr, name)
-        if not M.has_canonical_format:
+        # scipy's has_canonical_format is a flag anyone may set: checked by our own scan
+        if not (M.has_canonical_format and V.is_canonical(M.indptr, M.indices)):
             M = M.copy()
+            M.has_canonical_format = False  # a copy keeps the flag; it must not be believed
             M.sum_duplicates()  # sorts too
         indptr, indices, data, shape = V.check_csr_arrays(
             M.indptr, M.indices, M.data, M.shape, name, full=False
@@ -183,6 +235,12 @@ class CSR:
             or not 0.0 <= density <= 1.0
         ):
             raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+        if (
+            not isinstance(scale, numbers.Real)
+            or isinstance(scale, bool)
+            or not (math.isfinite(scale) and scale >= 0)
+        ):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
         rng = np.random.default_rng(seed)
         if per_row:
             per = int(round(density * n))
@@ -309,6 +367,56 @@ class CSR:
         )
 
 
+def check_values(value, nnz: int, name: str = "W.data", *pattern) -> np.ndarray:
+    """A new values array for a CSR of ``nnz`` entries: O(1) checks, no conversion (a silent
+    copy would detach the optimizer's view of the values)."""
+    if V.is_cupy_array(value):
+        V.raise_cupy(name)
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy float32 array, got {type(value).__name__}")
+    if value.dtype != np.float32:
+        raise TypeError(
+            f"{name} must have dtype float32, got {value.dtype} (convert with .astype(np.float32))"
+        )
+    if value.ndim != 1 or value.shape[0] != nnz:
+        raise ValueError(f"{name} must be 1-D of length nnz = {nnz}, got shape {value.shape}")
+    if not value.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (np.ascontiguousarray)")
+    if any(np.may_share_memory(value, p) for p in pattern):
+        raise ValueError(f"{name} shares memory with the matrix's index arrays")
+    return value
+
+
+def _check_trusted(indptr, indices, data, shape, name: str = "W"):
+    """O(1): the arrays a kernel reads unchecked have the kernel dtypes and agreeing lengths."""
+    if not (isinstance(shape, tuple | list) and len(shape) == 2):
+        raise ValueError(f"{name}.shape must be a pair (n_rows, n_cols), got {shape!r}")
+    m = int(shape[0])
+    for a, part in ((indptr, "indptr"), (indices, "indices")):
+        if not isinstance(a, np.ndarray) or a.ndim != 1:
+            raise TypeError(f"{name}.{part} must be a 1-D NumPy array")
+        if a.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise TypeError(f"{name}.{part} must be int32 or int64, got {a.dtype}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}.{part} must be C-contiguous")
+    if indptr.dtype != indices.dtype:
+        raise TypeError(
+            f"{name}.indptr ({indptr.dtype}) and {name}.indices ({indices.dtype}) must "
+            "share a dtype"
+        )
+    if indptr.shape[0] != m + 1:
+        raise ValueError(
+            f"{name}.indptr has length {indptr.shape[0]}, expected n_rows + 1 = {m + 1}"
+        )
+    nnz = indices.shape[0]
+    if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
+        raise ValueError(
+            f"{name}.indptr must run from 0 to nnz = {nnz}, got {int(indptr[0])} .. "
+            f"{int(indptr[-1])}"
+        )
+    check_values(data, nnz, f"{name}.data")
+
+
 def _owned_pattern(given, checked):
     """Copy the pattern arrays that still alias the caller's: a CSR's pattern is trusted by
     kernels that skip bounds checks, so nobody else may hold a writeable view of it."""
@@ -323,7 +431,7 @@ def _owned_pattern(given, checked):
 def as_csr(W, name: str = "W") -> CSR:
     """Accept a CSR (trusted as is), a scipy.sparse matrix, or (indptr, indices, data, shape)."""
     if isinstance(W, CSR):
-        return W
+        return W.check(name)
     if V.is_cupy_array(W):
         V.raise_cupy(name)
     if sp.issparse(W):

@@ -17,6 +17,7 @@ The training set, put on the device once by the trainer, is not part of the plan
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -44,10 +45,17 @@ UNITS = {
 def parse_bytes(text: str) -> int:
     """'8GB', '512 MiB', '1e9' -> bytes."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?i?[bB])?\s*", str(text))
-    if not m:
+    try:
+        value = float(m.group(1)) if m else None
+    except ValueError:
+        value = None
+    if value is None:
         raise ValueError(f"a memory size must look like 8GB or 512MiB, got {text!r}")
     unit = (m.group(2) or "b").lower()
-    return int(float(m.group(1)) * UNITS[unit])
+    size = value * UNITS[unit]
+    if not (math.isfinite(size) and 1 <= size < 2**63):
+        raise ValueError(f"a memory size must be between 1 byte and 8 EiB, got {text!r}")
+    return int(size)
 
 
 def memory_plan(
@@ -80,6 +88,12 @@ def memory_plan(
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(grow_candidates, (int, float)) and 1 <= grow_candidates < math.inf):
+        raise ValueError(f"grow_candidates must be a finite number >= 1, got {grow_candidates!r}")
+    if not (isinstance(ranks, int) and ranks >= 1):
+        raise ValueError(f"ranks must be an integer >= 1, got {ranks!r}")
     gpu = device == "cuda"
     if grow not in ("exact", "sampled"):
         raise ValueError(f"grow must be exact or sampled, got {grow!r}")

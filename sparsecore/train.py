@@ -12,9 +12,12 @@ checkpoint resumes on either side).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import numbers
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kernels.cpu import fpmode
 from sparsecore import checkpoint, distributed
 from sparsecore import data as data_mod
 from sparsecore.device import get_device, to_host
@@ -88,42 +92,71 @@ class TrainConfig:
     rank_timeout: float = 1800.0
 
     def validate(self):
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.grow not in ("exact", "sampled"):
-            raise ValueError(f"grow must be exact or sampled, got {self.grow!r}")
+        """Check every setting and normalise its type in place (NumPy scalars to Python
+        numbers, a tuple arch to a list, a Path to a string), so that the config is JSON as
+        written into checkpoints and compares equal to the one read back. Returns self.
+        Errors name the field and its command-line flag, what was expected and what came."""
+        _check_choice(self, "device", ("cpu", "cuda"))
+        _check_choice(self, "method", METHODS)
+        _check_choice(self, "grow", ("exact", "sampled"))
+        _check_choice(self, "distribution", ("erk", "uniform"))
+        _check_choice(self, "optimizer", ("sgd", "adam", "adamw"))
+        _check_choice(self, "lr_schedule", ("cosine", "step", "constant"))
+        _check_choice(self, "activation", ("relu", "leaky_relu", "tanh", "sigmoid"))
+        _check_choice(self, "fan_in", ("sparse", "dense"))
         if self.grow != "exact" and self.method != "rigl":
             raise ValueError(f"grow={self.grow!r} applies to method rigl, not {self.method!r}")
-        if not (isinstance(self.grow_candidates, (int, float)) and self.grow_candidates >= 1):
-            raise ValueError(f"grow_candidates must be >= 1, got {self.grow_candidates!r}")
-        if self.grow_tile_bytes is not None and self.grow_tile_bytes < 4:
-            raise ValueError(f"grow_tile_bytes must be >= 4, got {self.grow_tile_bytes!r}")
-        if len(self.arch) < 2 or any(not isinstance(a, int) or a < 1 for a in self.arch):
-            raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {self.arch!r}")
-        if self.method != "dense" and not 0.0 < self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity!r}")
-        if not isinstance(self.delta_t, int) or self.delta_t <= 0:
-            raise ValueError(f"delta_t (ΔT) must be a positive integer, got {self.delta_t!r}")
-        if not 0.0 <= self.t_end <= 1.0:
-            raise ValueError(f"t_end must be a fraction of training in [0, 1], got {self.t_end!r}")
-        if self.epochs < 1 or self.batch_size < 1:
+        arch = self.arch
+        if not isinstance(arch, (list, tuple)) or len(arch) < 2 or not all(
+            _is_int(a) and a >= 1 for a in arch
+        ):
+            raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {arch!r}")
+        self.arch = [int(a) for a in arch]
+        if self.method == "dense":
+            _real(self, "sparsity", 0.0, 1.0, hi_open=True)
+        else:
+            _real(self, "sparsity", 0.0, 1.0, lo_open=True, hi_open=True)
+        _real(self, "grow_candidates", 1.0)
+        _integer(self, "grow_tile_bytes", 4, optional=True)
+        _integer(self, "delta_t", 1, what="ΔT, steps between topology updates")
+        _real(self, "alpha", 0.0, 1.0, what="the initial drop fraction")
+        _real(self, "t_end", 0.0, 1.0, what="a fraction of training")
+        _real(self, "lr", 0.0, lo_open=True)
+        _real(self, "momentum", 0.0, 1.0, hi_open=True)
+        _real(self, "weight_decay", 0.0)
+        _integer(self, "lr_step_every", 0)
+        _real(self, "lr_gamma", 0.0, lo_open=True, what="the step schedule's factor")
+        _integer(self, "warmup_steps", 0)
+        _integer(self, "epochs", 1)
+        _integer(self, "batch_size", 1)
+        _integer(self, "seed", 0)
+        _real(self, "val_fraction", 0.0, 1.0, hi_open=True)
+        _integer(self, "max_steps", 1, optional=True)
+        _integer(self, "max_memory", 1, optional=True, what="bytes")
+        _real(self, "rank_timeout", 0.0, what="seconds (0: never)")
+        for key in ("nesterov", "step_on_update", "progress", "flush_denormals"):
+            v = getattr(self, key)
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{key} must be True or False, got {type(v).__name__} {v!r}")
+            setattr(self, key, bool(v))
+        if isinstance(self.dataset, os.PathLike):
+            self.dataset = os.fspath(self.dataset)
+        if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(
-                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+                f"dataset (--dataset) must be 'mnist' or a path, got {self.dataset!r}"
             )
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
-        if self.lr_schedule not in ("cosine", "step", "constant"):
-            raise ValueError(
-                f"lr_schedule must be cosine, step or constant, got {self.lr_schedule!r}"
-            )
+        if isinstance(self.out, os.PathLike):
+            self.out = os.fspath(self.out)
+        if self.out is not None and not (isinstance(self.out, str) and self.out):
+            raise ValueError(f"out must be a folder path, or None for no files; got {self.out!r}")
         s = self.shard_layers
+        if isinstance(s, (list, tuple)) and all(_is_int(i) for i in s):
+            s = self.shard_layers = [int(i) for i in s]
         if not (
             s is None
             or s == "all"
             or (
-                isinstance(s, (list, tuple))
+                isinstance(s, list)
                 and len(s) > 0
                 and all(isinstance(i, int) and 0 <= i < len(self.arch) - 1 for i in s)
             )
@@ -132,15 +165,66 @@ class TrainConfig:
                 f"shard_layers (--shard-layers) must be 'all' or a non-empty list of "
                 f"weighted-layer indices in [0, {len(self.arch) - 2}], got {s!r}"
             )
-        if not (isinstance(self.rank_timeout, (int, float)) and self.rank_timeout >= 0):
-            raise ValueError(
-                f"rank_timeout (--rank-timeout) must be >= 0 seconds, got {self.rank_timeout!r}"
-            )
-        if self.out is not None and not str(self.out):
-            raise ValueError("out must be a folder path, or None for no files; got ''")
         if self.lr_schedule == "step" and self.lr_step_every <= 0:
             raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
+        if self.method != "dense":
+            self._check_layers_keep_connections()
         return self
+
+    def _check_layers_keep_connections(self):
+        """Every sparse layer must keep at least one connection at this sparsity: a layer of
+        nnz 0 passes nothing forward and has nothing to drop or grow from."""
+        shapes = [(o, i) for i, o in zip(self.arch[:-1], self.arch[1:], strict=True)]
+        dens = layer_densities(self.sparsity, shapes, self.distribution)
+        for l, ((m, n), d) in enumerate(zip(shapes, dens, strict=True)):
+            if int(round(d * m * n)) < 1:
+                raise ValueError(
+                    f"sparsity {self.sparsity} ({self.distribution}) leaves weighted layer {l} "
+                    f"({m}×{n}, density {d:.3g}) with no connection; lower --sparsity"
+                )
+
+
+def _flag(key: str) -> str:
+    return f"{key} (--{key.replace('_', '-')})"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_choice(cfg, key, choices):
+    v = getattr(cfg, key)
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{_flag(key)} must be one of {', '.join(choices)}; got {v!r}")
+
+
+def _integer(cfg, key, low, *, optional=False, what=""):
+    v = getattr(cfg, key)
+    if v is None and optional:
+        return
+    if not _is_int(v):
+        raise ValueError(
+            f"{_flag(key)} must be an integer >= {low}{f' ({what})' if what else ''}, got "
+            f"{type(v).__name__} {v!r}"
+        )
+    if v < low:
+        raise ValueError(f"{_flag(key)} must be >= {low}{f' ({what})' if what else ''}, got {v}")
+    setattr(cfg, key, int(v))
+
+
+def _real(cfg, key, lo, hi=math.inf, *, lo_open=False, hi_open=False, what=""):
+    """A finite real number in the interval; stored as a Python float (ints stay ints)."""
+    v = getattr(cfg, key)
+    lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    span = f"a finite number in {lb}{lo:g}, {'∞' if hi == math.inf else f'{hi:g}'}{rb}"
+    extra = f" ({what})" if what else ""
+    if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{_flag(key)} must be {span}{extra}, got {type(v).__name__} {v!r}")
+    f = float(v)
+    ok = math.isfinite(f) and (f > lo if lo_open else f >= lo) and (f < hi if hi_open else f <= hi)
+    if not ok:
+        raise ValueError(f"{_flag(key)} must be {span}{extra}, got {v!r}")
+    setattr(cfg, key, int(v) if _is_int(v) else f)
 
 
 class MemoryBudgetExceeded(ValueError):
@@ -234,10 +318,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
         self.cfg = cfg.validate()
         self.device = get_device(cfg.device)  # the one clear error without CuPy or a GPU
-        if not self.device.on_device:  # the process's kernel threads keep this mode afterwards
-            from kernels.cpu import fpmode
-
-            fpmode.set_flush(cfg.flush_denormals)
         # MPI with --shard-layers: the layers split by rows over the ranks (else none)
         comm, self.sharded = distributed.sharding(cfg)
         self.plan = check_memory(cfg, 1 if comm is None else comm.Get_size(), self.sharded)
@@ -287,6 +367,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.updates: list[dict] = []
+        self._good_ckpt: Path | None = None  # the checkpoint this run wrote or resumed from
         self.out = Path(cfg.out) if cfg.out else None
         # None unless started by mpiexec with several ranks (sparsecore/distributed.py):
         # data-parallel, or the sharded layers' side
@@ -345,22 +426,34 @@ class Trainer:
             yield perm[s * bs : (s + 1) * bs]
 
     # ------------------------------------------------------------------ the loop
+    def fp_mode(self):
+        """The floating-point mode of the run, scoped: FTZ/DAZ in this thread and the kernel
+        threads while the block runs (cfg.flush_denormals, CPU only), every thread's own mode
+        restored when it ends (kernels/cpu/fpmode.py)."""
+        if self.device.on_device:
+            return contextlib.nullcontext(False)
+        return fpmode.flush_denormals(self.cfg.flush_denormals)
+
     def run(self) -> dict:
-        if self.dist is None:
-            return self._run()
-        self.dist.start_watchdog()  # several MPI ranks: a rank that hangs stops them all
-        try:
-            summary = self._run()
-            self.dist.gather_memory(self.model, self.opt)
-            return summary
-        finally:
-            self.dist.stop_watchdog()
+        with self.fp_mode():
+            if self.dist is None:
+                return self._run()
+            self.dist.start_watchdog()  # several MPI ranks: a rank that hangs stops them all
+            try:
+                summary = self._run()
+                self.dist.gather_memory(self.model, self.opt)
+                return summary
+            finally:
+                self.dist.stop_watchdog()
 
     def _run(self) -> dict:
         cfg = self.cfg
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            # the metrics of this run so far (a resumed run: the checkpoint's epochs), so that
+            # rows of a run killed after its last checkpoint, or of an earlier run, never stay
+            self._write_metrics()
         x, y = self.data.x_train, self.data.y_train
         dev = self.device
         on_device = dev.on_device
@@ -564,10 +657,17 @@ class Trainer:
         fig.savefig(path, dpi=90)
         plt.close(fig)
 
+    def _write_metrics(self):
+        """metrics.jsonl as the history holds it, replaced atomically."""
+        path = self.out / "metrics.jsonl"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        os.replace(tmp, path)
+
     def _last_good(self) -> str:
-        if self.out and self.ckpt_path().exists():
-            return f"; the last good checkpoint is {self.ckpt_path()}"
-        return "; no checkpoint was written yet"
+        if self._good_ckpt is not None:
+            return f"; the last good checkpoint is {self._good_ckpt}"
+        return "; this run wrote no checkpoint yet"
 
     def _check_finite(self, row):
         """Before a checkpoint replaces the last one: weights and the epoch's losses finite."""
@@ -595,6 +695,8 @@ class Trainer:
             "history": self.history,
         }
         checkpoint.write(path, self, meta)
+        if path is not None:
+            self._good_ckpt = Path(path)
 
     def load_checkpoint(self, path):
         """Restore model, optimizer, step and epoch; the architecture must match. A checkpoint
@@ -602,6 +704,7 @@ class Trainer:
         meta = checkpoint.read(path, self)
         self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
         self.history = meta["history"]
+        self._good_ckpt = Path(path)
 
 
 def train(cfg: TrainConfig, dataset=None, resume: str | None = None) -> tuple[Trainer, dict]:

@@ -16,6 +16,8 @@ import numbers
 import numpy as np
 
 INDEX_MAX_32 = np.iinfo(np.int32).max
+INDEX_MAX_64 = np.iinfo(np.int64).max
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def is_cupy_array(a) -> bool:
@@ -25,6 +27,9 @@ def is_cupy_array(a) -> bool:
 
 
 def check_shape2(shape, name: str) -> tuple[int, int]:
+    """(n_rows, n_cols) as Python ints. Refused: anything but two non-negative integers, and
+    shapes whose flat index i·n + j (used by the grow, the merge and the samplers) would not fit
+    int64, i.e. m·n > 2**63 - 1."""
     if not isinstance(shape, (tuple, list)) or len(shape) != 2:
         raise ValueError(f"{name} must be a pair (n_rows, n_cols), got {shape!r}")
     out = []
@@ -32,7 +37,13 @@ def check_shape2(shape, name: str) -> tuple[int, int]:
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name}: {axis} must be a non-negative integer, got {v!r}")
         out.append(int(v))
-    return out[0], out[1]
+    m, n = out
+    if m * n > INDEX_MAX_64:
+        raise ValueError(
+            f"{name} = ({m}, {n}) has m·n = {m * n} entries, beyond 2**63 - 1: the flat index "
+            "i·n + j of an entry would not fit int64"
+        )
+    return m, n
 
 
 def check_int(v, name: str, *, low: int = 0, high: int | None = None) -> int:
@@ -57,6 +68,8 @@ def _check_index_array(a, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype, got {a.dtype}")
+    if a.dtype == np.uint64 and a.size and int(a.max()) > INDEX_MAX_64:
+        raise ValueError(f"{name} holds {int(a.max())}, beyond the int64 range of indices")
     return a
 
 
@@ -139,24 +152,38 @@ def choose_index_dtype(m: int, n: int, nnz: int, index_dtype=None, name: str = "
 
 
 def check_indptr_monotone(indptr, name: str = "W"):
-    d = np.diff(indptr)
-    if d.size and (d < 0).any():
-        row = int(np.flatnonzero(d < 0)[0])
+    """indptr[i] <= indptr[i + 1] for every row. Compared element by element, not by np.diff,
+    which wraps around on unsigned dtypes (a falling uint32 indptr would pass)."""
+    down = indptr[1:] < indptr[:-1]
+    if down.size and down.any():
+        row = int(np.flatnonzero(down)[0])
         raise ValueError(
             f"{name}.indptr must be nondecreasing, but indptr[{row + 1}] = "
             f"{int(indptr[row + 1])} < indptr[{row}] = {int(indptr[row])}"
         )
 
 
-def check_canonical(indptr, indices, name: str = "W"):
-    """Columns strictly increasing within every row (sorted, no duplicates). O(nnz)."""
+def _canonical_steps(indptr, indices):
+    """Per entry after the first: True where its column rises above the previous one's or
+    it starts a row. O(nnz)."""
     nnz = indices.shape[0]
-    if nnz < 2:
-        return
     step_ok = np.diff(indices.astype(np.int64)) > 0
     starts = indptr[1:-1].astype(np.int64)  # a new row may start lower
     starts = starts[(starts > 0) & (starts < nnz)]
     step_ok[starts - 1] = True
+    return step_ok
+
+
+def is_canonical(indptr, indices) -> bool:
+    """Columns strictly increasing within every row (indptr already checked monotone)."""
+    return indices.shape[0] < 2 or bool(_canonical_steps(indptr, indices).all())
+
+
+def check_canonical(indptr, indices, name: str = "W"):
+    """Columns strictly increasing within every row (sorted, no duplicates). O(nnz)."""
+    if indices.shape[0] < 2:
+        return
+    step_ok = _canonical_steps(indptr, indices)
     if not step_ok.all():
         p = int(np.flatnonzero(~step_ok)[0]) + 1
         row = int(np.searchsorted(indptr, p, side="right")) - 1
@@ -186,11 +213,24 @@ def as_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False)
         raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {a.dtype}")
     if n_rows is not None and a.shape[0] != n_rows:
         raise ValueError(f"{name} has shape {a.shape}, expected {n_rows} rows")
-    with np.errstate(over="ignore"):  # overflow to inf is reported below where it matters
-        a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.dtype.kind == "f" and a.dtype.itemsize > 4 and a.size:
+        check_fits_float32(a, name)  # O(size), paid only with the conversion's copy
+    a = np.ascontiguousarray(a, dtype=np.float32)
     if finite and a.size and not np.isfinite(a).all():
         raise ValueError(f"{name} must be finite in float32, but it holds NaN or inf")
     return a
+
+
+def check_fits_float32(a, name: str):
+    """A wider float array's finite values must stay finite as float32 (1e300 would become
+    inf without a word). NaN and inf pass here: they are what they were."""
+    bad = np.isfinite(a) & (np.abs(a) > FLOAT32_MAX)
+    if bad.any():
+        p = np.unravel_index(int(np.flatnonzero(bad)[0]), a.shape)
+        raise OverflowError(
+            f"{name} holds {float(a[p])!r} at index {tuple(int(i) for i in p)}, beyond "
+            f"float32's range (±{FLOAT32_MAX:.4g}); the kernels compute in float32: rescale it"
+        )
 
 
 def check_no_overlap(out, name: str, *inputs):

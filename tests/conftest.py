@@ -35,10 +35,11 @@ def small_tiles(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _no_flush_to_zero_leaks():
-    """A test that trains turns on FTZ/DAZ for the process (TrainConfig.flush_denormals);
-    switch it off again so that later tests see IEEE subnormals."""
+    """No test may leave FTZ/DAZ on in the main thread (training scopes it to the run:
+    kernels/cpu/fpmode.flush_denormals); a leak fails the test that made it."""
     yield
     from kernels.cpu import fpmode
 
     if fpmode.flushing():
         fpmode.set_flush(False)
+        pytest.fail("the test left flush-to-zero on in the calling thread")

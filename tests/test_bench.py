@@ -182,6 +182,7 @@ def test_cli_bench_end_to_end(tmp_path, capsys):
         (["--threads", "0"], "--threads must be"),
     ],
 )
-def test_cli_bench_rejects_bad_arguments(tmp_path, args, message):
-    with pytest.raises(SystemExit, match=message):
-        cli.main(["bench", "--out", str(tmp_path), *args])
+def test_cli_bench_rejects_bad_arguments(tmp_path, args, message, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsecore bench: error: ") and message in err[0]

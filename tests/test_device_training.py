@@ -277,7 +277,7 @@ def test_cuda_without_cupy_is_one_clear_error_when_built(no_cupy):
     assert "CuPy is not installed" in str(e.value)
     with pytest.raises(GPUUnavailableError, match="CuPy is not installed"):
         mlp([6, 4, 3], [0.5, None]).to("cuda")
-    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+    with pytest.raises(ValueError, match=r"device \(--device\) must be one of cpu, cuda; got"):
         _cfg(device="gpu").validate()
 
 

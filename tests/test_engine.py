@@ -316,9 +316,9 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        (dict(sparsity=1.5), r"sparsity must be in \(0, 1\), got 1.5"),
-        (dict(delta_t=0), r"delta_t \(ΔT\) must be a positive integer, got 0"),
-        (dict(method="magic"), r"method must be one of"),
+        (dict(sparsity=1.5), r"sparsity \(--sparsity\) must be a finite number in \(0, 1\), got 1.5"),
+        (dict(delta_t=0), r"delta_t \(--delta-t\) must be >= 1 \(ΔT, steps between topology updates\), got 0"),
+        (dict(method="magic"), r"method \(--method\) must be one of rigl, set, static, dense; got 'magic'"),
         (dict(arch=[100, 10]), r"arch starts with 100 inputs but the dataset has 784 features"),
         (dict(arch=[784, 5]), r"arch ends with 5 outputs but the labels go up to 9"),
     ],
@@ -382,7 +382,7 @@ def test_user_npz_and_cli(tmp_path, capsys):
             str(tmp_path / "x"),
         ]
     )
-    assert rc == 2 and "sparsity must be in (0, 1), got 2.0" in capsys.readouterr().err
+    assert rc == 2 and "sparsity (--sparsity) must be a finite number in (0, 1), got 2.0" in capsys.readouterr().err
 
 
 def test_scipy_export_and_import(rng):

@@ -32,33 +32,77 @@ def test_flush_on_and_off_in_every_thread():
     assert (out > 0).all() and (out < np.finfo(np.float32).tiny).all()
 
 
+def _tiny_trainer(**kw):
+    from sparsecore.data import from_arrays
+    from sparsecore.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    d = from_arrays(rng.standard_normal((64, 6)), rng.integers(0, 2, 64),
+                    rng.standard_normal((8, 6)), rng.integers(0, 2, 8))  # fmt: skip
+    cfg = dict(arch=[6, 8, 2], sparsity=0.5, batch_size=16, epochs=1, progress=False)
+    return Trainer(TrainConfig(**{**cfg, **kw}), d)
+
+
+def _ieee_here():
+    """Subnormals survive in this thread: Python floats and NumPy float32."""
+    return 1e-310 * 1.0 != 0.0 and np.float32(1e-38) / np.float32(4) > 0
+
+
 @pytest.mark.parametrize("flush", [True, False])
-def test_training_sets_the_mode_it_is_asked_for(flush):
-    from sparsecore.data import from_arrays
-    from sparsecore.train import TrainConfig, Trainer
+def test_training_scopes_the_mode_to_the_run(flush, monkeypatch):
+    """Nothing changes at construction; inside run() the asked-for mode holds in this thread
+    and every pool thread; afterwards every thread has its own mode back."""
+    tr = _tiny_trainer(flush_denormals=flush)
+    assert not fpmode.flushing() and not fpmode.pool_flushing().any()
+    seen = {}
+    step = tr.train_step
 
-    rng = np.random.default_rng(0)
-    d = from_arrays(rng.standard_normal((64, 6)), rng.integers(0, 2, 64),
-                    rng.standard_normal((8, 6)), rng.integers(0, 2, 8))  # fmt: skip
-    Trainer(
-        TrainConfig(
-            arch=[6, 8, 2], sparsity=0.5, batch_size=16, flush_denormals=flush, progress=False
-        ),
-        d,
-    )
-    assert fpmode.flushing() is flush
+    def spy(xb, yb):
+        seen.setdefault("here", fpmode.flushing())
+        seen.setdefault("pool", bool(fpmode.pool_flushing().all()))
+        return step(xb, yb)
+
+    monkeypatch.setattr(tr, "train_step", spy)
+    tr.run()
+    assert seen == {"here": flush, "pool": flush}
+    assert not fpmode.flushing() and not fpmode.pool_flushing().any()
+    assert _ieee_here()
 
 
-def test_a_later_trainer_can_turn_flushing_off():
-    from sparsecore.data import from_arrays
-    from sparsecore.train import TrainConfig, Trainer
+def test_the_mode_is_restored_after_an_exception(monkeypatch):
+    tr = _tiny_trainer()
 
-    rng = np.random.default_rng(0)
-    d = from_arrays(rng.standard_normal((64, 6)), rng.integers(0, 2, 64),
-                    rng.standard_normal((8, 6)), rng.integers(0, 2, 8))  # fmt: skip
-    cfg = dict(arch=[6, 8, 2], sparsity=0.5, batch_size=16, progress=False)
-    Trainer(TrainConfig(**cfg), d)
-    assert fpmode.flushing()
-    Trainer(TrainConfig(**cfg, flush_denormals=False), d)
-    assert not fpmode.flushing()
-    assert np.float32(1e-38) / np.float32(4) > 0  # IEEE subnormals again
+    def boom(xb, yb):
+        assert fpmode.flushing()
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tr, "train_step", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.run()
+    assert not fpmode.flushing() and not fpmode.pool_flushing().any()
+    assert _ieee_here()
+
+
+def test_a_caller_that_flushes_keeps_flushing():
+    """The scope restores what was there, not 'off': a caller who had FTZ on keeps it, and a
+    run with flush_denormals=False turns it off only while it runs."""
+    try:
+        fpmode.set_flush(True)
+        tr = _tiny_trainer(flush_denormals=False)
+        with fpmode.flush_denormals(False):
+            assert not fpmode.flushing() and not fpmode.pool_flushing().any()
+        assert fpmode.flushing() and fpmode.pool_flushing().all()
+        tr.run()
+        assert fpmode.flushing() and fpmode.pool_flushing().all()
+    finally:
+        fpmode.set_flush(False)
+    assert _ieee_here()
+
+
+def test_nested_scopes_unwind_in_order():
+    with fpmode.flush_denormals(True):
+        assert fpmode.flushing()
+        with fpmode.flush_denormals(False):
+            assert not fpmode.flushing() and not fpmode.pool_flushing().any()
+        assert fpmode.flushing() and fpmode.pool_flushing().all()
+    assert not fpmode.flushing() and not fpmode.pool_flushing().any()

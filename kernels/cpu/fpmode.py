@@ -8,12 +8,14 @@ subnormal become 0) and DAZ (bit 6: subnormal inputs read as 0) makes that arith
 values below 1.2e-38 then count as zero, which changes no gradient step measurably (GPUs and most
 deep-learning runtimes train this way).
 
-MXCSR is per thread, so ``set_flush(True)`` sets it on the calling thread and on every thread of
-Numba's pool (one parallel iteration per thread; checked by thread id). It does not reach the BLAS
-library's threads (the grow flushes its sgemm inputs itself, kernels/cpu/grow.py). Elsewhere than
-x86-64 it does nothing and reports False.
+MXCSR is per thread, so ``flush_denormals()`` (a context manager: the mode holds inside the block
+and every thread gets its own bits back on leaving it) and ``set_flush(True)`` set it on the
+calling thread and on every thread of Numba's pool (one parallel iteration per thread; checked
+by thread id). It does not reach the BLAS library's threads (the grow flushes its sgemm inputs
+itself, kernels/cpu/grow.py). Elsewhere than x86-64 it does nothing and reports False.
 """
 
+import contextlib
 import platform
 
 import numba
@@ -56,35 +58,101 @@ def _update_here(set_bits, clear_bits):
 
 
 @numba.njit(parallel=True, cache=False)
-def _update_pool(set_bits, clear_bits, seen, n_iter):
+def _update_pool(set_bits, clear_bits, seen, old, n_iter):
+    """Apply the update once in every pool thread that has not been reached yet (seen[tid]
+    = 0), recording that thread's MXCSR from before (old[tid]). Each slot is written only by
+    its own thread."""
     for _t in numba.prange(n_iter):
-        _mxcsr_update(np.int32(set_bits), np.int32(clear_bits))
-        seen[numba.get_thread_id()] = 1
+        tid = numba.get_thread_id()
+        if seen[tid] == 0:
+            old[tid] = _mxcsr_update(np.int32(set_bits), np.int32(clear_bits))
+            seen[tid] = 1
 
 
-def set_flush(enable: bool = True) -> bool:
-    """Turn FTZ/DAZ on (or off) for this thread and Numba's threads. Returns True if it was
-    applied everywhere, False where the platform has no MXCSR (or, with a warning, when some pool
-    thread could not be reached)."""
-    if not X86:
-        return False
-    set_bits, clear_bits = (FTZ_DAZ, 0) if enable else (0, FTZ_DAZ)
-    _update_here(set_bits, clear_bits)
-    n = numba.get_num_threads()
-    seen = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int8)
-    for attempt in range(1, 9):  # static scheduling gives each thread one iteration; verify
-        _update_pool(set_bits, clear_bits, seen, n * attempt)
-        if seen[:n].all():
-            return True
+@numba.njit(parallel=True, cache=False)
+def _restore_pool(before, done, n_iter):
+    """Put back each pool thread's FTZ/DAZ bits as recorded in before[tid] (once per thread)."""
+    for _t in numba.prange(n_iter):
+        tid = numba.get_thread_id()
+        if done[tid] == 0:
+            bits = before[tid] & FTZ_DAZ
+            _mxcsr_update(np.int32(bits), np.int32(FTZ_DAZ & ~bits))
+            done[tid] = 1
+
+
+def _warn_unreached(seen, n):
     import warnings
 
     warnings.warn(
         f"FTZ/DAZ reached {int(seen[:n].sum())} of {n} Numba threads (threading layer "
         f"{numba.threading_layer()}); subnormal floats may slow the others",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
+
+
+def _apply(enable: bool):
+    """Set FTZ/DAZ on this thread and the pool; returns (this thread's MXCSR before, the pool
+    threads' MXCSR before, the flags of the pool threads reached)."""
+    set_bits, clear_bits = (FTZ_DAZ, 0) if enable else (0, FTZ_DAZ)
+    here = int(_update_here(0, 0))  # read first: the calling thread may be one of the pool's
+    old = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int32)
+    seen, n = _reach_with(set_bits, clear_bits, old)
+    _update_here(set_bits, clear_bits)
+    return here, old, seen, n
+
+
+def _reach_with(set_bits, clear_bits, old):
+    """Run the update until every one of Numba's threads took part (static scheduling gives
+    each thread one iteration; verified by thread id). Returns (flags of threads reached, n)."""
+    n = numba.get_num_threads()
+    seen = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int8)
+    for attempt in range(1, 9):
+        _update_pool(set_bits, clear_bits, seen, old, n * attempt)
+        if seen[:n].all():
+            break
+    return seen, n
+
+
+def set_flush(enable: bool = True) -> bool:
+    """Turn FTZ/DAZ on (or off) for this thread and Numba's threads, for good (prefer the
+    scoped ``flush_denormals``). Returns True if it was applied everywhere, False where the
+    platform has no MXCSR (or, with a warning, when some pool thread could not be reached)."""
+    if not X86:
+        return False
+    _here, _old, seen, n = _apply(enable)
+    if seen[:n].all():
+        return True
+    _warn_unreached(seen, n)
     return False
+
+
+@contextlib.contextmanager
+def flush_denormals(enable: bool = True):
+    """Scoped FTZ/DAZ: inside the block this thread and every Numba pool thread flush
+    subnormals (``enable=True``) or keep them (``False``); on leaving it, normally or by an
+    exception, each thread it changed gets its own earlier FTZ/DAZ bits back. Nests. The
+    training loop runs inside one (TrainConfig.flush_denormals); the caller's arithmetic after
+    it is IEEE as before. Does nothing off x86-64. Yields whether every thread was reached."""
+    if not X86:
+        yield False
+        return
+    here, old, seen, n = _apply(enable)
+    reached = bool(seen[:n].all())
+    if not reached:
+        _warn_unreached(seen, n)
+    try:
+        yield reached
+    finally:
+        done = np.zeros_like(seen)
+        done[seen == 0] = 1  # threads never changed are left as they are
+        m = numba.get_num_threads()
+        for attempt in range(1, 9):
+            _restore_pool(old, done, m * attempt)
+            if done[:m].all():
+                break
+        # last: the calling thread (which may have run pool iterations) gets its own bits
+        _update_here(here & FTZ_DAZ, FTZ_DAZ & ~here)
 
 
 def flushing() -> bool:
@@ -93,3 +161,12 @@ def flushing() -> bool:
         return False
     old = _update_here(0, 0)
     return (int(old) & FTZ_DAZ) == FTZ_DAZ
+
+
+def pool_flushing() -> np.ndarray:
+    """FTZ/DAZ of each Numba pool thread (bool per thread id, for the tests)."""
+    if not X86:
+        return np.zeros(numba.get_num_threads(), bool)
+    old = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int32)
+    seen, n = _reach_with(0, 0, old)
+    return (old[:n] & FTZ_DAZ) == FTZ_DAZ

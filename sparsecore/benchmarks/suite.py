@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -443,12 +444,22 @@ def plots(res: dict, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------- CLI
+def _numbers(s, kind, what):
+    try:
+        vals = [kind(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        vals = None
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+    return vals
+
+
 def _floats(s):
-    return [float(x) for x in s.split(",") if x]
+    return _numbers(s, float, "finite positive numbers like 0.01,0.1")
 
 
 def _ints(s):
-    return [int(x) for x in s.split(",") if x]
+    return _numbers(s, int, "positive integers like 1024,4096")
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -507,27 +518,48 @@ def add_arguments(p: argparse.ArgumentParser):
 def _check_list(name, values, allowed):
     bad = [v for v in values if v not in allowed]
     if bad:
-        raise SystemExit(
-            f"sparsecore bench: {name} must be a subset of {','.join(allowed)}, got {bad}"
+        raise ValueError(f"{name} must be a subset of {','.join(allowed)}, got {bad}")
+
+
+def _read_json(path) -> dict:
+    """A bench.json written by this suite (or the former kernel-level JSON), or a ValueError
+    saying what is wrong with the file."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--from-json: cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--from-json: {path} is not JSON ({e})") from None
+    if not isinstance(res, dict) or "environment" not in res:
+        raise ValueError(
+            f"--from-json: {path} is not a sparsecore bench.json (expected an object with "
+            "'environment' and kernels/step/scaling results)"
         )
+    return res
 
 
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
-        res = json.loads(Path(args.from_json).read_text())
+        res = _read_json(args.from_json)
         if "products" in res:  # a kernel-level JSON of the former bench/kernels.py
             res = {
                 "preset": "full",
-                "command": res["environment"]["command"],
+                "command": res["environment"].get("command", ""),
                 "threads": None,
                 "batch": 128,
                 "delta_t": args.delta_t,
                 "environment": res["environment"],
                 "kernels": res,
             }
-        return _report(res, out, args.results)
+        try:
+            return _report(res, out, args.results)
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(
+                f"--from-json: {args.from_json} is not a complete sparsecore bench.json "
+                f"({type(e).__name__}: {e})"
+            ) from None
     levels = [x for x in args.levels.split(",") if x]
     _check_list("--levels", levels, ("kernels", "step", "scaling"))
     baselines = [x for x in args.baselines.split(",") if x]
@@ -537,9 +569,11 @@ def run(args) -> int:
         ("--sparsities", args.sparsities, 0.0, 1.0),
     ):
         if vals and not all(lo < v < hi for v in vals):
-            raise SystemExit(f"sparsecore bench: {name} must lie in (0, 1), got {vals}")
+            raise ValueError(f"{name} must lie in (0, 1), got {vals}")
     if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"sparsecore bench: --threads must be >= 1, got {args.threads}")
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.delta_t < 1:
+        raise ValueError(f"--delta-t must be >= 1, got {args.delta_t}")
     preset = PRESETS[args.preset]
     progress = not args.no_progress
     if args.threads:
@@ -632,7 +666,12 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"sparsecore bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
