@@ -2,8 +2,10 @@
 
 Every function takes the sparse weight W (m × n) as one of
 
-- a ``sparsecore.CSR`` (validated once when built, then trusted; it caches its transpose
-  structure and thread blocks, so repeated calls pay nothing for them),
+- a ``sparsecore.CSR`` (validated in full once when built; afterwards every call re-checks
+  only its O(1) invariants, dtypes and lengths, since its index arrays are read-only and its
+  ``data`` setter is checked: see ``sparsecore.CSR``; it caches its transpose structure and
+  thread blocks, so repeated calls pay nothing for them),
 - a ``scipy.sparse`` matrix or array of any format and index dtype (converted on every call:
   O(nnz); wrap it once with ``sparsecore.CSR.from_scipy`` when calling in a loop),
 - a tuple ``(indptr, indices, data, shape)`` of NumPy arrays (fully validated on every call),
@@ -29,7 +31,7 @@ threads from spinning against each other.
 from __future__ import annotations
 
 # First, before NumPy loads OpenBLAS: the thread-pool settings (see sparsecore/_threads.py).
-from sparsecore._threads import configure_threads  # noqa: I001
+from sparsecore._threads import check_fork_safe, configure_threads  # noqa: I001
 
 configure_threads()
 
@@ -221,6 +223,7 @@ def spmm(W, X, *, out=None, layout: str = "feature"):
     layout = V.check_layout(layout)
     if _on_gpu(W, X=X, out=out):
         return _spmm_gpu(W, X, out, layout)
+    check_fork_safe("kernels.spmm")
     W = as_csr(W)
     m, n = W.shape
     X = _dense_in(X, "X", n, layout)
@@ -240,6 +243,7 @@ def spmm_t(W, dY, *, out=None, layout: str = "feature"):
     layout = V.check_layout(layout)
     if _on_gpu(W, dY=dY, out=out):
         return _spmm_t_gpu(W, dY, out, layout)
+    check_fork_safe("kernels.spmm_t")
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
@@ -260,6 +264,7 @@ def sddmm(W, dY, X, *, out=None, layout: str = "feature"):
     layout = V.check_layout(layout)
     if _on_gpu(W, dY=dY, X=X, out=out):
         return _sddmm_gpu(W, dY, X, out, layout)
+    check_fork_safe("kernels.sddmm")
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
@@ -298,6 +303,7 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
         W = _device_csr(W)
         dense_in, check_mask = _dense_in_gpu, V.check_device_mask
     else:
+        check_fork_safe("kernels.topk_grow")
         xp, launcher = np, _grow
         W = as_csr(W)
         dense_in, check_mask = _dense_in, V.check_mask
@@ -364,6 +370,7 @@ def magnitude_drop(W, k):
     """
     if _on_gpu(W):
         return _magnitude_drop_gpu(W, k)
+    check_fork_safe("kernels.magnitude_drop")
     if isinstance(W, np.ndarray) and W.ndim == 1:
         data = W
         if data.dtype.kind not in "fiu":
@@ -457,6 +464,7 @@ def merge(W, keep, grow_rows, grow_cols):
     """
     if _on_gpu(W, keep=keep, grow_rows=grow_rows, grow_cols=grow_cols):
         return _merge_gpu(W, keep, grow_rows, grow_cols)
+    check_fork_safe("kernels.merge")
     W = as_csr(W)
     m, n = W.shape
     keep = V.check_mask(keep, "keep", W.nnz)
@@ -484,6 +492,7 @@ def remap(src, values, fill=0.0):
     """Carry a per-nonzero array across ``merge``: out[w] = values[src[w]], or ``fill`` if src<0."""
     if _on_gpu(None, src=src, values=values):
         return _remap_gpu(src, values, fill)
+    check_fork_safe("kernels.remap")
     src = np.asarray(src)
     values = np.asarray(values)
     if src.ndim != 1 or src.dtype.kind not in "iu":

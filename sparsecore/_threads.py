@@ -19,6 +19,20 @@ Two settings stop that:
 Both are set with ``os.environ.setdefault``: a value the user exported wins, and
 ``SPARSECORE_THREAD_SETUP=0`` leaves the environment alone (the benchmarks use it to measure the
 libraries' defaults). ``threading_info()`` reports what is in force.
+
+Numba's threading layer is TBB where the ``tbb`` wheel is installed (a dependency on x86-64):
+- GNU OpenMP (Numba's ``omp`` layer) is not fork-safe. Once a kernel has run, a forked child
+  that calls one is terminated by Numba, so a ``multiprocessing.Pool`` (or a data loader's
+  workers) started with fork hangs.
+- ``workqueue`` aborts the process when several Python threads call kernels at once.
+- ``tbb`` is both fork- and thread-safe, and measured as fast as ``omp`` here, also
+  interleaved with BLAS calls (bench/threading_layers.py; the figures are in bench/RESULTS.md).
+
+The wheel puts ``libtbb.so.12`` in ``<prefix>/lib``, where the loader does not look, so Numba
+would silently fall back to omp: ``configure_threads`` loads it by absolute path first, then
+asks for ``NUMBA_THREADING_LAYER=tbb`` unless the user chose a layer. Where no tbb is available
+(no wheel for the platform), the layer stays omp, and a kernel called in a child forked after
+kernels ran raises ``ForkedOpenMPError`` saying what to do, instead of the worker dying.
 """
 
 from __future__ import annotations
@@ -30,14 +44,74 @@ DEFAULTS = {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "4"}
 _state: dict = {}
 
 
+TBB_LIBRARY = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
+
+
+class ForkedOpenMPError(RuntimeError):
+    """A kernel was called in a child forked from a process whose kernels ran on GNU OpenMP."""
+
+
 def configure_threads() -> None:
     if _state:
         return
     _state["numpy_loaded_first"] = "numpy" in sys.modules
+    _state["tbb"] = _load_tbb()
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     if os.environ.get("SPARSECORE_THREAD_SETUP", "1") == "0":
         return
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if _state["tbb"] and "NUMBA_THREADING_LAYER" not in os.environ:
+        os.environ["NUMBA_THREADING_LAYER"] = "tbb"
+        numba = sys.modules.get("numba")  # imported before us: its config was read already
+        if numba is not None:
+            numba.config.THREADING_LAYER = "tbb"
+
+
+def _load_tbb() -> str | None:
+    """Load the tbb wheel's library by absolute path (RTLD_GLOBAL), so that Numba's tbb layer
+    finds it; returns its path, or None where the wheel is not installed."""
+    import ctypes
+    from importlib import metadata
+
+    want = TBB_LIBRARY.get(sys.platform, "libtbb.so.12")
+    try:
+        files = metadata.files("tbb") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == want:
+            path = str(f.locate().resolve())
+            try:
+                ctypes.CDLL(path, mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+            except OSError:
+                return None
+            return path
+    return None
+
+
+def _after_fork_in_child():
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel ran before the fork: the child may start any layer
+        return
+    if layer == "omp":
+        _state["forked_omp"] = True
+
+
+def check_fork_safe(what: str = "a sparse kernel") -> None:
+    """Raise ForkedOpenMPError in a forked child whose parent ran kernels on GNU OpenMP (Numba
+    would terminate the child at the kernel's launch, and a Pool waiting for it would hang)."""
+    if _state.get("forked_omp"):
+        raise ForkedOpenMPError(
+            f"{what} was called in a process forked after kernels ran on GNU OpenMP, which is "
+            "not fork-safe: install the tbb wheel (pip install 'tbb>=2021.6'; sparsecore then "
+            "uses Numba's tbb layer), or start the workers with "
+            "multiprocessing.get_context('spawn') or 'forkserver'"
+        )
 
 
 def threading_info() -> dict:
@@ -52,9 +126,16 @@ def threading_info() -> dict:
     return {
         "numba_threading_layer": layer,
         "numba_threads": numba.get_num_threads(),
+        "tbb_library": _state.get("tbb"),
         "env": {
             k: os.environ.get(k)
-            for k in (*DEFAULTS, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
+            for k in (
+                *DEFAULTS,
+                "NUMBA_THREADING_LAYER",
+                "OMP_WAIT_POLICY",
+                "OMP_NUM_THREADS",
+                "NUMBA_NUM_THREADS",
+            )
         },
         "openblas_timeout_effective": not _state.get("numpy_loaded_first", True),
         "blas": [

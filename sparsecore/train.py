@@ -28,6 +28,7 @@ from tqdm import tqdm
 from kernels.cpu import fpmode
 from sparsecore import checkpoint, distributed
 from sparsecore import data as data_mod
+from sparsecore._threads import check_fork_safe
 from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD, Adam, lr_at
@@ -435,6 +436,8 @@ class Trainer:
         return fpmode.flush_denormals(self.cfg.flush_denormals)
 
     def run(self) -> dict:
+        if not self.device.on_device:
+            check_fork_safe("Trainer.run")
         with self.fp_mode():
             if self.dist is None:
                 return self._run()

@@ -2,8 +2,10 @@
 
 Checks come in two costs, as in scipy's check_format: O(1) ones (types, dtypes, shapes, lengths)
 always, and O(nnz) scans (index range, monotone indptr, sorted unique columns, finiteness) on
-input that has not been validated before. A sparsecore.CSR is validated once when it is built and
-trusted afterwards; the kernels themselves check nothing.
+input that has not been validated before. A sparsecore.CSR is validated in full once when it is
+built; afterwards its pattern is read-only, its values' setter checks lengths and dtypes, and
+every call re-checks those O(1) invariants (formats.CSR.check). The kernels themselves check
+nothing. Input from files (datasets, checkpoints) is untrusted and checked in full.
 
 Messages say which argument, what was expected and what arrived, e.g.
 ``W.indptr has length 5, expected n_rows + 1 = 4``.

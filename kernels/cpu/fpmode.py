@@ -11,8 +11,9 @@ deep-learning runtimes train this way).
 MXCSR is per thread, so ``flush_denormals()`` (a context manager: the mode holds inside the block
 and every thread gets its own bits back on leaving it) and ``set_flush(True)`` set it on the
 calling thread and on every thread of Numba's pool (one parallel iteration per thread; checked
-by thread id). It does not reach the BLAS library's threads (the grow flushes its sgemm inputs
-itself, kernels/cpu/grow.py). Elsewhere than x86-64 it does nothing and reports False.
+by thread id; under Numba's tbb layer TBB itself gives its workers the calling thread's mode at
+every parallel call). It does not reach the BLAS library's threads (the grow flushes its sgemm
+inputs itself, kernels/cpu/grow.py). Elsewhere than x86-64 it does nothing and reports False.
 """
 
 import contextlib
@@ -80,6 +81,16 @@ def _restore_pool(before, done, n_iter):
             done[tid] = 1
 
 
+def _pool_follows_caller() -> bool:
+    """TBB (Numba's tbb layer) runs every parallel call with the floating-point mode of the
+    thread that made it, so its workers need no setting of their own (and may not all be
+    reached by a short loop). Call after a parallel kernel ran."""
+    try:
+        return numba.threading_layer() == "tbb"
+    except ValueError:
+        return False
+
+
 def _warn_unreached(seen, n):
     import warnings
 
@@ -121,7 +132,7 @@ def set_flush(enable: bool = True) -> bool:
     if not X86:
         return False
     _here, _old, seen, n = _apply(enable)
-    if seen[:n].all():
+    if seen[:n].all() or _pool_follows_caller():
         return True
     _warn_unreached(seen, n)
     return False
@@ -138,7 +149,7 @@ def flush_denormals(enable: bool = True):
         yield False
         return
     here, old, seen, n = _apply(enable)
-    reached = bool(seen[:n].all())
+    reached = bool(seen[:n].all()) or _pool_follows_caller()
     if not reached:
         _warn_unreached(seen, n)
     try:
@@ -164,9 +175,10 @@ def flushing() -> bool:
 
 
 def pool_flushing() -> np.ndarray:
-    """FTZ/DAZ of each Numba pool thread (bool per thread id, for the tests)."""
+    """FTZ/DAZ as seen inside a parallel kernel, one bool per pool thread that ran an iteration
+    of it (for the tests: under TBB that is the calling thread's mode, applied to its workers)."""
     if not X86:
         return np.zeros(numba.get_num_threads(), bool)
     old = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int32)
     seen, n = _reach_with(0, 0, old)
-    return (old[:n] & FTZ_DAZ) == FTZ_DAZ
+    return (old[:n][seen[:n] == 1] & FTZ_DAZ) == FTZ_DAZ
