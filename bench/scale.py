@@ -78,6 +78,8 @@ def main(argv=None):
     losses = []
     times, upd, grow_layers, update_only = [], [], [], []
     batches = tr.batches(0)
+    fp = tr.fp_mode()  # flush-to-zero as Trainer.run has it, for the steps timed here
+    fp.__enter__()
     for _ in range(args.steps):
         idx = next(batches)
         xb = np.ascontiguousarray(data.x_train[idx].T)
@@ -96,6 +98,7 @@ def main(argv=None):
             )
         elif tr.step - 1 < 3 or (tr.step - 1) % 50 == 0:
             print(f"step {tr.step - 1}: {dt:.2f} s, loss {loss:.3f}", flush=True)
+    fp.__exit__(None, None, None)
     t = time.perf_counter()
     acc = None if args.no_eval else tr.evaluate(data.x_test, data.y_test)["acc"]
     eval_s = time.perf_counter() - t

@@ -485,7 +485,7 @@ def merge(W, keep, grow_rows, grow_cols):
             "connections that are absent (or dropped in this update)"
         )
     data = _merge.remap(src, W.data)
-    return W.with_pattern(new_indptr, new_indices, data), src
+    return W._with_pattern(new_indptr, new_indices, data), src
 
 
 def remap(src, values, fill=0.0):

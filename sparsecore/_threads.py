@@ -29,10 +29,11 @@ Numba's threading layer is TBB where the ``tbb`` wheel is installed (a dependenc
   interleaved with BLAS calls (bench/threading_layers.py; the figures are in bench/RESULTS.md).
 
 The wheel puts ``libtbb.so.12`` in ``<prefix>/lib``, where the loader does not look, so Numba
-would silently fall back to omp: ``configure_threads`` loads it by absolute path first, then
-asks for ``NUMBA_THREADING_LAYER=tbb`` unless the user chose a layer. Where no tbb is available
-(no wheel for the platform), the layer stays omp, and a kernel called in a child forked after
-kernels ran raises ``ForkedOpenMPError`` saying what to do, instead of the worker dying.
+would silently fall back to omp: ``configure_threads`` loads it by absolute path, and Numba's
+default choice, which tries tbb first, then picks it (``NUMBA_THREADING_LAYER`` set by the user
+still wins; nothing is exported to child processes). Where no tbb is available (no wheel for the
+platform), the layer stays omp, and a kernel called in a child forked after kernels ran on GNU
+OpenMP raises ``ForkedOpenMPError`` saying what to do, instead of the worker dying.
 """
 
 from __future__ import annotations
@@ -55,17 +56,14 @@ def configure_threads() -> None:
     if _state:
         return
     _state["numpy_loaded_first"] = "numpy" in sys.modules
+    # Numba's default choice tries tbb first: once the library is loaded, it is picked (no
+    # variable is exported, so a child process that imports numba alone is not affected)
     _state["tbb"] = _load_tbb()
     os.register_at_fork(after_in_child=_after_fork_in_child)
     if os.environ.get("SPARSECORE_THREAD_SETUP", "1") == "0":
         return
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if _state["tbb"] and "NUMBA_THREADING_LAYER" not in os.environ:
-        os.environ["NUMBA_THREADING_LAYER"] = "tbb"
-        numba = sys.modules.get("numba")  # imported before us: its config was read already
-        if numba is not None:
-            numba.config.THREADING_LAYER = "tbb"
 
 
 def _load_tbb() -> str | None:
@@ -98,8 +96,17 @@ def _after_fork_in_child():
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran before the fork: the child may start any layer
         return
-    if layer == "omp":
+    if layer == "omp" and _openmp_vendor() == "GNU":  # Intel's and LLVM's OpenMP are fork-safe
         _state["forked_omp"] = True
+
+
+def _openmp_vendor() -> str:
+    try:
+        from numba.np.ufunc import omppool
+
+        return str(getattr(omppool, "openmp_vendor", "GNU"))
+    except ImportError:
+        return "GNU"
 
 
 def check_fork_safe(what: str = "a sparse kernel") -> None:

@@ -84,6 +84,8 @@ RESULT_KEYS = (
 # Keys added after checkpoints were first written: an old checkpoint had these values.
 KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10, "flush_denormals": False}
 _HEADER_TAG, _ARRAY_TAG = 71, 72
+# What every row of a checkpoint's history holds (the loop's metrics of one epoch)
+HISTORY_KEYS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
 class _NpzWriter:
@@ -152,7 +154,7 @@ def write(path, trainer, meta: dict):
                 writer.close()
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # as open() would have made it
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -356,7 +358,12 @@ class _Check:
     def array(self, name, kind, shape):
         """Member ``name`` of dtype kind "i" (integers), "f" (real floats); ``shape`` with
         None where any length goes."""
-        a = self.d[name]
+        try:
+            a = self.d[name]
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as e:
+            self.fail(f"member {name} cannot be read ({type(e).__name__}: {str(e).strip()})")
         if kind == "i" and a.dtype.kind not in "iu":
             self.fail(f"{name} has dtype {a.dtype}, expected integers")
         if kind == "f" and a.dtype.kind != "f":
@@ -420,7 +427,7 @@ class _Check:
 
 
 def _read_meta(c: _Check) -> dict:
-    raw = c.d["meta"]
+    raw = c.array("meta", None, ())
     if raw.dtype.kind not in "US" or raw.ndim != 0:
         c.fail(f"meta has dtype {raw.dtype} shape {raw.shape}, expected a JSON string")
     try:
@@ -444,8 +451,15 @@ def _read_meta(c: _Check) -> dict:
         v = meta.get(key)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             c.fail(f"meta.{key} must be an integer >= 0, got {v!r:.60}")
-    if not all(isinstance(r, dict) for r in meta["history"]):
-        c.fail("meta.history must be a list of per-epoch objects")
+    for i, row in enumerate(meta["history"]):
+        if not isinstance(row, dict):
+            c.fail(f"meta.history[{i}] must be an object of that epoch's metrics")
+        for k in HISTORY_KEYS:
+            v = row.get(k)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                c.fail(f"meta.history[{i}].{k} must be a number, got {v!r:.60}")
+        if row["epoch"] != i + 1:
+            c.fail(f"meta.history[{i}].epoch must be {i + 1}, got {row['epoch']!r}")
     if len(meta["history"]) != meta["epoch"]:
         c.fail(
             f"meta.history has {len(meta['history'])} epochs, but meta.epoch is {meta['epoch']}"
@@ -457,6 +471,8 @@ def _expected_nnz(cfg, model) -> dict:
     """The nnz every sparse layer has at this config (constant through training)."""
     from sparsecore.rigl.distributions import layer_densities
 
+    if cfg.method == "dense" or not model.sparse_layers():
+        return {}
     shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
     dens = layer_densities(cfg.sparsity, shapes, cfg.distribution)
     return {
@@ -534,6 +550,15 @@ def read_rows(d, l: int, name: str, moments, r0: int, r1: int, *, nnz=None, n=No
 def check_config(saved: dict, cfg, path):
     """A checkpoint's config against this run's: structure must match, results may differ
     (with a warning)."""
+    momentum = saved.get("momentum", 0)
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise CheckpointError(f"checkpoint {path}: meta.config.momentum is {momentum!r:.60}")
+    if cfg.optimizer == "sgd" and (momentum > 0) != (cfg.momentum > 0):
+        raise CheckpointError(
+            f"checkpoint {path} was written with momentum={momentum!r}, this run has "
+            f"momentum={cfg.momentum!r}: SGD with and without momentum keeps different state "
+            "(resume with momentum on or off as it was; its value may change)"
+        )
     for key in STRUCTURE_KEYS:
         if saved.get(key, KEY_DEFAULTS.get(key)) != getattr(cfg, key):
             raise CheckpointError(
@@ -569,14 +594,8 @@ def read(path, trainer) -> dict:
             f"checkpoint {path} is not a sparsecore checkpoint (not a readable .npz: "
             f"{type(e).__name__}: {str(e).strip() or 'damaged'})"
         ) from None
-    try:
+    try:  # member reads turn what a damaged file raises into CheckpointError (_Check.array)
         return _read_checked(members, trainer)
-    except CheckpointError:
-        raise
-    except _READ_ERRORS as e:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).strip() or '?'})"
-        ) from None
     finally:
         members.close()
 

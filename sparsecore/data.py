@@ -100,6 +100,8 @@ def _check_split(xtr, ytr, xte, yte, val_fraction) -> int:
         raise ValueError(f"x_train has {xtr.shape[1]} features but x_test has {xte.shape[1]}")
     if xtr.shape[0] == 0:
         raise DatasetError("x_train is empty (0 rows)")
+    if xte.shape[0] == 0:
+        raise DatasetError("x_test is empty (0 rows): the run reports test accuracy every epoch")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     return int(max(ytr.max(), yte.max() if yte.size else 0)) + 1
@@ -269,6 +271,7 @@ _READ_ERRORS = (
     struct.error,
     UnicodeDecodeError,
     NotImplementedError,
+    MemoryError,  # a member that declares more than fits (or a zip bomb)
 )
 
 

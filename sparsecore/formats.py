@@ -84,9 +84,11 @@ class CSR:
       length nnz, not sharing memory with the index arrays;
     - every kernel call checks those lengths and dtypes again (O(1)).
 
-    What is trusted: the index arrays' contents, as long as nobody turns their writeable flag
-    back on and edits them (that is deliberate, and then out of bounds reads are on the
-    caller); the values' finiteness after in-place writes.
+    What is trusted: the index arrays' and the cached thread blocks' contents, as long as nobody
+    turns their writeable flags back on and edits them or replaces private attributes (that is
+    deliberate, and then out-of-bounds reads are on the caller); the values' finiteness after
+    in-place writes. The engine's layers call the launchers directly (no per-call check) and
+    check their operands' shapes themselves.
     """
 
     __slots__ = ("_shape", "_indptr", "_indices", "_data", "_cache")
@@ -99,6 +101,7 @@ class CSR:
             )
         else:  # still the O(1) invariants: the kernels read indptr and indices unchecked
             _check_trusted(indptr, indices, data, shape)
+            check_values(data, indices.shape[0], "W.data", indptr, indices)
         self._set(indptr, indices, data, tuple(int(s) for s in shape))
 
     def _set(self, indptr, indices, data, shape):
@@ -111,6 +114,7 @@ class CSR:
     def _trusted(cls, indptr, indices, data, shape) -> CSR:
         """Internal: arrays already canonical and in kernel dtypes (O(1) checks only)."""
         _check_trusted(indptr, indices, data, shape)
+        check_values(data, indices.shape[0], "W.data", indptr, indices)
         obj = cls.__new__(cls)
         obj._set(indptr, indices, data, tuple(int(s) for s in shape))
         return obj
@@ -178,6 +182,7 @@ class CSR:
         if M.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold real numbers, got dtype {M.dtype}")
         if M.format != "csr":
+            _check_before_conversion(M, name)  # scipy's tocsr trusts the arrays it converts
             M = M.tocsr()
         # scipy does not check these by default, and its canonicalisation crashes without them
         V.check_csr_arrays(M.indptr, M.indices, M.data, M.shape, name, full=False)
@@ -317,7 +322,11 @@ class CSR:
         return self
 
     def with_pattern(self, indptr, indices, data) -> CSR:
-        """A new CSR of the same shape on another (trusted, canonical) pattern."""
+        """A new CSR of the same shape on another pattern (validated in full, O(nnz))."""
+        return CSR(indptr, indices, data, self.shape)
+
+    def _with_pattern(self, indptr, indices, data) -> CSR:
+        """Internal: the same on a pattern the caller built canonical (merge)."""
         return CSR._trusted(indptr, indices, data, self.shape)
 
     # ------------------------------------------------------------------ derived structures
@@ -336,14 +345,18 @@ class CSR:
         if "rb" not in self._cache:
             from kernels.cpu._common import row_blocks
 
-            self._cache["rb"] = row_blocks(self.indptr, self.shape[0])
+            rb = row_blocks(self.indptr, self.shape[0])
+            rb.flags.writeable = False  # the kernels trust these row ranges
+            self._cache["rb"] = rb
         return self._cache["rb"]
 
     def col_blocks(self):
         if "cb" not in self._cache:
             from kernels.cpu._common import row_blocks
 
-            self._cache["cb"] = row_blocks(self.transpose_structure()[0], self.shape[1])
+            cb = row_blocks(self.transpose_structure()[0], self.shape[1])
+            cb.flags.writeable = False
+            self._cache["cb"] = cb
         return self._cache["cb"]
 
     def nbytes(self, *, transpose: bool | None = None) -> dict:
@@ -367,6 +380,30 @@ class CSR:
         )
 
 
+def _check_before_conversion(M, name: str):
+    """The arrays of a CSC, COO or BSR matrix, checked before scipy's compiled conversion reads
+    them (it does not check, and out-of-range indices crash it). O(nnz)."""
+    m, n = V.check_shape2(M.shape, f"{name}.shape")
+    if M.format == "csc":  # the CSR arrays of the transpose
+        V.check_csr_arrays(M.indptr, M.indices, M.data, (n, m), f"{name} (CSC)", full=False)
+        V.check_indptr_monotone(M.indptr, f"{name} (CSC)")
+        if M.indices.size and (M.indices.min() < 0 or M.indices.max() >= m):
+            raise ValueError(f"{name} (CSC): row indices must lie in [0, {m})")
+    elif M.format == "coo":
+        coords = getattr(M, "coords", None) or (M.row, M.col)
+        for a, axis, size in ((coords[0], "row", m), (coords[1], "col", n)):
+            a = np.asarray(a)
+            if a.ndim != 1 or a.shape[0] != np.asarray(M.data).shape[0]:
+                raise ValueError(f"{name} (COO): {axis} must be 1-D of length nnz")
+            if a.size and (a.min() < 0 or a.max() >= size):
+                raise ValueError(f"{name} (COO): {axis} indices must lie in [0, {size})")
+    elif M.format == "bsr":
+        try:
+            M.check_format(full_check=True)
+        except (ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"{name} (BSR) is malformed: {e}") from None
+
+
 def check_values(value, nnz: int, name: str = "W.data", *pattern) -> np.ndarray:
     """A new values array for a CSR of ``nnz`` entries: O(1) checks, no conversion (a silent
     copy would detach the optimizer's view of the values)."""
@@ -382,20 +419,23 @@ def check_values(value, nnz: int, name: str = "W.data", *pattern) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D of length nnz = {nnz}, got shape {value.shape}")
     if not value.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (np.ascontiguousarray)")
-    if any(np.may_share_memory(value, p) for p in pattern):
+    if pattern and any(np.may_share_memory(value, p) for p in pattern):
         raise ValueError(f"{name} shares memory with the matrix's index arrays")
     return value
+
+
+_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def _check_trusted(indptr, indices, data, shape, name: str = "W"):
     """O(1): the arrays a kernel reads unchecked have the kernel dtypes and agreeing lengths."""
     if not (isinstance(shape, tuple | list) and len(shape) == 2):
         raise ValueError(f"{name}.shape must be a pair (n_rows, n_cols), got {shape!r}")
-    m = int(shape[0])
+    m = shape[0]
     for a, part in ((indptr, "indptr"), (indices, "indices")):
         if not isinstance(a, np.ndarray) or a.ndim != 1:
             raise TypeError(f"{name}.{part} must be a 1-D NumPy array")
-        if a.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        if a.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name}.{part} must be int32 or int64, got {a.dtype}")
         if not a.flags.c_contiguous:
             raise ValueError(f"{name}.{part} must be C-contiguous")
@@ -409,7 +449,7 @@ def _check_trusted(indptr, indices, data, shape, name: str = "W"):
             f"{name}.indptr has length {indptr.shape[0]}, expected n_rows + 1 = {m + 1}"
         )
     nnz = indices.shape[0]
-    if int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
+    if indptr[0] != 0 or indptr[m] != nnz:
         raise ValueError(
             f"{name}.indptr must run from 0 to nnz = {nnz}, got {int(indptr[0])} .. "
             f"{int(indptr[-1])}"

@@ -115,6 +115,11 @@ class SparseLinear(Layer):
         """y = W·x + b; with ``relu`` the following ReLU is applied in the same pass."""
         W = self.W
         dev = self.dev
+        if x.ndim != 2 or x.shape[0] != W.shape[1]:  # the kernels trust their operands
+            raise ValueError(
+                f"{self.name}: x has shape {x.shape}, expected ({W.shape[1]}, batch) "
+                "(feature-major)"
+            )
         self.x = x
         y = dev.xp.empty((W.shape[0], x.shape[1]), np.float32)
         dev.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks(), bias=self.b, relu=relu)
@@ -125,6 +130,11 @@ class SparseLinear(Layer):
         layer, i.e. its input) dX is returned already through that ReLU's backward."""
         W = self.W
         dev = self.dev
+        if self.x is None or dy.shape != (W.shape[0], self.x.shape[1]):
+            raise ValueError(
+                f"{self.name}: dy has shape {dy.shape}, expected (outputs, batch of the last "
+                f"forward) = ({W.shape[0]}, {None if self.x is None else self.x.shape[1]})"
+            )
         self.dy = dy
         dev.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks(), bias_grad=self.gb)
         if not need_dx:
@@ -447,6 +457,9 @@ class Sequential:
         as a NumPy array, or stay on the device with ``to_host=False``."""
         dev = self.dev
         xp = dev.xp
+        n_in = self.weighted()[0].W.shape[1] if self.weighted() else None
+        if x.ndim != 2 or (n_in is not None and x.shape[1] != n_in):
+            raise ValueError(f"x has shape {x.shape}, expected (N, {n_in}) (batch-major)")
         out = []
         for s in range(0, x.shape[0], batch_size):
             xb = x[s : s + batch_size].T

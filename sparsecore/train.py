@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,8 @@ class TrainConfig:
         _integer(self, "epochs", 1)
         _integer(self, "batch_size", 1)
         _integer(self, "seed", 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"{_flag('seed')} must be below 2**63, got {self.seed}")
         _real(self, "val_fraction", 0.0, 1.0, hi_open=True)
         _integer(self, "max_steps", 1, optional=True)
         _integer(self, "max_memory", 1, optional=True, what="bytes")
@@ -661,11 +664,17 @@ class Trainer:
         plt.close(fig)
 
     def _write_metrics(self):
-        """metrics.jsonl as the history holds it, replaced atomically."""
+        """metrics.jsonl as the history holds it, replaced atomically (a new temporary file
+        created exclusively, as checkpoints are: no planted link is followed)."""
         path = self.out / "metrics.jsonl"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.out)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in self.history))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _last_good(self) -> str:
         if self._good_ckpt is not None:

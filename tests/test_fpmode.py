@@ -106,3 +106,25 @@ def test_nested_scopes_unwind_in_order():
             assert not fpmode.flushing() and not fpmode.pool_flushing().any()
         assert fpmode.flushing() and fpmode.pool_flushing().all()
     assert not fpmode.flushing() and not fpmode.pool_flushing().any()
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_THREADING_LAYER") == "omp",
+                    reason="this run is the omp run already")  # fmt: skip
+def test_the_scoped_mode_under_the_omp_layer_too():
+    """Under tbb, TBB carries the caller's mode to its workers, so the pool checks above see
+    the caller's mode; under omp every pool thread is set and restored one by one. Run the
+    same tests there (a subprocess: the layer is fixed per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONPATH": str(root)}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not under_the_omp_layer"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert " passed" in r.stdout

@@ -594,3 +594,102 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert "No space left on device" in msg
     assert path.read_bytes() == good
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ found in review
+def _in_spawn(fn, *args):
+    """fn(*args) in a spawned process: a segfault there fails the test, not pytest."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply_async(fn, args).get(timeout=120)
+
+
+def _convert_bad_scipy(kind):
+    if kind == "csc":
+        M = sp.csc_array((np.ones(2), np.array([0, 10**8]), np.array([0, 1, 2])), shape=(3, 2))
+    else:
+        M = sp.coo_array((np.ones(2), (np.array([0, 1]), np.array([0, 1]))), shape=(3, 2))
+        M.row[1] = 10**8  # mutated after scipy checked it
+    try:
+        kernels.spmm(M, np.ones((2, 1), np.float32))
+        return "accepted"
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("kind, expected", [("csc", "W (CSC): row indices must lie in [0, 3)"),
+                                            ("coo", "W (COO): row indices must lie in [0, 3)")])  # fmt: skip
+def test_scipy_arrays_are_checked_before_scipy_converts_them(kind, expected):
+    assert _in_spawn(_convert_bad_scipy, kind) == expected
+
+
+def test_with_pattern_validates_and_thread_blocks_are_read_only():
+    W = CSR.random((4, 5), 0.5, seed=0)
+    ip = np.array([0, 1, 1, 1, 1], np.int32)
+    with pytest.raises(ValueError, match=r"W.indices must lie in \[0, n_cols = 5\)"):
+        W.with_pattern(ip, np.array([10**9], np.int32), np.ones(1, np.float32))
+    for blocks in (W.row_blocks(), W.col_blocks()):
+        with pytest.raises(ValueError, match="read-only"):
+            blocks[-1] = 10**8
+    alias = np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="shares memory with the matrix's index arrays"):
+        CSR(np.array([0, 1], np.int32), alias[:1], alias[:1].view(np.float32), (1, 3), check=False)
+
+
+def test_layers_check_operand_shapes():
+    from sparsecore.layers import SparseLinear, mlp
+
+    layer = SparseLinear(CSR.random((30, 20), 0.3, seed=0))
+    with pytest.raises(ValueError, match=r"x has shape \(3, 8\), expected \(20, batch\)"):
+        layer.forward(np.ones((3, 8), np.float32))
+    layer.forward(np.ones((20, 8), np.float32))
+    with pytest.raises(ValueError, match=r"dy has shape \(30, 5\), expected"):
+        layer.backward(np.ones((30, 5), np.float32))
+    model = mlp([20, 16, 3], [0.5, None])
+    with pytest.raises(ValueError, match=r"x has shape \(4, 7\), expected \(N, 20\)"):
+        model.predict(np.ones((4, 7), np.float32))
+
+
+def test_dense_method_checkpoint_resumes(tmp_path):
+    tr, path = _trained(tmp_path, method="dense", sparsity=0.0)
+    other = Trainer(_blob_cfg(tmp_path, method="dense", sparsity=0.0))
+    other.load_checkpoint(path)
+    assert other.step == tr.step
+
+
+@pytest.mark.parametrize(
+    "history, expected",
+    [([{}, {}], r"meta.history\[0\].epoch must be a number, got None"),
+     ([{"epoch": 2, "step": 1, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
+        "test_acc": 0.5}] * 2, r"meta.history\[0\].epoch must be 1, got 2")],  # fmt: skip
+)
+def test_a_crafted_history_is_refused(tmp_path, history, expected):
+    tr, path = _trained(tmp_path)
+    bad = _rewrite(path, tmp_path / "bad.npz", {"meta": _meta(lambda m: m.update(history=history))})
+    with pytest.raises(ckpt.CheckpointError, match=expected):
+        tr.load_checkpoint(bad)
+
+
+def test_turning_momentum_on_or_off_is_refused_on_resume(tmp_path):
+    tr, path = _trained(tmp_path, momentum=0.0)
+    with pytest.raises(ckpt.CheckpointError, match="written with momentum=0.0, this run has momentum=0.9"):
+        Trainer(_blob_cfg(tmp_path, momentum=0.9)).load_checkpoint(path)
+
+
+def test_empty_test_set_seed_and_huge_widths(tmp_path, capsys):
+    with pytest.raises(D.DatasetError, match=r"x_test is empty \(0 rows\)"):
+        D.from_arrays(np.ones((4, 3)), [0, 1, 0, 1], np.ones((0, 3)), np.zeros(0))
+    with pytest.raises(ValueError, match=r"seed \(--seed\) must be below 2\*\*63"):
+        _blob_cfg(tmp_path, seed=10**30).validate()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--widths", "1" + "0" * 400, "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--widths: expected" in capsys.readouterr().err
+
+
+def test_metrics_file_link_is_replaced_not_followed(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "metrics.jsonl").symlink_to(victim)
+    Trainer(_blob_cfg(tmp_path, epochs=1)).run()
+    assert victim.read_text() == "precious" and not (out / "metrics.jsonl").is_symlink()

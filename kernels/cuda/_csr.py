@@ -104,7 +104,11 @@ class DeviceCSR:
         return DeviceCSR(self.indptr.copy(), self.indices.copy(), self.data.copy(), self.shape)
 
     def with_pattern(self, indptr, indices, data) -> DeviceCSR:
+        """A DeviceCSR of the same shape on another pattern (trusted: canonical device arrays
+        in kernel dtypes, as merge builds them)."""
         return DeviceCSR(indptr, indices, data, self.shape)
+
+    _with_pattern = with_pattern  # the name the shared merge path calls
 
     # ------------------------------------------------------------------ derived structures
     def row_blocks(self):

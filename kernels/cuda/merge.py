@@ -99,4 +99,4 @@ def merge_csr(W, keep, rows, cols):
             f"{conflicts} grown entries are already present in W and kept; grow only "
             "connections that are absent (or dropped in this update)"
         )
-    return W.with_pattern(new_indptr, new_indices, remap(src, W.data)), src
+    return W._with_pattern(new_indptr, new_indices, remap(src, W.data)), src

@@ -177,16 +177,17 @@ def run_engine(c: dict, data) -> dict:
     check_forward(tr.model, np.ascontiguousarray(data.x_train[: c["batch"]].T))
     batches = (i for e in range(10**6) for i in tr.batches(e))
     flags, times = [], []
-    for s in range(c["warmup"] + c["steps"]):
-        idx = next(batches)
-        xb = np.ascontiguousarray(data.x_train[idx].T)
-        yb = data.y_train[idx]
-        t0 = time.perf_counter()
-        _, _, report = tr.train_step(xb, yb)
-        dt = time.perf_counter() - t0
-        if s >= c["warmup"]:
-            times.append(dt)
-            flags.append(report is not None)
+    with tr.fp_mode():  # flush-to-zero as in Trainer.run (the torch baseline flushes too)
+        for s in range(c["warmup"] + c["steps"]):
+            idx = next(batches)
+            xb = np.ascontiguousarray(data.x_train[idx].T)
+            yb = data.y_train[idx]
+            t0 = time.perf_counter()
+            _, _, report = tr.train_step(xb, yb)
+            dt = time.perf_counter() - t0
+            if s >= c["warmup"]:
+                times.append(dt)
+                flags.append(report is not None)
     cost = model_cost(tr.model, c["batch"], tr.opt)
     out = _summary(_classify(flags), times, c["delta_t"])
     out.update(

@@ -449,7 +449,8 @@ def _numbers(s, kind, what):
         vals = [kind(x) for x in s.split(",") if x.strip()]
     except ValueError:
         vals = None
-    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+    ok = (lambda v: 0 < v < 2**31) if kind is int else (lambda v: 0 < v < math.inf)
+    if not vals or not all(ok(v) for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
     return vals
 
