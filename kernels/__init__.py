@@ -86,6 +86,19 @@ def _dense_out(result_fm, out, name, layout):
     return result_fm
 
 
+def _host_parts(W) -> tuple:
+    """The caller's own arrays behind W (a scipy matrix's or a tuple's), which an ``out=``
+    must not overlap either (W itself may be a converted copy of them)."""
+    if isinstance(W, tuple) and len(W) == 4:
+        return tuple(a for a in W[:3] if isinstance(a, np.ndarray))
+    parts = []
+    for attr in ("data", "indices", "indptr", "row", "col"):
+        a = getattr(W, attr, None) if not isinstance(W, CSR) else None
+        if isinstance(a, np.ndarray):
+            parts.append(a)
+    return tuple(parts)
+
+
 def _prepare_out(out, name, rows, batch, layout, W, *inputs):
     shape = (batch, rows) if layout == "batch" else (rows, batch)
     if out is not None:
@@ -224,10 +237,11 @@ def spmm(W, X, *, out=None, layout: str = "feature"):
     if _on_gpu(W, X=X, out=out):
         return _spmm_gpu(W, X, out, layout)
     check_fork_safe("kernels.spmm")
+    given = _host_parts(W)
     W = as_csr(W)
     m, n = W.shape
     X = _dense_in(X, "X", n, layout)
-    y = _prepare_out(out, "out", m, X.shape[1], layout, W, X)
+    y = _prepare_out(out, "out", m, X.shape[1], layout, W, X, *given)
     _spmm.spmm(W.indptr, W.indices, W.data, X, y, W.row_blocks())
     return _dense_out(y, out, "out", layout)
 
@@ -244,10 +258,11 @@ def spmm_t(W, dY, *, out=None, layout: str = "feature"):
     if _on_gpu(W, dY=dY, out=out):
         return _spmm_t_gpu(W, dY, out, layout)
     check_fork_safe("kernels.spmm_t")
+    given = _host_parts(W)
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
-    dx = _prepare_out(out, "out", n, dY.shape[1], layout, W, dY)
+    dx = _prepare_out(out, "out", n, dY.shape[1], layout, W, dY, *given)
     t_indptr, t_indices, t_perm = W.transpose_structure()
     _spmm_t.spmm_t(t_indptr, t_indices, t_perm, W.data, dY, dx, W.col_blocks())
     return _dense_out(dx, out, "out", layout)
@@ -265,6 +280,7 @@ def sddmm(W, dY, X, *, out=None, layout: str = "feature"):
     if _on_gpu(W, dY=dY, X=X, out=out):
         return _sddmm_gpu(W, dY, X, out, layout)
     check_fork_safe("kernels.sddmm")
+    given = _host_parts(W)
     W = as_csr(W)
     m, n = W.shape
     dY = _dense_in(dY, "dY", m, layout)
@@ -275,7 +291,7 @@ def sddmm(W, dY, X, *, out=None, layout: str = "feature"):
         out = np.empty(W.nnz, dtype=np.float32)
     else:
         V.check_out(out, "out", (W.nnz,))
-        V.check_no_overlap(out, "out", W.data, dY, X)
+        V.check_no_overlap(out, "out", W.data, dY, X, *given)
     return _sddmm.sddmm(W.indptr, W.indices, dY, X, out, W.row_blocks())
 
 
@@ -321,12 +337,40 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
     if tile_bytes is not None:
         tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
     _check_scores_fit_float32(dY, X)
+    if dY.shape[1] == 0 and xp is np:  # batch 0: every score is 0, ties go to the lower i·n + j
+        return _first_absent(W, keep, k)
     rows, cols, scores = launcher.topk_grow(
         W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes
     )
     if rows.shape[0] != k:  # cannot happen with finite scores; never return a short answer
         raise RuntimeError(f"topk_grow found {rows.shape[0]} entries, expected {k}")
     return rows, cols, scores
+
+
+def _first_absent(W, keep, k):
+    """The k absent entries of lowest flat index i·n + j, in O(k + nnz of the rows visited):
+    topk_grow's answer when every score is 0 (an empty batch), without the O(m·n) scan."""
+    m, n = W.shape
+    idx = np.int32 if max(m, n) < 2**31 else np.int64
+    rows, cols = [], []
+    need = k
+    for i in range(m):
+        if need == 0:
+            break
+        a, b = int(W.indptr[i]), int(W.indptr[i + 1])
+        present = W.indices[a:b] if keep is None else W.indices[a:b][keep[a:b]]
+        take = min(need, n - present.shape[0])
+        if take <= 0:
+            continue
+        cand = np.arange(min(n, take + present.shape[0]), dtype=np.int64)
+        cand = cand[~np.isin(cand, present)][:take]
+        rows.append(np.full(cand.shape[0], i, idx))
+        cols.append(cand.astype(idx))
+        need -= cand.shape[0]
+    if not rows:
+        return np.empty(0, idx), np.empty(0, idx), np.empty(0, np.float32)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return r, c, np.zeros(r.shape[0], np.float32)
 
 
 def _check_scores_fit_float32(dY, X):

@@ -449,8 +449,8 @@ def _read_meta(c: _Check) -> dict:
             c.fail(f"meta.{key} must be a JSON {typ.__name__}, got {meta.get(key)!r:.60}")
     for key in ("step", "epoch"):
         v = meta.get(key)
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            c.fail(f"meta.{key} must be an integer >= 0, got {v!r:.60}")
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62):
+            c.fail(f"meta.{key} must be an integer in [0, 2**62), got {v!r:.60}")
     for i, row in enumerate(meta["history"]):
         if not isinstance(row, dict):
             c.fail(f"meta.history[{i}] must be an object of that epoch's metrics")

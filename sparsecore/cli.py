@@ -12,7 +12,15 @@ from sparsecore.validation import GPUUnavailableError
 
 # What a user's input can cause, reported as one "sparsecore CMD: error: ..." line and exit 2
 # (SPARSECORE_DEBUG=1 shows the traceback instead); anything else is a bug and propagates.
-USER_ERRORS = (ValueError, TypeError, OverflowError, OSError, TrainingDiverged, GPUUnavailableError)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    OSError,
+    MemoryError,
+    TrainingDiverged,
+    GPUUnavailableError,
+)
 
 
 def _arch(s: str) -> list[int]:
@@ -190,9 +198,14 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("SPARSECORE_DEBUG"):
             raise
-        # the error on one line; a memory plan that did not fit follows it on the next ones
         text = str(e).strip() or type(e).__name__
-        print(f"sparsecore {args.cmd}: error: {text}", file=sys.stderr)
+        if isinstance(e, MemoryError):
+            text = f"out of memory ({text}); `sparsecore plan` shows what a run needs"
+        # details (a memory plan that did not fit) first, the error itself as the last line
+        first, *details = text.splitlines()
+        if details:
+            print("\n".join(details), file=sys.stderr)
+        print(f"sparsecore {args.cmd}: error: {first}", file=sys.stderr)
         if args.cmd == "train":
             from sparsecore import distributed
 
@@ -319,9 +332,15 @@ def _dispatch(args, argv) -> int:
         ).validate()  # before starting any rank: bad settings are one error, not N
         if args.nprocs is not None and args.nprocs > 1 and distributed.world() is None:
             try:  # re-launch this command on N ranks
-                return distributed.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
+                rc = distributed.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
             except distributed.MPIUnavailableError as e:
                 raise ValueError(str(e)) from None
+            if rc != 0:  # the failing rank said why above (MPI's own abort notice may follow)
+                raise ValueError(
+                    f"the {args.nprocs} MPI ranks stopped with exit status {rc}; the first "
+                    "rank's error is above"
+                )
+            return 0
         tr, summary = train(cfg, resume=args.resume)
         if tr.dist is not None and tr.dist.rank != 0:
             return 0  # rank 0 reports

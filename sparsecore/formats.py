@@ -158,7 +158,7 @@ class CSR:
             raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
         if a.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-        m, n = a.shape
+        m, n = V.check_shape2(a.shape, f"{name}.shape")
         rows, cols = np.nonzero(a)  # row-major order: canonical already
         idx = V.index_dtype_for(m, n, rows.shape[0])
         indptr = np.zeros(m + 1, dtype=idx)
@@ -181,6 +181,7 @@ class CSR:
             raise ValueError(f"{name} must be 2-D, got {M.ndim}-D")
         if M.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold real numbers, got dtype {M.dtype}")
+        V.check_shape2(M.shape, f"{name}.shape")
         if M.format != "csr":
             _check_before_conversion(M, name)  # scipy's tocsr trusts the arrays it converts
             M = M.tocsr()
@@ -246,6 +247,9 @@ class CSR:
             or not (math.isfinite(scale) and scale >= 0)
         ):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+        density, scale = float(density), float(scale)  # (NumPy float32 would round in float32)
+        expected = round(density * n) * m if per_row else round(density * m * n)
+        V.check_fits_memory(expected * 12, f"CSR.random of shape {(m, n)} at density {density}")
         rng = np.random.default_rng(seed)
         if per_row:
             per = int(round(density * n))
@@ -267,7 +271,11 @@ class CSR:
             indices = (flat - rows * n).astype(idx)
             indptr = np.zeros(m + 1, dtype=idx)
             np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
-        data = (rng.standard_normal(nnz, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+        with np.errstate(over="ignore"):
+            data = (rng.standard_normal(nnz, dtype=np.float32) * np.float32(scale)).astype(
+                np.float32
+            )
+        V.check_finite_values(data, f"CSR.random values (scale {scale})")
         return cls._trusted(indptr, indices, data, (m, n))
 
     # ------------------------------------------------------------------ views and exports
@@ -335,6 +343,11 @@ class CSR:
         if "T" not in self._cache:
             from kernels.cpu.structure import transpose
 
+            it = self.indices.itemsize
+            V.check_fits_memory(
+                (self.shape[1] + 1) * it + 2 * self.nnz * it,
+                f"the transpose structure of W (shape {self.shape}, used by spmm_t)",
+            )
             ts = transpose(self.indptr, self.indices, self.shape[1])
             for a in ts:
                 a.flags.writeable = False

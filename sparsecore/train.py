@@ -36,6 +36,7 @@ from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
+from sparsecore.validation import memory_limit
 
 METHODS = ("rigl", "set", "static", "dense")
 EPOCH_TAG = 0xE90C  # an epoch's order is seeded by (seed, EPOCH_TAG, epoch)
@@ -237,7 +238,8 @@ class MemoryBudgetExceeded(ValueError):
 
 def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     """The run's memory plan (of one rank, with the layers ``sharded`` split over ``ranks``);
-    raises MemoryBudgetExceeded if it exceeds cfg.max_memory.
+    raises MemoryBudgetExceeded if it exceeds cfg.max_memory, or, without one, this machine's
+    physical memory (a CPU run that could not fit at all is refused before it allocates).
 
     With a budget, RigL's exact grow gets a smaller tile than its default when that makes the
     plan fit (plan["grow_tile_bytes"], passed to the grow kernel), unless a tile was given.
@@ -258,10 +260,13 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
         sharded=list(sharded),
     )
     plan = memory_plan(cfg.arch, cfg.sparsity, grow_tile_bytes=cfg.grow_tile_bytes, **kw)
-    fits = cfg.max_memory is None or plan["total_bytes"] <= cfg.max_memory
+    budget = cfg.max_memory
+    if budget is None and cfg.device == "cpu":
+        budget = memory_limit()[0]
+    fits = budget is None or plan["total_bytes"] <= budget
     if not fits and cfg.method == "rigl" and cfg.grow == "exact" and cfg.grow_tile_bytes is None:
-        plan = fit_grow_tile(cfg.max_memory, cfg.arch, cfg.sparsity, **kw) or plan
-    if cfg.max_memory is not None and plan["total_bytes"] > cfg.max_memory:
+        plan = fit_grow_tile(budget, cfg.arch, cfg.sparsity, **kw) or plan
+    if budget is not None and plan["total_bytes"] > budget:
         where = f" on each of {ranks} MPI ranks" if sharded else ""
         hint = (
             "; --shard-layers splits the sparse layers over MPI ranks: start several "
@@ -269,10 +274,14 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
             if cfg.shard_layers is not None and not sharded
             else ""
         )
+        limit = (
+            f"--max-memory ({budget / 2**20:.1f} MiB)"
+            if cfg.max_memory is not None
+            else f"{memory_limit()[1]} ({budget / 2**20:.1f} MiB; --max-memory sets a budget)"
+        )
         raise MemoryBudgetExceeded(
             f"this run needs about {plan['total_bytes'] / 2**20:.1f} MiB at its peak{where}, more "
-            f"than --max-memory ({cfg.max_memory / 2**20:.1f} MiB); nothing was allocated{hint}.\n"
-            + describe_plan(plan)
+            f"than {limit}; nothing was allocated{hint}.\n" + describe_plan(plan)
         )
     return plan
 

@@ -14,6 +14,7 @@ Messages say which argument, what was expected and what arrived, e.g.
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 
@@ -45,7 +46,44 @@ def check_shape2(shape, name: str) -> tuple[int, int]:
             f"{name} = ({m}, {n}) has m·n = {m * n} entries, beyond 2**63 - 1: the flat index "
             "i·n + j of an entry would not fit int64"
         )
+    check_fits_memory(4 * (m + 1), f"{name} = ({m}, {n}): its row pointers (n_rows + 1)")
     return m, n
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """(bytes, what they are): the smaller of this machine's RAM and the process's address-space
+    limit (RLIMIT_AS), where either is known."""
+    limits = []
+    ram = physical_memory()
+    if ram is not None:
+        limits.append((ram, "this machine's memory"))
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append((int(soft), "this process's address-space limit (ulimit -v)"))
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(limits) if limits else (None, "")
+
+
+def check_fits_memory(nbytes: int, what: str):
+    """Refuse, before allocating, an array that could not fit this machine's memory (or the
+    process's limit) at all: a clear error instead of NumPy's MemoryError or the OOM killer."""
+    limit, where = memory_limit()
+    if limit is not None and nbytes > limit:
+        raise ValueError(
+            f"{what} needs {nbytes / 2**30:.4g} GiB, more than {where} ({limit / 2**30:.4g} GiB)"
+        )
 
 
 def check_int(v, name: str, *, low: int = 0, high: int | None = None) -> int:

@@ -571,8 +571,8 @@ def run(args) -> int:
     ):
         if vals and not all(lo < v < hi for v in vals):
             raise ValueError(f"{name} must lie in (0, 1), got {vals}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise ValueError(f"--threads must be between 1 and 4096, got {args.threads}")
     if args.delta_t < 1:
         raise ValueError(f"--delta-t must be >= 1, got {args.delta_t}")
     preset = PRESETS[args.preset]
