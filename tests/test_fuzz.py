@@ -76,3 +76,57 @@ def test_generated_cases_clean(report, category):
     bad = [f for f in report.failures.values() if f.origin == "generated" and f.category == category]
     if bad:
         pytest.fail(_fail_listing(bad), pytrace=False)
+
+
+# ----------------------------------------------------------------- Hypothesis-driven cases
+# The same recipes, their choices drawn by Hypothesis (tests/fuzz/strategies.py): derandomized
+# in CI, a failing recipe shrunk to a minimal one; run in the same spawn-started workers.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from tests.fuzz import judge as J  # noqa: E402
+from tests.fuzz.strategies import recipes  # noqa: E402
+
+HYPOTHESIS_EXAMPLES = {"kernels": 2000, "checkpoint": 200, "dataset": 200}
+_hyp_counts: dict = {}
+
+
+class _HypSummary:
+    def pytest_terminal_summary(self, terminalreporter):
+        counts = ", ".join(f"{k}={v}" for k, v in _hyp_counts.items())
+        terminalreporter.write_line(f"fuzz (hypothesis): {sum(_hyp_counts.values())} cases run ({counts})")
+
+
+@pytest.fixture(scope="module")
+def campaign(request):
+    camp = E.Campaign(n_workers=1)
+    camp.timeout = lambda cat: CI_TIMEOUTS[cat]
+    camp.pool.start()
+    request.config.pluginmanager.register(_HypSummary(), "sparsecore-fuzz-hypothesis")
+    yield camp
+    camp.close()
+
+
+def _hyp_test(category):
+    build = E.GEN[category][1]
+
+    @settings(max_examples=HYPOTHESIS_EXAMPLES[category], derandomize=True, database=None,
+              deadline=None, suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(recipe=recipes(category))
+    def check(campaign, recipe):
+        try:
+            case = build(recipe)
+        except Exception:  # a recipe the builder cannot realise: not a case
+            return
+        out = campaign.outcome(category, case)
+        if out["status"] == "setup_error":
+            return
+        _hyp_counts[category] = _hyp_counts.get(category, 0) + 1
+        f = J.judge(case, out)
+        assert f is None, f"{f['problem']}: {f['detail']}\nrecipe: {recipe}"
+
+    return check
+
+
+test_hypothesis_kernels = _hyp_test("kernels")
+test_hypothesis_checkpoints = _hyp_test("checkpoint")
+test_hypothesis_datasets = _hyp_test("dataset")

@@ -20,6 +20,11 @@ OverflowError, OSError with a message, not from inside Numba, not a raw KeyError
 AttributeError/BadZipFile/JSONDecodeError/struct.error/UnicodeDecodeError/EOFError/MemoryError);
 for the CLI exit 0, or 2 with a "sparsecore ...: error: ..." last stderr line and no traceback.
 
-CI: ``pytest tests/test_fuzz.py`` (fixed seeds, the corpus in tests/fuzz/corpus/ first).
+Two drivers of the same generators: seeded NumPy streams (the bulk of the CI campaign and the
+hunt), and Hypothesis (``strategies.py``: the generators' choices drawn by Hypothesis, so a
+failing recipe is shrunk to a minimal one).
+
+CI: ``pytest tests/test_fuzz.py`` (fixed seeds and derandomized Hypothesis, the corpus in
+tests/fuzz/corpus/ first; about a minute, within the 3-minute budget of the fuzz stage).
 Hunt: ``python -m tests.fuzz --minutes N [--category ...] [--seed S]``.
 """
