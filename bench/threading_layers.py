@@ -22,7 +22,8 @@ the per-round ratios.
 
 The ``tbb`` wheel from PyPI puts ``libtbb.so.12`` in ``<prefix>/lib``, which the dynamic loader
 does not search in a venv, so Numba does not find it ("TBB Threading Layer Available: False").
-``_preload_tbb`` loads it by absolute path first (the same fix as LD_LIBRARY_PATH=<prefix>/lib).
+``import kernels`` loads it by absolute path first (sparsecore/_threads.py; the same fix as
+LD_LIBRARY_PATH=<prefix>/lib).
 
 ``import kernels`` sets GOMP_SPINCOUNT=10000 and OPENBLAS_THREAD_TIMEOUT=4 (sparsecore/_threads.py)
 in every layer; "omp-defaults" (only in the spin probe) runs with SPARSECORE_THREAD_SETUP=0.
@@ -48,26 +49,6 @@ TIMEOUTS = {"fork": 120, "threads": 180, "spin": 240, "kernels": 900, "step": 90
 
 
 # ----------------------------------------------------------------------------- child side
-def _preload_tbb():
-    """Load the PyPI tbb wheel's libtbb.so.12 by absolute path, so that Numba's
-    ``CDLL("libtbb.so.12")`` and tbbpool's NEEDED entry resolve to it. Returns the path or None."""
-    import ctypes
-    from importlib import metadata
-
-    names = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
-    want = names.get(sys.platform, "libtbb.so.12")
-    try:
-        files = metadata.files("tbb") or []
-    except metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if f.name == want:
-            path = f.locate().resolve()
-            ctypes.CDLL(str(path), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
-            return str(path)
-    return None
-
-
 def _median_ms(xs):
     return 1e3 * statistics.median(xs)
 
@@ -397,9 +378,10 @@ def child_step(steps=200, warmup=10, delta_t=25):
 
 
 def child_main(args):
-    layer = os.environ.get("NUMBA_THREADING_LAYER", "default")
-    tbb_path = _preload_tbb() if layer in ("tbb", "safe", "default", "threadsafe") else None
-    import kernels  # noqa: F401  (applies the thread settings before NumPy loads OpenBLAS)
+    import kernels  # noqa: F401  (thread settings before NumPy loads OpenBLAS; loads tbb)
+    from sparsecore._threads import _state
+
+    tbb_path = _state.get("tbb")  # the tbb wheel's library, loaded by absolute path
 
     t0 = time.perf_counter()
     if args.child == "fork":

@@ -37,7 +37,6 @@ import struct
 import tempfile
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -227,25 +226,7 @@ class CheckpointError(ValueError):
     or inconsistent. Raised before anything of the trainer is changed."""
 
 
-# What a damaged or hostile file makes zipfile's and NumPy's readers raise
-_READ_ERRORS = (
-    ValueError,
-    OSError,
-    EOFError,
-    KeyError,
-    TypeError,
-    IndexError,
-    OverflowError,
-    MemoryError,
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    zlib.error,
-    struct.error,
-    UnicodeDecodeError,
-    NotImplementedError,
-    SyntaxError,
-    RecursionError,
-)
+_READ_ERRORS = V.FILE_READ_ERRORS
 
 
 class _Members:

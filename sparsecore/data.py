@@ -9,13 +9,12 @@ when the batch is drawn (``StreamedRows``), so a dataset larger than memory trai
 from __future__ import annotations
 
 import hashlib
-import struct
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sparsecore import validation as V
 
 BUNDLED = {"mnist": Path(__file__).parent / "datasets" / "mnist.npz"}
 MNIST_SHA256 = {
@@ -259,20 +258,7 @@ def _load_npz(path: Path) -> dict:
         return {k: d[k] for k in KEYS}
 
 
-# What a damaged or foreign file makes NumPy's and zipfile's readers raise
-_READ_ERRORS = (
-    ValueError,
-    OSError,
-    EOFError,
-    KeyError,
-    TypeError,
-    zipfile.BadZipFile,
-    zlib.error,
-    struct.error,
-    UnicodeDecodeError,
-    NotImplementedError,
-    MemoryError,  # a member that declares more than fits (or a zip bomb)
-)
+_READ_ERRORS = V.FILE_READ_ERRORS
 
 
 def _read_file(path: Path, reader) -> dict:

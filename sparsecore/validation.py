@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import numbers
 import os
+import struct
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -48,6 +51,28 @@ def check_shape2(shape, name: str) -> tuple[int, int]:
         )
     check_fits_memory(4 * (m + 1), f"{name} = ({m}, {n}): its row pointers (n_rows + 1)")
     return m, n
+
+
+# What a damaged, truncated or foreign file makes zipfile's and NumPy's readers raise (the
+# readers of datasets and checkpoints turn these into one error naming the file)
+FILE_READ_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    TypeError,
+    IndexError,
+    OverflowError,
+    MemoryError,  # a member that declares more than fits (or a zip bomb)
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    struct.error,
+    UnicodeDecodeError,
+    NotImplementedError,
+    SyntaxError,
+    RecursionError,
+)
 
 
 def physical_memory() -> int | None:
