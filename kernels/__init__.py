@@ -348,29 +348,34 @@ def topk_grow(W, dY, X, k, *, keep=None, layout: str = "feature", tile_bytes=Non
 
 
 def _first_absent(W, keep, k):
-    """The k absent entries of lowest flat index i·n + j, in O(k + nnz of the rows visited):
-    topk_grow's answer when every score is 0 (an empty batch), without the O(m·n) scan."""
+    """The k absent entries of lowest flat index i·n + j: topk_grow's answer when every score
+    is 0 (an empty batch), in O(k + nnz) vectorised work instead of the O(m·n) scan."""
     m, n = W.shape
     idx = np.int32 if max(m, n) < 2**31 else np.int64
-    rows, cols = [], []
-    need = k
-    for i in range(m):
-        if need == 0:
-            break
-        a, b = int(W.indptr[i]), int(W.indptr[i + 1])
-        present = W.indices[a:b] if keep is None else W.indices[a:b][keep[a:b]]
-        take = min(need, n - present.shape[0])
-        if take <= 0:
-            continue
-        cand = np.arange(min(n, take + present.shape[0]), dtype=np.int64)
-        cand = cand[~np.isin(cand, present)][:take]
-        rows.append(np.full(cand.shape[0], i, idx))
-        cols.append(cand.astype(idx))
-        need -= cand.shape[0]
-    if not rows:
+    if k == 0:
         return np.empty(0, idx), np.empty(0, idx), np.empty(0, np.float32)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    return r, c, np.zeros(r.shape[0], np.float32)
+    row_of = W.row_ids()
+    cols = W.indices if keep is None else W.indices[keep]
+    rows_p = row_of if keep is None else row_of[keep]
+    present = np.bincount(rows_p, minlength=m).astype(np.int64)  # kept entries per row
+    absent = n - present
+    last = int(np.searchsorted(np.cumsum(absent), k))  # the row where the k-th absent falls
+    take = absent[: last + 1].copy()
+    take[last] -= int(take.sum()) - k  # only what is left in the last row
+    r = np.repeat(np.arange(last + 1, dtype=np.int64), take)
+    # j-th absent column of row i: the smallest c with c - (#present columns <= c) = j, found
+    # from the row's present columns P (sorted): c = j + #{p in P : p - rank(p) <= j}
+    start = np.zeros(last + 2, np.int64)
+    np.cumsum(take, out=start[1:])
+    j = np.arange(k, dtype=np.int64) - start[r]  # rank among the row's absent columns
+    sel = rows_p <= last
+    P, Pr = cols[sel].astype(np.int64), rows_p[sel].astype(np.int64)
+    pstart = np.zeros(last + 2, np.int64)
+    np.cumsum(present[: last + 1], out=pstart[1:])
+    key = P - (np.arange(P.shape[0], dtype=np.int64) - pstart[Pr])  # p - rank(p), per row
+    off = (n + 1) * Pr + key  # rows apart (keys lie in [0, n])
+    c = j + (np.searchsorted(off, (n + 1) * r + j, side="right") - pstart[r])
+    return r.astype(idx), c.astype(idx), np.zeros(k, np.float32)
 
 
 def _check_scores_fit_float32(dY, X):

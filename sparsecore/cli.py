@@ -336,11 +336,12 @@ def _dispatch(args, argv) -> int:
             except distributed.MPIUnavailableError as e:
                 raise ValueError(str(e)) from None
             if rc != 0:  # the failing rank said why above (MPI's own abort notice may follow)
-                raise ValueError(
-                    f"the {args.nprocs} MPI ranks stopped with exit status {rc}; the first "
-                    "rank's error is above"
+                print(
+                    f"sparsecore train: error: the {args.nprocs} MPI ranks stopped with exit "
+                    f"status {rc}; see the ranks' output above",
+                    file=sys.stderr,
                 )
-            return 0
+            return rc
         tr, summary = train(cfg, resume=args.resume)
         if tr.dist is not None and tr.dist.rank != 0:
             return 0  # rank 0 reports

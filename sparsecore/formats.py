@@ -159,6 +159,7 @@ class CSR:
         if a.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
         m, n = V.check_shape2(a.shape, f"{name}.shape")
+        V.check_fits_memory(16 * (m + 1), f"CSR.from_dense of shape {(m, n)}: its row counts")
         rows, cols = np.nonzero(a)  # row-major order: canonical already
         idx = V.index_dtype_for(m, n, rows.shape[0])
         indptr = np.zeros(m + 1, dtype=idx)
@@ -184,10 +185,21 @@ class CSR:
         V.check_shape2(M.shape, f"{name}.shape")
         if M.format != "csr":
             _check_before_conversion(M, name)  # scipy's tocsr trusts the arrays it converts
+            if M.dtype not in _SPARSETOOLS_DTYPES:  # e.g. float16: scipy cannot convert it
+                M = M.astype(np.float32)
             M = M.tocsr()
         # scipy does not check these by default, and its canonicalisation crashes without them
         V.check_csr_arrays(M.indptr, M.indices, M.data, M.shape, name, full=False)
         V.check_indptr_monotone(M.indptr, name)
+        if M.indices.dtype not in _INDEX_DTYPES or M.indptr.dtype != M.indices.dtype:
+            # unsigned or narrow index arrays (set by the caller): scipy's compiled routines
+            # take int32/int64 only; the values were range-checked just above
+            idx = V.index_dtype_for(*M.shape, M.indices.shape[0])
+            M = sp.csr_array(
+                (M.data, M.indices.astype(idx), M.indptr.astype(idx)), shape=M.shape, copy=False
+            )
+        if M.dtype not in _SPARSETOOLS_DTYPES:
+            M = M.astype(np.float32)
         # scipy's has_canonical_format is a flag anyone may set: checked by our own scan
         if not (M.has_canonical_format and V.is_canonical(M.indptr, M.indices)):
             M = M.copy()
@@ -438,6 +450,12 @@ def check_values(value, nnz: int, name: str = "W.data", *pattern) -> np.ndarray:
 
 
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+# value dtypes scipy's compiled sparse routines (tocsr, sum_duplicates) take
+_SPARSETOOLS_DTYPES = tuple(
+    np.dtype(t)
+    for t in (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
+              np.uint64, np.float32, np.float64, np.longdouble)
+)  # fmt: skip
 
 
 def _check_trusted(indptr, indices, data, shape, name: str = "W"):

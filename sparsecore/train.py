@@ -261,10 +261,11 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     )
     plan = memory_plan(cfg.arch, cfg.sparsity, grow_tile_bytes=cfg.grow_tile_bytes, **kw)
     budget = cfg.max_memory
-    if budget is None and cfg.device == "cpu":
+    if budget is None and cfg.device == "cpu":  # no budget: only refuse what cannot fit at all
         budget = memory_limit()[0]
     fits = budget is None or plan["total_bytes"] <= budget
-    if not fits and cfg.method == "rigl" and cfg.grow == "exact" and cfg.grow_tile_bytes is None:
+    tile_free = cfg.method == "rigl" and cfg.grow == "exact" and cfg.grow_tile_bytes is None
+    if not fits and tile_free and cfg.max_memory is not None:  # a smaller grow tile may fit it
         plan = fit_grow_tile(budget, cfg.arch, cfg.sparsity, **kw) or plan
     if budget is not None and plan["total_bytes"] > budget:
         where = f" on each of {ranks} MPI ranks" if sharded else ""

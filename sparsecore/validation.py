@@ -13,6 +13,7 @@ Messages say which argument, what was expected and what arrived, e.g.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import struct
@@ -49,7 +50,10 @@ def check_shape2(shape, name: str) -> tuple[int, int]:
             f"{name} = ({m}, {n}) has m·n = {m * n} entries, beyond 2**63 - 1: the flat index "
             "i·n + j of an entry would not fit int64"
         )
-    check_fits_memory(4 * (m + 1), f"{name} = ({m}, {n}): its row pointers (n_rows + 1)")
+    check_fits_memory(
+        np.dtype(index_dtype_for(m, 0, 0)).itemsize * (m + 1),
+        f"{name} = ({m}, {n}): its row pointers (n_rows + 1)",
+    )
     return m, n
 
 
@@ -75,6 +79,7 @@ FILE_READ_ERRORS = (
 )
 
 
+@functools.cache
 def physical_memory() -> int | None:
     """Bytes of RAM of this machine (None where the OS does not say)."""
     try:

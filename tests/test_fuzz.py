@@ -130,3 +130,10 @@ def _hyp_test(category):
 test_hypothesis_kernels = _hyp_test("kernels")
 test_hypothesis_checkpoints = _hyp_test("checkpoint")
 test_hypothesis_datasets = _hyp_test("dataset")
+
+
+def test_hypothesis_cases_ran():
+    """The Hypothesis tests above judged real cases (not only unbuildable recipes or setup
+    errors): at least half their examples of every category."""
+    for cat, n in HYPOTHESIS_EXAMPLES.items():
+        assert _hyp_counts.get(cat, 0) >= n // 2, (cat, _hyp_counts)

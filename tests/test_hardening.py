@@ -711,6 +711,11 @@ def test_grow_on_an_empty_batch_is_the_lowest_absent_entries_without_a_dense_sca
                                          np.zeros((n, 1), np.float32), k, keep=keep)  # fmt: skip
                 for g, w in zip(got, want, strict=True):
                     assert g.dtype == w.dtype and np.array_equal(g, w)
+    tall = CSR.random((200_000, 4), 0.25, seed=1)  # many rows, every absent entry: vectorised
+    k = 4 * 200_000 - tall.nnz
+    got = kernels.topk_grow(tall, np.zeros((200_000, 0), np.float32), np.zeros((4, 0), np.float32), k)
+    want = kernels.topk_grow(tall, np.zeros((200_000, 1), np.float32), np.zeros((4, 1), np.float32), k)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
     big = CSR(np.array([0, 2, 2], np.int64), np.array([0, 2], np.int64),
               np.ones(2, np.float32), (2, 2**40))  # fmt: skip
     r, c, s = kernels.topk_grow(big, np.zeros((2, 0), np.float32),

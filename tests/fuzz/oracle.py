@@ -472,7 +472,8 @@ def expect_topk(a):
         kept = {int(i) * M.n + int(j) for i, j in zip(kr.tolist(), kc.tolist(), strict=False)}
         if kept & set(flat):
             raise Wrong("topk_grow returned a connection that is present (kept)")
-        if small:
+        all_zero = not dY.size or not np.any(dY) or not np.any(X)
+        if small and not all_zero:
             G = np.abs(dY @ X.T) if dY.size else np.zeros((M.m, M.n))
             # float32 rounding is relative to Σ_b |dY_ib·X_jb|, not to the (cancelled) sum
             S = np.abs(dY) @ np.abs(X).T if dY.size else np.zeros((M.m, M.n))
@@ -488,7 +489,7 @@ def expect_topk(a):
                         f"not the top {k}: an absent connection scores {best_left:.7g} > "
                         f"the smallest chosen {G[ri, ci].min():.7g}"
                     )
-        elif not dY.size or not np.any(dY) or not np.any(X):  # all scores 0: the first k absent
+        elif all_zero:  # all scores 0: exactly the first k absent positions (ties: lower i·n + j)
             want, pos = [], 0
             kept_sorted = sorted(kept)
             it = iter(kept_sorted)
