@@ -559,7 +559,7 @@ def print_tables(res):
 
 def main(argv=None):
     args = parse_args(argv)
-    from sparsecore.validation import GPU_INSTALL, gpu_unavailable_reason
+    from kernels.validation import GPU_INSTALL, gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason is not None:

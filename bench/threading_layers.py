@@ -22,10 +22,10 @@ the per-round ratios.
 
 The ``tbb`` wheel from PyPI puts ``libtbb.so.12`` in ``<prefix>/lib``, which the dynamic loader
 does not search in a venv, so Numba does not find it ("TBB Threading Layer Available: False").
-``import kernels`` loads it by absolute path first (sparsecore/_threads.py; the same fix as
+``import kernels`` loads it by absolute path first (kernels/_threads.py; the same fix as
 LD_LIBRARY_PATH=<prefix>/lib).
 
-``import kernels`` sets GOMP_SPINCOUNT=10000 and OPENBLAS_THREAD_TIMEOUT=4 (sparsecore/_threads.py)
+``import kernels`` sets GOMP_SPINCOUNT=10000 and OPENBLAS_THREAD_TIMEOUT=4 (kernels/_threads.py)
 in every layer; "omp-defaults" (only in the spin probe) runs with SPARSECORE_THREAD_SETUP=0.
 """
 
@@ -379,7 +379,7 @@ def child_step(steps=200, warmup=10, delta_t=25):
 
 def child_main(args):
     import kernels  # noqa: F401  (thread settings before NumPy loads OpenBLAS; loads tbb)
-    from sparsecore._threads import _state
+    from kernels._threads import _state
 
     tbb_path = _state.get("tbb")  # the tbb wheel's library, loaded by absolute path
 

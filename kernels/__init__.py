@@ -30,14 +30,15 @@ threads from spinning against each other.
 
 from __future__ import annotations
 
-# First, before NumPy loads OpenBLAS: the thread-pool settings (see sparsecore/_threads.py).
-from sparsecore._threads import check_fork_safe, configure_threads  # noqa: I001
+# First, before NumPy loads OpenBLAS: the thread-pool settings (see kernels/_threads.py).
+from kernels._threads import check_fork_safe, configure_threads  # noqa: I001
 
 configure_threads()
 
 import numpy as np  # noqa: E402
 
 from kernels import config  # noqa: E402
+from kernels import validation as V  # noqa: E402
 from kernels.cpu import drop as _drop  # noqa: E402
 from kernels.cpu import grow as _grow  # noqa: E402
 from kernels.cpu import merge as _merge  # noqa: E402
@@ -45,9 +46,8 @@ from kernels.cpu import sddmm as _sddmm  # noqa: E402
 from kernels.cpu import spmm as _spmm  # noqa: E402
 from kernels.cpu import spmm_t as _spmm_t  # noqa: E402
 from kernels.cuda._csr import DeviceCSR  # noqa: E402  (no CuPy import)
-from sparsecore import validation as V  # noqa: E402
-from sparsecore.formats import CSR, as_csr  # noqa: E402
-from sparsecore.validation import GPUUnavailableError  # noqa: E402
+from kernels.formats import CSR, as_csr  # noqa: E402
+from kernels.validation import GPUUnavailableError  # noqa: E402
 
 __all__ = [
     "CSR",

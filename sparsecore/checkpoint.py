@@ -41,10 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsecore import validation as V
+from kernels import validation as V
+from kernels.formats import CSR
 from sparsecore.device import to_host
-from sparsecore.formats import CSR
 from sparsecore.layers import SparseLinear
+from sparsecore.rigl.distributions import layer_densities
 
 FORMAT = 2
 READS = (1, 2)  # the formats this version reads
@@ -450,8 +451,6 @@ def _read_meta(c: _Check) -> dict:
 
 def _expected_nnz(cfg, model) -> dict:
     """The nnz every sparse layer has at this config (constant through training)."""
-    from sparsecore.rigl.distributions import layer_densities
-
     if cfg.method == "dense" or not model.sparse_layers():
         return {}
     shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]

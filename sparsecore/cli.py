@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
+from kernels.validation import GPUUnavailableError
 from sparsecore.train import TrainingDiverged
-from sparsecore.validation import GPUUnavailableError
 
 # What a user's input can cause, reported as one "sparsecore CMD: error: ..." line and exit 2
 # (SPARSECORE_DEBUG=1 shows the traceback instead); anything else is a bug and propagates.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsecore import validation as V
+from kernels import validation as V
 
 BUNDLED = {"mnist": Path(__file__).parent / "datasets" / "mnist.npz"}
 MNIST_SHA256 = {

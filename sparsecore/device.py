@@ -122,7 +122,7 @@ _cache: dict = {}
 
 
 def _make_cuda() -> Device:
-    from sparsecore import validation as V
+    from kernels import validation as V
 
     cupy = V.require_gpu("device", lead="device='cuda' asks for the GPU")
     return cuda_device(cupy)
@@ -142,7 +142,7 @@ def get_device(name="cpu") -> Device:
 def of(params) -> Device:
     """The Device of parameters (objects with ``.value``): "cuda" for CuPy arrays, else the
     CPU. A Device whose xp is NumPy (the tests' emulation) must be named explicitly."""
-    from sparsecore.validation import is_cupy_array
+    from kernels.validation import is_cupy_array
 
     return get_device("cuda") if any(is_cupy_array(p.value) for p in params) else CPU
 

@@ -896,7 +896,7 @@ class RowShard:
     def split(self, per_rank: np.ndarray, draws: int, rng) -> int:
         """This rank's share of ``draws`` positions drawn uniformly without replacement from
         the ranks' ``per_rank`` positions (the same generator on every rank: the same split)."""
-        from sparsecore.formats import split_count
+        from kernels.formats import split_count
 
         return int(split_count(per_rank, draws, rng)[self.rank])
 
@@ -1024,7 +1024,7 @@ class ShardedSparseLinear(SparseLinear):
     @classmethod
     def shard_of(cls, layer, comm) -> ShardedSparseLinear:
         """This rank's rows of a whole SparseLinear (copied)."""
-        from sparsecore.formats import CSR
+        from kernels.formats import CSR
 
         W = layer.W
         m, n = W.shape
@@ -1071,7 +1071,7 @@ class ShardedSparseLinear(SparseLinear):
 
     def gather(self):
         """The whole layer (CSR, bias) on every rank: for tests (the whole layer's memory)."""
-        from sparsecore.formats import CSR
+        from kernels.formats import CSR
 
         W = self.W
         every = allgather_records(

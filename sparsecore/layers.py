@@ -23,9 +23,9 @@ import numpy as np
 from kernels import config
 from kernels.cpu import skinny as _skinny
 from kernels.cuda._csr import DeviceCSR
+from kernels.formats import CSR, random_positions, split_count
+from kernels.validation import index_dtype_for
 from sparsecore import device as _device
-from sparsecore.formats import CSR, random_positions, split_count
-from sparsecore.validation import index_dtype_for
 
 
 @dataclass

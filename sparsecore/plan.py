@@ -25,8 +25,8 @@ import numpy as np
 from kernels import config
 from kernels.cpu.grow import tile_shape
 from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
+from kernels.validation import index_dtype_for
 from sparsecore.rigl.distributions import layer_densities
-from sparsecore.validation import index_dtype_for
 
 MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
 UNITS = {

@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kernels._threads import check_fork_safe
 from kernels.cpu import fpmode
+from kernels.validation import memory_limit
 from sparsecore import checkpoint, distributed
 from sparsecore import data as data_mod
-from sparsecore._threads import check_fork_safe
 from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
-from sparsecore.validation import memory_limit
 
 METHODS = ("rigl", "set", "static", "dense")
 EPOCH_TAG = 0xE90C  # an epoch's order is seeded by (seed, EPOCH_TAG, epoch)

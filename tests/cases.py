@@ -141,7 +141,7 @@ def gpu_skip_reason():
         import cupy  # noqa: F401
     except ImportError:
         return "CuPy is not installed"
-    from sparsecore.validation import gpu_unavailable_reason
+    from kernels.validation import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels import validation as V
 from kernels.cuda import _module
 from kernels.cuda import elementwise as cu_ew
 from kernels.cuda import grow as cu_grow
@@ -29,7 +30,6 @@ from kernels.cuda import sddmm as cu_sddmm
 from kernels.cuda import spmm as cu_spmm
 from kernels.cuda import spmm_t as cu_spmm_t
 from sparsecore import CSR
-from sparsecore import validation as V
 
 SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(_module.HERE, "*.cu")))
 NVCC = shutil.which("nvcc")

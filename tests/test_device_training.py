@@ -20,9 +20,9 @@ import sys
 import numpy as np
 import pytest
 
+from kernels import validation as V
 from sparsecore import data as D
 from sparsecore import device as devmod
-from sparsecore import validation as V
 from sparsecore.layers import SparseLinear, mlp
 from sparsecore.optim import SGD, Adam
 from sparsecore.train import TrainConfig, Trainer

@@ -19,10 +19,10 @@ import pytest
 import scipy.sparse as sp
 
 import kernels
+from kernels.formats import random_positions
 from sparsecore import CSR, cli
 from sparsecore import checkpoint as ckpt
 from sparsecore import data as D
-from sparsecore.formats import random_positions
 from sparsecore.train import TrainConfig, Trainer
 from tests.cases import blobs_npz
 from tests.data.make_checkpoint import CONFIG as V2_CONFIG

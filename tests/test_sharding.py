@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from kernels.formats import split_count
 from sparsecore import checkpoint
-from sparsecore.formats import split_count
 from sparsecore.layers import INIT_BLOCK_ROWS, sparse_init
 from sparsecore.plan import memory_plan, sharded_layers
 from sparsecore.train import TrainConfig, Trainer

@@ -35,7 +35,7 @@ class DeviceCSR:
         """From raw CuPy arrays, fully validated (through a host copy: O(nnz) transfer)."""
         import cupy
 
-        from sparsecore import validation as V
+        from kernels import validation as V
 
         host = V.check_csr_arrays(
             cupy.asnumpy(indptr), cupy.asnumpy(indices), cupy.asnumpy(data), shape, name
@@ -47,7 +47,7 @@ class DeviceCSR:
         """From any cupyx.scipy.sparse matrix: duplicates summed, columns sorted (on a copy)."""
         import cupy
 
-        from sparsecore import validation as V
+        from kernels import validation as V
 
         if M.ndim != 2:
             raise ValueError(f"{name} must be 2-D, got {M.ndim}-D")
@@ -78,7 +78,7 @@ class DeviceCSR:
     def to_host(self):
         """A ``sparsecore.CSR`` with copies of the arrays in host memory."""
         from kernels.cuda._module import to_host
-        from sparsecore.formats import CSR
+        from kernels.formats import CSR
 
         return CSR._trusted(
             *(np.array(to_host(a)) for a in (self.indptr, self.indices, self.data)), self.shape

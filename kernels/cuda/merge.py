@@ -77,7 +77,7 @@ def merge_csr(W, keep, rows, cols):
     validates, then calls this). Trusts: keep (nnz,) bool; rows/cols integer arrays of one
     length, in range, distinct (any order), on W's side. Grown entries that collide with a kept
     one raise ValueError. Syncs once (the count of kept entries and of conflicts)."""
-    from sparsecore.validation import index_dtype_for
+    from kernels.validation import index_dtype_for
 
     cupy = array_module(W.indptr)
     m, n = W.shape
