@@ -186,9 +186,7 @@ class CSR:
         V.check_shape2(M.shape, f"{name}.shape")
         if M.format != "csr":
             _check_before_conversion(M, name)  # scipy's tocsr trusts the arrays it converts
-            if M.dtype not in _SPARSETOOLS_DTYPES:  # e.g. float16: scipy cannot convert it
-                M = M.astype(np.float32)
-            M = M.tocsr()
+            M = _summable(M).tocsr()
         # scipy does not check these by default, and its canonicalisation crashes without them
         V.check_csr_arrays(M.indptr, M.indices, M.data, M.shape, name, full=False)
         V.check_indptr_monotone(M.indptr, name)
@@ -199,8 +197,7 @@ class CSR:
             M = sp.csr_array(
                 (M.data, M.indices.astype(idx), M.indptr.astype(idx)), shape=M.shape, copy=False
             )
-        if M.dtype not in _SPARSETOOLS_DTYPES:
-            M = M.astype(np.float32)
+        M = _summable(M)  # (after the checks above: scipy's astype trusts indptr too)
         # scipy's has_canonical_format is a flag anyone may set: checked by our own scan
         if not (M.has_canonical_format and V.is_canonical(M.indptr, M.indices)):
             M = M.copy()
@@ -400,6 +397,15 @@ class CSR:
         )
 
 
+def _summable(M):
+    """M with values scipy can sum exactly enough: integers, bools and float16 as float64
+    (scipy sums duplicates, in tocsr of COO and in sum_duplicates, in the data's own dtype,
+    where uint8 255 + 1 wraps to 0, and it cannot convert float16 at all)."""
+    if M.dtype.kind != "f" or M.dtype.itemsize < 4:
+        return M.astype(np.float64)
+    return M
+
+
 def _check_before_conversion(M, name: str):
     """The arrays of a CSC, COO or BSR matrix, checked before scipy's compiled conversion reads
     them (it does not check, and out-of-range indices crash it). O(nnz)."""
@@ -445,12 +451,6 @@ def check_values(value, nnz: int, name: str = "W.data", *pattern) -> np.ndarray:
 
 
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-# value dtypes scipy's compiled sparse routines (tocsr, sum_duplicates) take
-_SPARSETOOLS_DTYPES = tuple(
-    np.dtype(t)
-    for t in (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
-              np.uint64, np.float32, np.float64, np.longdouble)
-)  # fmt: skip
 
 
 def _check_trusted(indptr, indices, data, shape, name: str = "W"):

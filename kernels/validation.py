@@ -17,6 +17,7 @@ import functools
 import numbers
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 
@@ -76,6 +77,7 @@ FILE_READ_ERRORS = (
     NotImplementedError,
     SyntaxError,
     RecursionError,
+    tokenize.TokenError,  # NumPy parses .npy headers with the tokenizer
 )
 
 

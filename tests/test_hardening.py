@@ -745,3 +745,26 @@ def test_out_may_not_overlap_the_callers_scipy_arrays():
     X = np.ones((1, 2), np.float32)
     with pytest.raises(ValueError, match="out overlaps an input array"):
         kernels.sddmm(M, X, X, out=M.data)
+
+
+def test_integer_duplicates_are_summed_without_wrapping():
+    """scipy sums duplicates in the data's dtype (uint8: 255 + 1 = 0); from_scipy sums them as
+    the values they are."""
+    M = sp.csr_array((np.ones(3, np.float32), np.array([0, 1, 2], np.int32),
+                      np.array([0, 3], np.int32)), shape=(1, 3))  # fmt: skip
+    M.data = np.array([1, 255, 6], dtype=np.uint8)
+    M.indices = np.array([0, 0, 2], dtype=np.int32)
+    assert CSR.from_scipy(M).data.tolist() == [256.0, 6.0]
+    C = sp.coo_array((np.array([255, 1], np.uint8), (np.array([0, 0]), np.array([1, 1]))), (1, 3))
+    assert CSR.from_scipy(C).data.tolist() == [256.0]
+
+
+def test_a_header_that_breaks_numpys_tokenizer_is_a_checkpoint_error(tmp_path):
+    tr, path = _trained(tmp_path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"{'descr'")  # the first member's .npy header dict
+    raw[at + 1] = ord("(")  # an unclosed bracket: tokenize.TokenError inside NumPy
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError):
+        tr.load_checkpoint(bad)
