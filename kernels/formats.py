@@ -192,7 +192,8 @@ class CSR:
         V.check_indptr_monotone(M.indptr, name)
         if M.indices.dtype not in _INDEX_DTYPES or M.indptr.dtype != M.indices.dtype:
             # unsigned or narrow index arrays (set by the caller): scipy's compiled routines
-            # take int32/int64 only; the values were range-checked just above
+            # take int32/int64 only (a value that wraps in the cast is refused by the range
+            # check below; sorting and summing only compare indices, never index by them)
             idx = V.index_dtype_for(*M.shape, M.indices.shape[0])
             M = sp.csr_array(
                 (M.data, M.indices.astype(idx), M.indptr.astype(idx)), shape=M.shape, copy=False
