@@ -259,12 +259,11 @@ class CSR:
         ):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
         density, scale = float(density), float(scale)  # (NumPy float32 would round in float32)
-        expected = round(density * n) * m if per_row else round(density * m * n)
-        V.check_fits_memory(expected * 12, f"CSR.random of shape {(m, n)} at density {density}")
+        per = int(round(density * n))  # per_row: every row's count
+        nnz = per * m if per_row else int(round(density * m * n))
+        V.check_fits_memory(nnz * 12, f"CSR.random of shape {(m, n)} at density {density}")
         rng = np.random.default_rng(seed)
         if per_row:
-            per = int(round(density * n))
-            nnz = per * m
             idx = V.choose_index_dtype(m, n, nnz, index_dtype, "random matrix")
             indices = np.empty(nnz, dtype=idx)
             for i in range(m):
@@ -275,7 +274,6 @@ class CSR:
             if per == 0:
                 indptr = np.zeros(m + 1, dtype=idx)
         else:
-            nnz = int(round(density * m * n))
             idx = V.choose_index_dtype(m, n, nnz, index_dtype, "random matrix")
             flat = random_positions(m, n, nnz, rng)
             rows = flat // n if n else flat

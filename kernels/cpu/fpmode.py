@@ -116,13 +116,21 @@ def _apply(enable: bool):
 def _reach_with(set_bits, clear_bits, old):
     """Run the update until every one of Numba's threads took part (static scheduling gives
     each thread one iteration; verified by thread id). Returns (flags of threads reached, n)."""
-    n = numba.get_num_threads()
     seen = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int8)
-    for attempt in range(1, 9):
-        _update_pool(set_bits, clear_bits, seen, old, n * attempt)
-        if seen[:n].all():
-            break
+    n = _on_every_thread(lambda n_iter: _update_pool(set_bits, clear_bits, seen, old, n_iter), seen)
     return seen, n
+
+
+def _on_every_thread(run, flags) -> int:
+    """Call run(n_iter) with growing iteration counts until every pool thread has set its
+    flag (static scheduling gives each thread one iteration; at most 8 tries). Returns the
+    number of threads."""
+    n = numba.get_num_threads()
+    for attempt in range(1, 9):
+        run(n * attempt)
+        if flags[:n].all():
+            break
+    return n
 
 
 def set_flush(enable: bool = True) -> bool:
@@ -157,11 +165,7 @@ def flush_denormals(enable: bool = True):
     finally:
         done = np.zeros_like(seen)
         done[seen == 0] = 1  # threads never changed are left as they are
-        m = numba.get_num_threads()
-        for attempt in range(1, 9):
-            _restore_pool(old, done, m * attempt)
-            if done[:m].all():
-                break
+        _on_every_thread(lambda n_iter: _restore_pool(old, done, n_iter), done)
         # last: the calling thread (which may have run pool iterations) gets its own bits
         _update_here(here & FTZ_DAZ, FTZ_DAZ & ~here)
 
