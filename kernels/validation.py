@@ -266,19 +266,35 @@ def check_canonical(indptr, indices, name: str = "W"):
         )
 
 
-def as_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False) -> np.ndarray:
-    """A 2-D dense operand as a C-contiguous float32 array (copied only when it is not one).
+def on_side(a, name: str, xp, what: str, *, convert: bool = False):
+    """``a`` as an array of the call's side (array module ``xp``), or the TypeError that says
+    where it is instead: a CuPy array in a host call, a host object in a device call, or
+    something that is no array at all. ``convert`` lets host calls take array-likes (lists)."""
+    if xp is np:  # the host; also the CUDA side emulated over NumPy in the tests
+        if is_cupy_array(a):
+            raise_cupy(name)
+        if isinstance(a, np.ndarray):
+            return a
+        if convert and (hasattr(a, "__array__") or isinstance(a, (list, tuple))):
+            return np.asarray(a)
+        raise TypeError(f"{name} must be {what}, got {type(a).__name__}")
+    if not isinstance(a, xp.ndarray):
+        raise backend_mismatch(name, True)
+    return a
+
+
+def _all_finite(a, xp) -> bool:
+    return not a.size or bool(xp.isfinite(a).all())
+
+
+def as_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False, xp=np):
+    """A 2-D dense operand as a C-contiguous float32 array of side ``xp`` (copied only when it
+    is not one).
 
     n_rows, if given, is the required first dimension. Integer and other float dtypes are
     converted (a copy); complex, object and other kinds are refused.
     """
-    if is_cupy_array(a):
-        raise_cupy(name)
-    if not isinstance(a, np.ndarray):
-        if hasattr(a, "__array__") or isinstance(a, (list, tuple)):
-            a = np.asarray(a)
-        else:
-            raise TypeError(f"{name} must be a 2-D NumPy array, got {type(a).__name__}")
+    a = on_side(a, name, xp, "a 2-D NumPy array", convert=True)
     if a.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got {a.ndim}-D with shape {a.shape}")
     if a.dtype.kind not in "fiub":
@@ -286,43 +302,40 @@ def as_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False)
     if n_rows is not None and a.shape[0] != n_rows:
         raise ValueError(f"{name} has shape {a.shape}, expected {n_rows} rows")
     if a.dtype.kind == "f" and a.dtype.itemsize > 4 and a.size:
-        check_fits_float32(a, name)  # O(size), paid only with the conversion's copy
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if finite and a.size and not np.isfinite(a).all():
+        check_fits_float32(a, name, xp)  # O(size), paid only with the conversion's copy
+    a = xp.ascontiguousarray(a, dtype=np.float32)
+    if finite and not _all_finite(a, xp):
         raise ValueError(f"{name} must be finite in float32, but it holds NaN or inf")
     return a
 
 
-def check_fits_float32(a, name: str):
+def check_fits_float32(a, name: str, xp=np):
     """A wider float array's finite values must stay finite as float32 (1e300 would become
     inf without a word). NaN and inf pass here: they are what they were."""
-    bad = np.isfinite(a) & (np.abs(a) > FLOAT32_MAX)
-    if bad.any():
-        p = np.unravel_index(int(np.flatnonzero(bad)[0]), a.shape)
+    bad = xp.isfinite(a) & (xp.abs(a) > FLOAT32_MAX)
+    if bool(bad.any()):
+        p = np.unravel_index(int(xp.flatnonzero(bad)[0]), a.shape)
         raise OverflowError(
             f"{name} holds {float(a[p])!r} at index {tuple(int(i) for i in p)}, beyond "
             f"float32's range (±{FLOAT32_MAX:.4g}); the kernels compute in float32: rescale it"
         )
 
 
-def check_no_overlap(out, name: str, *inputs):
+def check_no_overlap(out, name: str, *inputs, xp=np):
     """``out`` must not share memory with an input: kernels read inputs while writing out."""
     for a in inputs:
-        if a is not None and np.may_share_memory(out, a):
+        if a is not None and xp.may_share_memory(out, a):
             raise ValueError(f"{name} overlaps an input array; pass a separate output buffer")
 
 
-def check_out(out, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+def check_out(out, name: str, shape: tuple, dtype=np.float32, xp=np):
     """``out=`` must be exactly what the kernel writes: no silent copy, no broadcasting."""
-    if is_cupy_array(out):
-        raise_cupy(name)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    out = on_side(out, name, xp, "a NumPy array")
     if out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
     if out.dtype != dtype:
         raise TypeError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype).name}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
+    if not out.flags.c_contiguous or not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name} must be a writeable C-contiguous array")
     return out
 
@@ -336,26 +349,27 @@ def check_layout(layout) -> str:
     return layout
 
 
-def check_mask(mask, name: str, length: int) -> np.ndarray:
-    if is_cupy_array(mask):
-        raise_cupy(name)
-    if not isinstance(mask, np.ndarray) or mask.ndim != 1:
-        raise TypeError(f"{name} must be a 1-D NumPy bool array of length {length}")
+def check_mask(mask, name: str, length: int, xp=np):
+    mask = on_side(mask, name, xp, f"a 1-D NumPy bool array of length {length}")
+    if mask.ndim != 1:
+        raise TypeError(
+            f"{name} must be a 1-D bool array of length {length}, got shape {mask.shape}"
+        )
     if mask.dtype != np.bool_:
         raise TypeError(f"{name} must have dtype bool, got {mask.dtype}")
     if mask.shape[0] != length:
         raise ValueError(f"{name} has length {mask.shape[0]}, expected nnz = {length}")
-    return np.ascontiguousarray(mask)
+    return xp.ascontiguousarray(mask)
 
 
-def check_coords(rows, cols, shape, name: str = "grown"):
+def check_coords(rows, cols, shape, name: str = "grown", xp=np):
     """Coordinates of new entries: equal-length integer arrays inside the matrix, no repeats.
 
     Returns int64 (rows, cols) sorted in row-major order. O(g log g).
     """
     m, n = shape
-    rows = np.asarray(rows)
-    cols = np.asarray(cols)
+    rows = on_side(rows, f"{name} rows", xp, "a 1-D integer array", convert=True)
+    cols = on_side(cols, f"{name} cols", xp, "a 1-D integer array", convert=True)
     for a, nm in ((rows, f"{name} rows"), (cols, f"{name} cols")):
         if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
             raise TypeError(f"{nm} must be a 1-D integer array, got {a.dtype} shape {a.shape}")
@@ -366,16 +380,18 @@ def check_coords(rows, cols, shape, name: str = "grown"):
     rows = rows.astype(np.int64, copy=False)
     cols = cols.astype(np.int64, copy=False)
     if rows.size:
-        if rows.min() < 0 or rows.max() >= m:
-            raise ValueError(f"{name} rows must lie in [0, {m}), got [{rows.min()}, {rows.max()}]")
-        if cols.min() < 0 or cols.max() >= n:
-            raise ValueError(f"{name} cols must lie in [0, {n}), got [{cols.min()}, {cols.max()}]")
+        for a, nm, hi in ((rows, "rows", m), (cols, "cols", n)):
+            lo_v, hi_v = int(a.min()), int(a.max())
+            if lo_v < 0 or hi_v >= hi:
+                raise ValueError(f"{name} {nm} must lie in [0, {hi}), got [{lo_v}, {hi_v}]")
     flat = rows * n + cols
-    order = np.argsort(flat, kind="stable")
+    order = xp.argsort(flat, kind="stable") if xp is np else xp.argsort(flat)
     flat = flat[order]
-    if flat.size > 1 and np.any(flat[1:] == flat[:-1]):
-        f = int(flat[1:][flat[1:] == flat[:-1]][0])
-        raise ValueError(f"{name} lists entry ({f // n}, {f % n}) more than once")
+    if flat.size > 1:
+        dup = xp.flatnonzero(flat[1:] == flat[:-1])
+        if dup.size:
+            f = int(flat[int(dup[0])])
+            raise ValueError(f"{name} lists entry ({f // n}, {f % n}) more than once")
     return rows[order], cols[order]
 
 
@@ -447,54 +463,3 @@ def backend_mismatch(name: str, on_gpu: bool):
         f"{name} is a CuPy array, but the other operands are host (NumPy) arrays; "
         "put every operand on one device"
     )
-
-
-def as_device_operand(a, name: str, n_rows: int | None = None, *, finite: bool = False):
-    """The GPU twin of as_operand: a 2-D CuPy array as C-contiguous float32 (copied only when
-    it is not one). Host arrays are refused (a TypeError naming the argument)."""
-    cupy = require_gpu(name)
-    if not isinstance(a, cupy.ndarray):
-        raise backend_mismatch(name, True)
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got {a.ndim}-D with shape {a.shape}")
-    if a.dtype.kind not in "fiub":
-        raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {a.dtype}")
-    if n_rows is not None and a.shape[0] != n_rows:
-        raise ValueError(f"{name} has shape {a.shape}, expected {n_rows} rows")
-    a = cupy.ascontiguousarray(a, dtype=np.float32)
-    if finite and a.size and not bool(cupy.isfinite(a).all()):
-        raise ValueError(f"{name} must be finite in float32, but it holds NaN or inf")
-    return a
-
-
-def check_device_out(out, name: str, shape: tuple, dtype=np.float32):
-    """``out=`` of a GPU call: a writeable C-contiguous CuPy array of exactly the result."""
-    cupy = require_gpu(name)
-    if not isinstance(out, cupy.ndarray):
-        raise backend_mismatch(name, True)
-    if out.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype).name}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} must be a C-contiguous array")
-    return out
-
-
-def check_device_no_overlap(out, name: str, *inputs):
-    import cupy
-
-    for a in inputs:
-        if a is not None and cupy.may_share_memory(out, a):
-            raise ValueError(f"{name} overlaps an input array; pass a separate output buffer")
-
-
-def check_device_mask(mask, name: str, length: int):
-    cupy = require_gpu(name)
-    if not isinstance(mask, cupy.ndarray):
-        raise backend_mismatch(name, True)
-    if mask.ndim != 1 or mask.dtype != np.bool_:
-        raise TypeError(f"{name} must be a 1-D bool array, got {mask.dtype} shape {mask.shape}")
-    if mask.shape[0] != length:
-        raise ValueError(f"{name} has length {mask.shape[0]}, expected nnz = {length}")
-    return cupy.ascontiguousarray(mask)

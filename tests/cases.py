@@ -94,17 +94,29 @@ def tol(absprod):
 
 
 # ---------------------------------------------------------------------------- backends
-# One test body, many backends: a test takes a ``backend`` fixture (see make_backend) and moves
-# its operands with it. CUDA cases skip cleanly without CuPy or a device.
+# One test body, many backends: a test takes the ``backend`` fixture (tests/conftest.py) and
+# moves its operands with it. Three sides:
+# - "cpu": NumPy arrays and the Numba kernels;
+# - "cuda-emulated": the CUDA side over NumPy arrays (a DeviceCSR of NumPy arrays), with the
+#   public kernels.* calls routed to kernels.backend.cuda_backend(numpy) and every CUDA kernel
+#   launch run by its NumPy model (tests/test_cuda_emulated.py). The operations' one body, the
+#   CUDA launchers' host code and the device checks run as on a GPU; the .cu code does not;
+# - "cuda": CuPy on a real device (skips cleanly without CuPy or a device).
 
 
 class Backend:
     def __init__(self, name):
         self.name = name
-        self.gpu = name == "cuda"
+        self.emulated = name == "cuda-emulated"
+        self.gpu = name == "cuda"  # CuPy arrays
+        self.device = name != "cpu"  # the CUDA launchers (real or emulated)
 
     def W(self, W):
-        """A CSR on this backend (a DeviceCSR on the GPU)."""
+        """A CSR on this backend (a DeviceCSR on the CUDA side)."""
+        if self.emulated:
+            from kernels.formats import DeviceCSR
+
+            return DeviceCSR(W.indptr.copy(), W.indices.copy(), W.data.copy(), W.shape)
         return W.to_device() if self.gpu else W
 
     def a(self, x):
@@ -130,7 +142,7 @@ class Backend:
         """The launcher module of an operation on this backend (kernels/cpu or kernels/cuda)."""
         import importlib
 
-        return importlib.import_module(f"kernels.{'cuda' if self.gpu else 'cpu'}.{op}")
+        return importlib.import_module(f"kernels.{'cuda' if self.device else 'cpu'}.{op}")
 
     def __repr__(self):
         return self.name
@@ -146,20 +158,27 @@ def gpu_skip_reason():
     return gpu_unavailable_reason()
 
 
-BACKENDS = ["cpu", "cuda"]
+BACKENDS = ["cpu", "cuda-emulated", "cuda"]
 
 
-def make_backend(name):
-    """The backend of a parametrised test; skips the CUDA cases without CuPy or a device.
+def make_backend(name, monkeypatch=None, rng=None):
+    """The backend of a parametrised test (the ``backend`` fixture of tests/conftest.py).
 
-    Use in a test module as
-    ``@pytest.fixture(params=cases.BACKENDS) def backend(request): return
-    cases.make_backend(request.param)``.
+    "cuda" skips without CuPy or a device; "cuda-emulated" needs ``monkeypatch`` and ``rng``:
+    it installs the NumPy models of the CUDA kernels and routes every public kernels.* call to
+    the CUDA backend over NumPy for the rest of the test.
     """
     if name == "cuda":
         reason = gpu_skip_reason()
         if reason is not None:
             pytest.skip(f"CUDA backend unavailable: {reason}")
+    if name == "cuda-emulated":
+        from kernels import backend as kb
+        from tests.test_cuda_emulated import install
+
+        install(monkeypatch, rng)
+        emu = kb.cuda_backend(np)
+        monkeypatch.setattr(kb, "side_of", lambda op, **operands: emu)
     return Backend(name)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import kernels
 import sparsecore  # noqa: F401
+from tests import cases
 
 SEED = int(os.environ.get("SPARSECORE_TEST_SEED", secrets.randbits(32)))
 
@@ -24,6 +25,13 @@ def pytest_report_header(config):
 def rng(request):
     # a different stream per test, all derived from the run's seed
     return np.random.default_rng([SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture(params=cases.BACKENDS)
+def backend(request, monkeypatch, rng):
+    """The side a kernel test runs on: "cpu", "cuda-emulated" (the CUDA side over NumPy, its
+    kernels' NumPy models) or "cuda" (a real device; skipped without one). See tests/cases.py."""
+    return cases.make_backend(request.param, monkeypatch, rng)
 
 
 @pytest.fixture

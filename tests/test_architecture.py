@@ -17,25 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("kernels", "sparsecore")
 
-LAZY_GPU = "lazy: the CUDA side is loaded on the first GPU call (importing never needs CuPy)"
 LAZY_BENCH = "lazy: the benchmark suite and its baselines load only for `sparsecore bench`"
 LAZY_CLI = "lazy: each subcommand loads only what it runs (fast --help and error paths)"
-CYCLE_CSR = "cycle formats <-> cuda._csr (CSR.to_device / DeviceCSR.to_host): house step 2"
 CYCLE_MPI = "cycle distributed <-> plan/checkpoint/train/layers: house step 3 (MPI package)"
 CYCLE_PLAN = "cycle train -> plan/cost -> train's config: house step 4 (TrainConfig the source)"
 
 # (file, imported module) -> why it is imported inside a function
 ALLOWED = {
-    ("kernels/__init__.py", "kernels.cuda"): LAZY_GPU,
-    ("kernels/cuda/_csr.py", "kernels"): LAZY_GPU,
-    ("kernels/cuda/_csr.py", "kernels.cuda._module"): LAZY_GPU,
-    ("kernels/cuda/_csr.py", "kernels.cuda.structure"): LAZY_GPU,
-    ("kernels/cuda/_csr.py", "kernels.formats"): CYCLE_CSR,
-    ("kernels/cuda/merge.py", "kernels.validation"): LAZY_GPU,
-    ("kernels/formats.py", "kernels.cuda._csr"): CYCLE_CSR,
-    ("sparsecore/device.py", "kernels"): LAZY_GPU,
-    ("sparsecore/device.py", "kernels.cuda._csr"): LAZY_GPU,
-    ("sparsecore/device.py", "kernels.validation"): LAZY_GPU,
     ("sparsecore/benchmarks/step.py", "sparsecore"): LAZY_BENCH,
     ("sparsecore/benchmarks/step.py", "sparsecore.cost"): LAZY_BENCH,
     ("sparsecore/benchmarks/step.py", "sparsecore.data"): LAZY_BENCH,
@@ -80,7 +68,9 @@ def in_function_imports() -> Counter:
                                 name = "relative"  # the project uses absolute imports only
                             if name.split(".")[0] in PROJECT or name == "relative":
                                 found[(rel, name)] += 1
-                    visit(child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+                    visit(
+                        child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    )
 
             visit(ast.parse(path.read_text()), False)
     return found

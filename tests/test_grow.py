@@ -9,11 +9,6 @@ from kernels.cpu import grow as G
 from tests import cases
 
 
-@pytest.fixture(params=cases.BACKENDS)
-def backend(request):
-    return cases.make_backend(request.param)
-
-
 def _int_operands(rng, m, n, batch, spread=2):
     """Small integers: every score is exact in float32, and ties are plentiful."""
     dY = rng.integers(-spread, spread + 1, size=(m, batch)).astype(np.float32)
@@ -33,7 +28,7 @@ def _tiny_tiles(monkeypatch, nbytes=64):
 
 def _grow(backend, W, dY, X, k, keep=None, **kw):
     """topk_grow on a backend, results back as NumPy arrays."""
-    if backend is None or not backend.gpu:
+    if backend is None or not backend.device:
         return kernels.topk_grow(W, dY, X, k, keep=keep, **kw)
     a = backend.a
     out = kernels.topk_grow(backend.W(W), a(dY), a(X), k, keep=a(keep), **kw)

@@ -8,12 +8,6 @@ import kernels
 from kernels import reference as R
 from tests import cases
 
-
-@pytest.fixture(params=cases.BACKENDS)
-def backend(request):
-    return cases.make_backend(request.param)
-
-
 BATCHES = [1, 3, 17, 128]
 
 

@@ -11,11 +11,6 @@ from sparsecore import CSR
 from tests import cases
 
 
-@pytest.fixture(params=cases.BACKENDS)
-def backend(request):
-    return cases.make_backend(request.param)
-
-
 def test_drop_hand_worked(backend):
     # |w| = 3 1 2 1 0.5 1 ; k = 3 -> 0.5 (pos 4), then the 1s at the lowest positions (1, 3)
     w = backend.a(np.array([3, -1, 2, 1, -0.5, 1], np.float32))

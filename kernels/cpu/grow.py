@@ -224,6 +224,12 @@ def tile_shape(m, n, tile_bytes, min_rows=0):
     return 1, max(1, tile_bytes // 4)
 
 
+def row_sq_max(a) -> float:
+    """max_i Σ_b a[i, b]² in float64 (the row-norm bound of kernels.topk_grow's overflow
+    check), without m × B temporaries."""
+    return float(np.max(np.einsum("ij,ij->i", a, a, dtype=np.float64)))
+
+
 def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=None):
     """Launcher (trusts its inputs: k <= number of absent entries, canonical pattern, finite
     scores). Returns (rows, cols, scores): index dtype int32 when m and n < 2**31 else int64 (the

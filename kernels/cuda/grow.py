@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import config
+from kernels.cpu.grow import row_sq_max as host_row_sq_max
 from kernels.cpu.grow import tile_shape
 from kernels.cuda import _module
 from kernels.cuda._module import Launch, array_module, cdiv, index_suffix, to_host
@@ -196,6 +197,22 @@ def _cut(u: Union, thr, k, buf_s, buf_f, counter, bins, n_digits):
     buf_s[:k] = new_s
     buf_f[:k] = new_f
     return v
+
+
+_reductions: dict = {}
+
+
+def row_sq_max(a) -> float:
+    """max_i Σ_b a[i, b]² in float64 on the device: one reduction kernel, no m × B float64
+    temporaries (the CPU's on NumPy arrays, in the emulated tests)."""
+    cupy = array_module(a)
+    if cupy is np:
+        return host_row_sq_max(a)
+    if "sq" not in _reductions:
+        _reductions["sq"] = cupy.ReductionKernel(
+            "T x", "float64 y", "(double)x * (double)x", "a + b", "y = a", "0", "sparsecore_sqsum"
+        )
+    return float(_reductions["sq"](a, axis=1).max())
 
 
 def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=None):

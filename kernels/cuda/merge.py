@@ -70,33 +70,3 @@ def remap(src, values, fill=0.0, out=None):
     taken = values[cupy.maximum(src, 0)]
     out[...] = cupy.where(src >= 0, taken, cupy.asarray(fill, dtype=values.dtype))
     return out
-
-
-def merge_csr(W, keep, rows, cols):
-    """A topology update of a DeviceCSR: (new W, src), as kernels.merge (the public function
-    validates, then calls this). Trusts: keep (nnz,) bool; rows/cols integer arrays of one
-    length, in range, distinct (any order), on W's side. Grown entries that collide with a kept
-    one raise ValueError. Syncs once (the count of kept entries and of conflicts)."""
-    from kernels.validation import index_dtype_for
-
-    cupy = array_module(W.indptr)
-    m, n = W.shape
-    rows = rows.astype(np.int64, copy=False)
-    cols = cols.astype(np.int64, copy=False)
-    needed = index_dtype_for(m, n, int(cupy.count_nonzero(keep)) + rows.shape[0])
-    idx = np.promote_types(W.indices.dtype, needed).type  # never narrower than W's
-    grow_indptr = cupy.zeros(m + 1, dtype=idx)
-    if m and rows.shape[0]:
-        grow_indptr[1:] = cupy.cumsum(cupy.bincount(rows, minlength=m))
-        order = cupy.argsort(rows * n + cols)  # CSR order of the grown entries
-        cols = cols[order]
-    indptr, indices = W.indptr.astype(idx, copy=False), W.indices.astype(idx, copy=False)
-    new_indptr, new_indices, src, conflicts = merge(
-        indptr, indices, keep, grow_indptr, cols.astype(idx)
-    )
-    if conflicts:
-        raise ValueError(
-            f"{conflicts} grown entries are already present in W and kept; grow only "
-            "connections that are absent (or dropped in this update)"
-        )
-    return W._with_pattern(new_indptr, new_indices, remap(src, W.data)), src
