@@ -206,7 +206,7 @@ get_backend("cpu")  # built at import: side_of reads it from the cache
 
 
 def _parts(name, a):
-    """(name, object) pairs that decide a call's side: a tuple W's arrays, or the object."""
+    """(name, object) pairs that decide a call's side: a tuple W's arrays, or W itself."""
     if isinstance(a, tuple) and len(a) == 4:
         parts = zip(("indptr", "indices", "data"), a[:3], strict=True)
         return [(f"{name}.{p}", x) for p, x in parts]
@@ -223,7 +223,7 @@ def side_of(op: str, **operands) -> Backend:
     for name, a in operands.items():
         if isinstance(a, _HOST):  # the common case, decided without a look inside
             continue
-        for part, x in _parts(name, a):
+        for part, x in _parts(name, a) if name == "W" else ((name, a),):
             if isinstance(x, DeviceCSR) or V.is_cupy_array(x):
                 V.require_gpu(part)
                 return get_backend("cuda")
@@ -328,9 +328,14 @@ def first_absent(xp, W, keep, k):
     row_of = W.row_ids()
     cols = W.indices if keep is None else W.indices[keep]
     rows_p = row_of if keep is None else row_of[keep]
-    present = xp.bincount(rows_p, minlength=m).astype(np.int64)  # kept entries per row
+    if rows_p.shape[0]:  # kept entries per row (CuPy's bincount refuses an empty input)
+        present = xp.bincount(rows_p, minlength=m).astype(np.int64)
+    else:
+        present = xp.zeros(m, np.int64)
     absent = n - present
-    last = int(xp.searchsorted(xp.cumsum(absent), k))  # the row where the k-th absent falls
+    # the row where the k-th absent falls: searchsorted(cumsum, k) ("left"), written as a count
+    # since CuPy's searchsorted takes only arrays
+    last = int(xp.count_nonzero(xp.cumsum(absent) < k))
     take = absent[: last + 1].copy()
     take[last] -= int(take.sum()) - k  # only what is left in the last row
     start = xp.zeros(last + 2, np.int64)
@@ -402,10 +407,10 @@ def merge_on(b: Backend, W, keep, grow_rows, grow_cols):
 
 
 def remap_on(b: Backend, src, values, fill=0.0):
-    src = V.on_side(src, "src", b.xp, "a 1-D integer array", convert=True)
-    values = _values_any(b, values)
+    src = V.on_side(src, "src", b.xp, "a 1-D integer array", convert="any")
     if src.ndim != 1 or src.dtype.kind not in "iu":
         raise TypeError(f"src must be a 1-D integer array, got {src.dtype} shape {src.shape}")
+    values = _values_any(b, values)
     if src.size:
         lo, hi = int(src.min()), int(src.max())
         if hi >= values.shape[0] or lo < -1:
@@ -418,7 +423,7 @@ def remap_on(b: Backend, src, values, fill=0.0):
 
 def _values_any(b: Backend, a):
     """remap's ``values``: any 1-D array of this side (any dtype: it is carried, not ranked)."""
-    a = V.on_side(a, "values", b.xp, "a 1-D array", convert=True)
+    a = V.on_side(a, "values", b.xp, "a 1-D array", convert="any")
     if a.ndim != 1:
         raise ValueError(f"values must be 1-D, got shape {a.shape}")
     return a

@@ -75,7 +75,22 @@ def split_count(sizes, total: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-class CSR:
+class _Counts:
+    """What CSR and DeviceCSR read the same way off their shape and indices."""
+
+    __slots__ = ()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def density(self) -> float:
+        m, n = self.shape
+        return self.nnz / (m * n) if m * n else 0.0
+
+
+class CSR(_Counts):
     """Canonical CSR matrix (float32 values, int32|int64 indices).
 
     Build with ``CSR(indptr, indices, data, shape)`` (fully validated, O(nnz)), or with
@@ -296,15 +311,6 @@ class CSR:
         return cls._trusted(indptr, indices, data, (m, n))
 
     # ------------------------------------------------------------------ views and exports
-    @property
-    def nnz(self) -> int:
-        return int(self.indices.shape[0])
-
-    @property
-    def density(self) -> float:
-        m, n = self.shape
-        return self.nnz / (m * n) if m * n else 0.0
-
     def row_ids(self) -> np.ndarray:
         """Row index of every stored entry (the COO rows), in CSR order. Cached."""
         if "rows" not in self._cache:
@@ -523,7 +529,7 @@ def as_csr(W, name: str = "W") -> CSR:
 # ---------------------------------------------------------------------------- DeviceCSR
 
 
-class DeviceCSR:
+class DeviceCSR(_Counts):
     __slots__ = ("shape", "indptr", "indices", "data", "_cache")
 
     def __init__(self, indptr, indices, data, shape):
@@ -569,15 +575,6 @@ class DeviceCSR:
         return cls(M.indptr.astype(idx), M.indices.astype(idx), data, (m, n))
 
     # ------------------------------------------------------------------ views and exports
-    @property
-    def nnz(self) -> int:
-        return int(self.indices.shape[0])
-
-    @property
-    def density(self) -> float:
-        m, n = self.shape
-        return self.nnz / (m * n) if m * n else 0.0
-
     def to_host(self):
         """A ``sparsecore.CSR`` with copies of the arrays in host memory."""
         return CSR._trusted(

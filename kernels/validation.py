@@ -269,13 +269,17 @@ def check_canonical(indptr, indices, name: str = "W"):
 def on_side(a, name: str, xp, what: str, *, convert: bool = False):
     """``a`` as an array of the call's side (array module ``xp``), or the TypeError that says
     where it is instead: a CuPy array in a host call, a host object in a device call, or
-    something that is no array at all. ``convert`` lets host calls take array-likes (lists)."""
+    something that is no array at all. ``convert`` lets host calls take array-likes (lists,
+    tuples, objects with ``__array__``); ``convert="any"`` whatever NumPy makes an array of (the
+    caller then checks its dimensions and dtype)."""
     if xp is np:  # the host; also the CUDA side emulated over NumPy in the tests
         if is_cupy_array(a):
             raise_cupy(name)
         if isinstance(a, np.ndarray):
             return a
-        if convert and (hasattr(a, "__array__") or isinstance(a, (list, tuple))):
+        if convert == "any" or (
+            convert and (hasattr(a, "__array__") or isinstance(a, (list, tuple)))
+        ):
             return np.asarray(a)
         raise TypeError(f"{name} must be {what}, got {type(a).__name__}")
     if not isinstance(a, xp.ndarray):
@@ -368,8 +372,8 @@ def check_coords(rows, cols, shape, name: str = "grown", xp=np):
     Returns int64 (rows, cols) sorted in row-major order. O(g log g).
     """
     m, n = shape
-    rows = on_side(rows, f"{name} rows", xp, "a 1-D integer array", convert=True)
-    cols = on_side(cols, f"{name} cols", xp, "a 1-D integer array", convert=True)
+    rows = on_side(rows, f"{name} rows", xp, "a 1-D integer array", convert="any")
+    cols = on_side(cols, f"{name} cols", xp, "a 1-D integer array", convert="any")
     for a, nm in ((rows, f"{name} rows"), (cols, f"{name} cols")):
         if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
             raise TypeError(f"{nm} must be a 1-D integer array, got {a.dtype} shape {a.shape}")

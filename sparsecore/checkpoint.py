@@ -45,6 +45,7 @@ from kernels import validation as V
 from kernels.formats import CSR
 from sparsecore.device import to_host
 from sparsecore.layers import SparseLinear
+from sparsecore.mpi.runtime import split
 from sparsecore.rigl.distributions import layer_densities
 
 FORMAT = 2
@@ -208,8 +209,6 @@ def _write_root(writer, trainer, meta, comm):
             for k, a in _layer_arrays(layer, state, moments).items():
                 writer.add(f"L{l}/p0/{k}", a)
             continue
-        from sparsecore.distributed import split
-
         size = comm.Get_size()
         writer.add(f"L{l}/parts", np.array([split(m, size, r)[0] for r in range(size)] + [m]))
         for k, a in _layer_arrays(layer, state, moments).items():

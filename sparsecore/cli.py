@@ -207,9 +207,9 @@ def main(argv=None) -> int:
             print("\n".join(details), file=sys.stderr)
         print(f"sparsecore {args.cmd}: error: {first}", file=sys.stderr)
         if args.cmd == "train":
-            from sparsecore import distributed
+            from sparsecore import mpi
 
-            distributed.abort(2)  # several ranks: stop the others too (else they would wait)
+            mpi.abort(2)  # several ranks: stop the others too (else they would wait)
         return 2
 
 
@@ -284,7 +284,7 @@ def _dispatch(args, argv) -> int:
         print(json.dumps(plan, indent=1) if args.json else describe_plan(plan))
         return 0
     if args.cmd == "train":
-        from sparsecore import distributed
+        from sparsecore import mpi
 
         if args.nprocs is not None and args.nprocs < 1:
             raise ValueError(f"--nprocs must be >= 1 (processes to start), got {args.nprocs}")
@@ -330,10 +330,10 @@ def _dispatch(args, argv) -> int:
             out=args.out,
             progress=not args.no_progress,
         ).validate()  # before starting any rank: bad settings are one error, not N
-        if args.nprocs is not None and args.nprocs > 1 and distributed.world() is None:
+        if args.nprocs is not None and args.nprocs > 1 and mpi.world() is None:
             try:  # re-launch this command on N ranks
-                rc = distributed.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
-            except distributed.MPIUnavailableError as e:
+                rc = mpi.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
+            except mpi.MPIUnavailableError as e:
                 raise ValueError(str(e)) from None
             if rc != 0:  # the failing rank said why above (MPI's own abort notice may follow)
                 print(

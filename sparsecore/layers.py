@@ -63,7 +63,7 @@ class Layer:
 class SparseLinear(Layer):
     """y = W·x + b with W a canonical CSR (m × n) and b dense (m,)."""
 
-    shard = None  # a block of rows of a layer split over MPI ranks: its RowShard (distributed)
+    shard = None  # a block of rows of a layer split over MPI ranks: its RowShard (sparsecore/mpi)
 
     def __init__(self, W: CSR, bias: np.ndarray | None = None, name: str = "sparse"):
         if not isinstance(W, CSR):
@@ -573,7 +573,7 @@ def mlp(
     (sparse_init), so a layer does not depend on the others (INIT_TAG keeps these streams apart
     from the data's and the epochs' generators, seeded by (seed, ...) too).
     ``sparse_layer(l, n_in, n_out, density)`` may build a sparse layer itself (an MPI rank's
-    shard: sparsecore/distributed.py); None there falls back to a whole SparseLinear."""
+    shard: sparsecore/mpi/sharded.py); None there falls back to a whole SparseLinear."""
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
     if len(densities) != len(sizes) - 1:

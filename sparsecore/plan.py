@@ -26,6 +26,7 @@ from kernels import config
 from kernels.cpu.grow import tile_shape
 from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
 from kernels.validation import index_dtype_for
+from sparsecore.mpi.select import OFFER_SHARE, OFFER_SLACK
 from sparsecore.rigl.distributions import layer_densities
 
 MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
@@ -147,11 +148,9 @@ def memory_plan(
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
                 # a shard's drop and exact grow first offer its share of the layer's K (with
-                # slack; more only when the K fall unevenly: distributed.RowShard.offered)
+                # slack; more only when the K fall unevenly: mpi.RowShard.offered)
                 k_offer = k
                 if m != m_full:
-                    from sparsecore.distributed import OFFER_SHARE, OFFER_SLACK
-
                     k_layer = int(alpha * nnz_full)
                     k_offer = min(nnz, -(-int(OFFER_SHARE * k_layer) // ranks) + OFFER_SLACK)
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and

@@ -29,11 +29,13 @@ from tqdm import tqdm
 from kernels._threads import check_fork_safe
 from kernels.cpu import fpmode
 from kernels.validation import memory_limit
-from sparsecore import checkpoint, distributed
+from sparsecore import checkpoint, mpi
 from sparsecore import data as data_mod
+from sparsecore.cost import model_cost
 from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD, Adam, lr_at
+from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan, sharded_layers
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
@@ -88,7 +90,7 @@ class TrainConfig:
     flush_denormals: bool = True
     # MPI: split these sparse layers by rows over the ranks ("all": every sparse layer with at
     # least as many rows as ranks; a list: those weighted layers, 0-based) instead of
-    # data-parallel training; ignored by a single process (sparsecore/distributed.py)
+    # data-parallel training; ignored by a single process (sparsecore/mpi)
     shard_layers: str | list | None = None
     # MPI: stop every rank when one makes no progress (a step, an update, an evaluation batch)
     # for this many seconds: a hung rank, not only a dead one, ends the job (0: never)
@@ -110,8 +112,10 @@ class TrainConfig:
         if self.grow != "exact" and self.method != "rigl":
             raise ValueError(f"grow={self.grow!r} applies to method rigl, not {self.method!r}")
         arch = self.arch
-        if not isinstance(arch, (list, tuple)) or len(arch) < 2 or not all(
-            _is_int(a) and a >= 1 for a in arch
+        if (
+            not isinstance(arch, (list, tuple))
+            or len(arch) < 2
+            or not all(_is_int(a) and a >= 1 for a in arch)
         ):
             raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {arch!r}")
         self.arch = [int(a) for a in arch]
@@ -147,9 +151,7 @@ class TrainConfig:
         if isinstance(self.dataset, os.PathLike):
             self.dataset = os.fspath(self.dataset)
         if not isinstance(self.dataset, str) or not self.dataset:
-            raise ValueError(
-                f"dataset (--dataset) must be 'mnist' or a path, got {self.dataset!r}"
-            )
+            raise ValueError(f"dataset (--dataset) must be 'mnist' or a path, got {self.dataset!r}")
         if isinstance(self.out, os.PathLike):
             self.out = os.fspath(self.out)
         if self.out is not None and not (isinstance(self.out, str) and self.out):
@@ -244,8 +246,6 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     With a budget, RigL's exact grow gets a smaller tile than its default when that makes the
     plan fit (plan["grow_tile_bytes"], passed to the grow kernel), unless a tile was given.
     """
-    from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan
-
     kw = dict(
         distribution=cfg.distribution,
         batch_size=cfg.batch_size,
@@ -287,6 +287,21 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     return plan
 
 
+def sharding(cfg: TrainConfig) -> tuple:
+    """(communicator, indices of the weighted layers to split by rows) for a config with
+    ``shard_layers`` run on several MPI ranks; (None, []) otherwise (one process, or
+    data-parallel training)."""
+    if cfg.shard_layers is None:
+        return None, []
+    comm = mpi.world()
+    if comm is None:
+        return None, []
+    chosen = sharded_layers(
+        cfg.arch, cfg.sparsity, cfg.distribution, cfg.method, cfg.shard_layers, comm.Get_size()
+    )
+    return comm, chosen
+
+
 def build_model(cfg: TrainConfig, comm=None, sharded=()) -> Sequential:
     """The MLP of the config; with an MPI communicator, the layers ``sharded`` are built as this
     rank's rows only (the same values as those rows of the whole layer)."""
@@ -298,7 +313,7 @@ def build_model(cfg: TrainConfig, comm=None, sharded=()) -> Sequential:
     )
     sparse_layer = None
     if comm is not None and sharded:
-        sparse_layer = distributed.shard_builder(comm, sharded, cfg.seed, cfg.fan_in)
+        sparse_layer = mpi.shard_builder(comm, sharded, cfg.seed, cfg.fan_in)
     return mlp(
         cfg.arch,
         dens,
@@ -333,7 +348,7 @@ class Trainer:
         self.cfg = cfg.validate()
         self.device = get_device(cfg.device)  # the one clear error without CuPy or a GPU
         # MPI with --shard-layers: the layers split by rows over the ranks (else none)
-        comm, self.sharded = distributed.sharding(cfg)
+        comm, self.sharded = sharding(cfg)
         self.plan = check_memory(cfg, 1 if comm is None else comm.Get_size(), self.sharded)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed
@@ -363,6 +378,15 @@ class Trainer:
         self.schedule = UpdateSchedule.for_training(
             self.total_steps, end_fraction=cfg.t_end, delta_t=cfg.delta_t, alpha=cfg.alpha
         )
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.updates: list[dict] = []
+        self._good_ckpt: Path | None = None  # the checkpoint this run wrote or resumed from
+        self.out = Path(cfg.out) if cfg.out else None
+        # None unless started by mpiexec with several ranks (sparsecore/mpi): data-parallel,
+        # or the sharded layers' side; the one object this trainer talks to about the ranks
+        self.dist = mpi.parallel(self)
         grow_kw = (
             dict(
                 grow=cfg.grow,
@@ -372,20 +396,12 @@ class Trainer:
             if cfg.method == "rigl"
             else {}
         )
+        selection = None if self.dist is None else self.dist.selection  # where updates choose
         self.updater = (
             None
             if cfg.method == "dense"
-            else UPDATERS[cfg.method](self.schedule, cfg.seed, **grow_kw)
+            else UPDATERS[cfg.method](self.schedule, cfg.seed, selection=selection, **grow_kw)
         )
-        self.step = 0
-        self.epoch = 0
-        self.history: list[dict] = []
-        self.updates: list[dict] = []
-        self._good_ckpt: Path | None = None  # the checkpoint this run wrote or resumed from
-        self.out = Path(cfg.out) if cfg.out else None
-        # None unless started by mpiexec with several ranks (sparsecore/distributed.py):
-        # data-parallel, or the sharded layers' side
-        self.dist = distributed.parallel(self)
 
     # ------------------------------------------------------------------ one step
     def lr(self) -> float:
@@ -419,7 +435,10 @@ class Trainer:
             self.dist.beat()
         report = None
         if update:
-            report = self.updater.update(self.step, self.model, self.opt)
+            if self.dist is None:
+                report = self.updater.update(self.step, self.model, self.opt)
+            else:  # the same update on every rank, then the guard
+                report = self.dist.update(self.updater, self.step, self.model, self.opt)
             if self.cfg.step_on_update:
                 self.opt.step(self.lr())
         else:
@@ -624,8 +643,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ reporting
     def summary(self, step_times) -> dict:
-        from sparsecore.cost import model_cost
-
         cost = model_cost(
             self.model,
             self.cfg.batch_size,
@@ -727,6 +744,8 @@ class Trainer:
         self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
         self.history = meta["history"]
         self._good_ckpt = Path(path)
+        if self.dist is not None:  # every rank must now hold the same replicated state
+            self.dist.check_same(self.model, f"loading checkpoint {path}")
 
 
 def train(cfg: TrainConfig, dataset=None, resume: str | None = None) -> tuple[Trainer, dict]:

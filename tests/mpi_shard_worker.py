@@ -17,9 +17,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsecore  # noqa: E402,F401
-from sparsecore import distributed  # noqa: E402
-from sparsecore.distributed import ShardedSparseLinear, world  # noqa: E402
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp  # noqa: E402
+from sparsecore.mpi import RowShardedSelection, ShardedSparseLinear, select, world  # noqa: E402
 from sparsecore.optim import SGD  # noqa: E402
 from sparsecore.rigl import SET, RigL, UpdateSchedule  # noqa: E402
 
@@ -27,7 +26,7 @@ from sparsecore.rigl import SET, RigL, UpdateSchedule  # noqa: E402
 def select_cases(comm) -> list:
     """RowShard.select against a sort of every rank's values (heavy ties: small integers, and
     zeros), smallest and largest, for k from 0 to past the total: returns the failures."""
-    from sparsecore.distributed import RowShard, allgather_records
+    from sparsecore.mpi import RowShard, allgather_records
 
     shard = RowShard(comm, 64)
     rank = comm.Get_rank()
@@ -52,9 +51,15 @@ def random_grow_cases(comm, sizes, dens) -> list:
     """SET and the sampled RigL grow on sharded layers: each update keeps every layer's nnz,
     grows exactly k new-or-regrown connections in valid (canonical) rows; returns failures."""
     failures = []
+    sharded_rows = RowShardedSelection()
     for updater in (
-        SET(UpdateSchedule(t_end=20, delta_t=2, alpha=0.3), seed=1),
-        RigL(UpdateSchedule(t_end=20, delta_t=2, alpha=0.3), seed=1, grow="sampled"),
+        SET(UpdateSchedule(t_end=20, delta_t=2, alpha=0.3), seed=1, selection=sharded_rows),
+        RigL(
+            UpdateSchedule(t_end=20, delta_t=2, alpha=0.3),
+            seed=1,
+            grow="sampled",
+            selection=sharded_rows,
+        ),
     ):
         model = Sequential(
             [
@@ -89,7 +94,7 @@ def main():
     comm = world()
     if len(sys.argv) > 2 and sys.argv[2] == "tight":
         # each rank first offers k/20 (at least 1) drop and grow candidates: the saturated ranks' retries
-        distributed.OFFER_SHARE, distributed.OFFER_SLACK = 0.05 * comm.Get_size(), 0
+        select.OFFER_SHARE, select.OFFER_SLACK = 0.05 * comm.Get_size(), 0
     sizes, dens = [96, 64, 48, 10], [0.2, 0.3, 0.5]
     ref = mlp(sizes, dens, seed=3)
     sharded = Sequential(
@@ -100,7 +105,7 @@ def main():
     )
     opts = [SGD(m.params(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in (ref, sharded)]
     schedule = UpdateSchedule(t_end=20, delta_t=4, alpha=0.3)
-    updaters = [RigL(schedule, seed=0), RigL(schedule, seed=0)]
+    updaters = [RigL(schedule, seed=0), RigL(schedule, seed=0, selection=RowShardedSelection())]
     loss_fn = SoftmaxCrossEntropy()
     rng = np.random.default_rng(7)
     teacher = rng.standard_normal((10, sizes[0]))

@@ -19,8 +19,6 @@ PROJECT = ("kernels", "sparsecore")
 
 LAZY_BENCH = "lazy: the benchmark suite and its baselines load only for `sparsecore bench`"
 LAZY_CLI = "lazy: each subcommand loads only what it runs (fast --help and error paths)"
-CYCLE_MPI = "cycle distributed <-> plan/checkpoint/train/layers: house step 3 (MPI package)"
-CYCLE_PLAN = "cycle train -> plan/cost -> train's config: house step 4 (TrainConfig the source)"
 
 # (file, imported module) -> why it is imported inside a function
 ALLOWED = {
@@ -35,16 +33,6 @@ ALLOWED = {
     ("sparsecore/cli.py", "sparsecore.cost"): LAZY_CLI,
     ("sparsecore/cli.py", "sparsecore.plan"): LAZY_CLI,
     ("sparsecore/cli.py", "sparsecore.train"): LAZY_CLI,
-    ("sparsecore/checkpoint.py", "sparsecore.distributed"): CYCLE_MPI,
-    ("sparsecore/distributed.py", "kernels.cpu"): CYCLE_MPI,
-    ("sparsecore/distributed.py", "kernels.formats"): CYCLE_MPI,
-    ("sparsecore/distributed.py", "sparsecore.cost"): CYCLE_MPI,
-    ("sparsecore/distributed.py", "sparsecore.layers"): CYCLE_MPI,
-    ("sparsecore/distributed.py", "sparsecore.plan"): CYCLE_MPI,
-    ("sparsecore/distributed.py", "sparsecore.rigl.updater"): CYCLE_MPI,
-    ("sparsecore/plan.py", "sparsecore.distributed"): CYCLE_MPI,
-    ("sparsecore/train.py", "sparsecore.cost"): CYCLE_PLAN,
-    ("sparsecore/train.py", "sparsecore.plan"): CYCLE_PLAN,
 }
 
 
@@ -108,3 +96,4 @@ def test_the_old_import_paths_still_resolve():
     assert sparsecore.formats is kernels.formats and sparsecore.formats.CSR is kernels.CSR
     assert sparsecore._threads is kernels._threads
     from sparsecore.validation import GPUUnavailableError, check_csr_arrays  # noqa: F401
+

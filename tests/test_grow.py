@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels import CSR
 from kernels import reference as R
 from kernels.cpu import grow as G
 from tests import cases
@@ -194,3 +195,22 @@ def test_subnormal_inputs_are_flushed_and_the_result_stays_right(rng):
     np.testing.assert_array_equal(dY, keep_dY)
     assert G.flush_subnormals(X) is X  # no subnormals: no copy
     assert G.flush_subnormals(dY)[3, 1] == 0
+
+
+def test_empty_batch_is_the_lowest_absent_entries_on_every_backend(rng, backend):
+    """Batch 0: every score is 0, so the grow is the k absent entries of lowest flat index,
+    found without the m·n scan (backend.first_absent, one body over the array module), against
+    the float64 reference; also with every entry dropped (an empty kept set) and k = all."""
+    for _ in range(12):
+        m, n = (int(v) for v in rng.integers(1, 10, 2))
+        W = CSR.random((m, n), float(rng.random()), seed=int(rng.integers(1 << 30)))
+        for keep in (None, rng.random(W.nnz) < 0.5, np.zeros(W.nnz, bool)):
+            absent = m * n - (W.nnz if keep is None else int(keep.sum()))
+            for k in sorted({0, 1 if absent else 0, absent // 2, absent}):
+                dY, X = np.zeros((m, 0), np.float32), np.zeros((n, 0), np.float32)
+                rows, cols, scores = _grow(backend, W, dY, X, k, keep=keep)
+                rr, cc, _ = R.topk_grow(W.indptr, W.indices, W.shape, dY, X, k, keep)
+                np.testing.assert_array_equal(rows, rr)
+                np.testing.assert_array_equal(cols, cc)
+                assert scores.dtype == np.float32 and not np.any(scores)
+                assert rows.dtype == cols.dtype == np.int32

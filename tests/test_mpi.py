@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsecore.distributed import step_bytes, update_bytes
+from sparsecore.mpi import step_bytes, update_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("mpi_worker.py")
@@ -270,7 +270,7 @@ def test_cli_nprocs_launches_mpiexec_and_only_rank_0_reports(tmp_path):
 
 def test_importing_sparsecore_never_imports_mpi4py():
     code = (
-        "import sys, sparsecore, sparsecore.train, sparsecore.distributed, sparsecore.cli\n"
+        "import sys, sparsecore, sparsecore.train, sparsecore.distributed, sparsecore.mpi, sparsecore.cli\n"
         "from sparsecore.distributed import world\n"
         "assert world() is None\n"
         "assert 'mpi4py' not in sys.modules, 'mpi4py imported'\n"
@@ -292,18 +292,19 @@ def test_split_and_strip_nprocs():
 
 def test_several_ranks_without_mpi4py_is_one_clear_error(monkeypatch):
     """Started by a launcher with 2 ranks but mpi4py missing: the error says how to get it."""
-    from sparsecore import distributed
+    from sparsecore import mpi
+    from sparsecore.mpi import runtime
 
-    monkeypatch.setattr(distributed, "_world", {})
+    monkeypatch.setattr(runtime, "_world", {})
     monkeypatch.setenv("PMI_SIZE", "2")
-    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(distributed.MPIUnavailableError, match=r"\[mpi\] extra"):
-        distributed.world()
-    with pytest.raises(distributed.MPIUnavailableError, match=r"--nprocs 2 needs mpi4py"):
-        distributed.launch(2, ["train"])
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(mpi.MPIUnavailableError, match=r"\[mpi\] extra"):
+        mpi.world()
+    with pytest.raises(mpi.MPIUnavailableError, match=r"--nprocs 2 needs mpi4py"):
+        mpi.launch(2, ["train"])
     monkeypatch.setenv("PMI_SIZE", "1")  # one rank: a single process, MPI never started
-    monkeypatch.setattr(distributed, "_world", {})
-    assert distributed.world() is None and distributed.is_root()
+    monkeypatch.setattr(runtime, "_world", {})
+    assert mpi.world() is None and mpi.is_root()
 
 
 @needs_mpi

@@ -281,7 +281,7 @@ def test_mpi_messages_above_32_bit_counts_are_refused():
     exceed 2^31-1 elements is refused before training, naming the layer and what to change."""
     from types import SimpleNamespace
 
-    from sparsecore.distributed import _check_counts
+    from sparsecore.mpi import check_counts as _check_counts
 
     class Layer(SimpleNamespace):
         pass

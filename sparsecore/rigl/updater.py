@@ -11,13 +11,10 @@ same update keeps its weight and state. nnz per layer is exactly constant.
 
 To plug in another criterion, subclass TopologyUpdater and override ``drop`` and/or ``grow``.
 
-A layer split by rows over MPI ranks (``layer.shard`` set: sparsecore/distributed.py) is updated
-as the whole layer would be: K = floor(f·nnz) of the whole layer, the drop takes the global K
-smallest |w| and RigL's exact grow the global top K of |dY·Xᵀ|, by an exact distributed
-selection over the candidates each rank offers (about 1.5·K/N, more if needed), in the kernels'
-order, so the result equals the unsharded layer's (RowShard.offered); SET and the sampled grow
-split their K (or C) uniform draws over the ranks by the ranks' absent counts (the same
-distribution as one process's draws, not the same draws).
+Where the choosing runs is the updater's selection strategy, passed in (sparsecore/rigl/
+selection.py): ``Local`` (one process, whole layers) by default; training on several MPI ranks
+gives its own (sparsecore/mpi: data-parallel, or layers split by rows over the ranks), with the
+same result as the whole layer's.
 
 On a device (a model moved with ``Sequential.to("cuda")``) the drop, RigL's exact grow, the
 merge and the remaps run there through the layer's launchers (``layer.dev``). The random draws
@@ -33,10 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.cpu import sampled as _sampled
-from sparsecore.device import to_host
 from sparsecore.layers import Sequential, SparseLinear
 from sparsecore.rigl.schedule import UpdateSchedule
+from sparsecore.rigl.selection import LOCAL
 
 
 @dataclass
@@ -64,21 +60,21 @@ class TopologyUpdater:
         from the data's, the epochs' and the initialisation's streams of the same seed)."""
         return np.random.default_rng([self.seed, DRAW_TAG, step, index, *more])
 
-    def __init__(self, schedule: UpdateSchedule, seed: int = 0):
+    tile_bytes = None  # the exact grow's tile (RigL's setting; None: the kernel's default)
+
+    def __init__(self, schedule: UpdateSchedule, seed: int = 0, *, selection=None):
         self.schedule = schedule
         self.seed = int(seed)
+        self.selection = LOCAL if selection is None else selection  # where choices are made
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update_step(step)
 
     # -- criteria (override these) ----------------------------------------------------------
     def drop(self, layer: SparseLinear, k: int) -> np.ndarray:
-        """Positions (into W.data) of the k connections to drop (of a shard: those of the
-        layer's k that are in this rank's rows)."""
-        W = layer.W
-        if layer.shard is None:
-            return layer.dev.drop(W.data, k)
-        return layer.shard.smallest_of(layer.dev, W.data, k)
+        """Positions (into W.data) of the k connections to drop: the k smallest |w| (of a
+        shard: those of the layer's k that are in this rank's rows)."""
+        return self.selection.drop(self, layer, k)
 
     def grow(self, layer: SparseLinear, k: int, keep: np.ndarray, step: int, index: int):
         """(rows, cols) of k connections absent from the kept set, ascending flat order."""
@@ -89,13 +85,13 @@ class TopologyUpdater:
         import time
 
         f = self.schedule.drop_fraction(step)
+        sel = self.selection
         report = UpdateReport(step=step, drop_fraction=f)
         for index, layer in enumerate(model.sparse_layers()):
             t0 = time.perf_counter()
             W = layer.W
             dev = layer.dev  # the layer's side: its array module and launchers
-            shard = layer.shard  # rows of a layer split over MPI ranks, or None
-            nnz = W.nnz if shard is None else shard.total(W.nnz)
+            nnz = sel.total(layer, W.nnz)  # the whole layer's (a shard holds some rows)
             k = int(f * nnz)  # <= nnz, so the absent-after-drop set always holds k
             dropped = self.drop(layer, k)
             keep = dev.xp.ones(W.nnz, dtype=bool)
@@ -109,7 +105,7 @@ class TopologyUpdater:
             # what happened, counted (over the ranks' rows for a shard: one allreduce)
             counts = [W2.nnz, int(dropped.shape[0]), int(rows.shape[0])]
             counts.append(int(dev.xp.count_nonzero(src < 0)))
-            nnz2, n_dropped, n_grown, n_new = counts if shard is None else shard.sums(counts)
+            nnz2, n_dropped, n_grown, n_new = sel.sums(layer, counts)
             if nnz2 != nnz:
                 raise RuntimeError(f"layer {layer.name}: nnz changed from {nnz} to {nnz2}")
             old_grad = layer.gW
@@ -168,8 +164,9 @@ class RigL(TopologyUpdater):
         grow: str = "exact",
         candidates: float = 10,
         tile_bytes: int | None = None,
+        selection=None,
     ):
-        super().__init__(schedule, seed)
+        super().__init__(schedule, seed, selection=selection)
         if grow not in self.GROW_MODES:
             raise ValueError(f"grow must be one of {self.GROW_MODES}, got {grow!r}")
         if not candidates >= 1:
@@ -184,50 +181,9 @@ class RigL(TopologyUpdater):
                 f"RigL needs {layer.name}'s input and output gradient of the current batch: run "
                 "forward and backward before the update"
             )
-        W = layer.W
-        shard = layer.shard
-        if shard is not None:
-            return self._grow_shard(layer, k, keep, step, index)
-        if self.grow_mode == "sampled":  # on a device: drawn and scored on the host, uploaded
-            rng = self.rng(step, index)
-            rows, cols, _ = _sampled.sampled_grow(
-                *map(to_host, (W.indptr, W.indices, keep, layer.dy, layer.x)),
-                k,
-                self.candidates,
-                rng,
-            )
-            return layer.dev.asarray(rows), layer.dev.asarray(cols)
-        rows, cols, _ = layer.dev.grow(
-            W.indptr, W.indices, keep, layer.dy, layer.x, k, tile_bytes=self.tile_bytes
-        )
-        return rows, cols
-
-    def _grow_shard(self, layer, k, keep, step, index):
-        """This rank's rows of the layer's grow: candidates from its rows (x is the whole
-        batch's input, dy its rows of the output gradient), merged over the ranks."""
-        W, shard = layer.W, layer.shard
-        m, n = W.shape
-        absent = m * n - _sampled.count_kept(W.indptr, keep)
-        if self.grow_mode == "exact":
-
-            def candidates(want):  # this rank's best `want` absent entries (fused top-k)
-                rows, cols, scores = layer.dev.grow(
-                    W.indptr, W.indices, keep, layer.dy, layer.x, want, tile_bytes=self.tile_bytes
-                )
-                return rows.astype(np.int64) * n + cols, scores
-
-            return shard.largest_of(candidates, k, min(k, absent), n)
-        else:  # C candidates over the layer, split over the ranks by their absent counts
-            absents = shard.counts(absent)
-            total_m = shard.m
-            c = _sampled.n_candidates(
-                total_m, n, total_m * n - int(absents.sum()), k, self.candidates
-            )
-            mine = shard.split(absents, c, self.rng(step, index))
-            rng = self.rng(step, index, 1, shard.rank)
-            flat = _sampled.sample_absent(W.indptr, W.indices, keep, n, mine, rng)
-            scores = _sampled.score_at(flat, n, layer.dy, layer.x, np.empty(mine, np.float32))
-        return shard.largest(flat, scores, k, n)
+        if self.grow_mode == "sampled":
+            return self.selection.sampled_grow(self, layer, k, keep, step, index)
+        return self.selection.exact_grow(self, layer, k, keep, step, index)
 
 
 class SET(TopologyUpdater):
@@ -238,18 +194,7 @@ class SET(TopologyUpdater):
     name = "set"
 
     def grow(self, layer, k, keep, step, index):
-        W = layer.W
-        rng = self.rng(step, index)
-        indptr, indices, keep = map(to_host, (W.indptr, W.indices, keep))  # (a device: a copy)
-        shard = layer.shard
-        if shard is not None:  # this rank's share of the k draws, by the ranks' absent counts
-            m, n = W.shape
-            k = shard.split(shard.counts(m * n - _sampled.count_kept(indptr, keep)), k, rng)
-            rng = self.rng(step, index, 1, shard.rank)
-        flat = _sampled.sample_absent(indptr, indices, keep, W.shape[1], k, rng)
-        n = np.int64(W.shape[1])
-        rows = flat // n
-        return layer.dev.asarray(rows), layer.dev.asarray(flat - rows * n)
+        return self.selection.uniform_grow(self, layer, k, keep, step, index)
 
 
 class Static(TopologyUpdater):
