@@ -13,8 +13,8 @@ paired ratios B/A, flagged where it leaves ±``--tolerance``. The base commit is
 into a git worktree beside the system's temporary files (reused by later runs).
 
 The script uses only the public API that both trees share (kernels.spmm, spmm_t, sddmm,
-topk_grow, magnitude_drop, merge, CSR.random, Trainer.train_step), and checks one result per
-kernel against SciPy, so a broken tree cannot look fast.
+topk_grow, magnitude_drop, merge, CSR.random, Trainer.train_step, the updater's update), and
+checks one result per kernel against SciPy, so a broken tree cannot look fast.
 """
 
 from __future__ import annotations
@@ -106,8 +106,11 @@ yb = ytr[:128]
 with tr.fp_mode():
     out["train step 784-300-100-10 90% B=128"] = timed(max(repeat, 50))(
         lambda: tr.train_step(xb, yb))
-    # serve: the parent names a case, this process times it and answers (one at a time, so
-    # the two trees' processes never run at once)
+    tr.train_step(xb, yb)  # the layers now hold this batch's inputs and output gradients
+    out["RigL update (exact grow) 784-300-100-10 90%"] = timed(max(repeat, 20))(
+        lambda: tr.updater.update(1, tr.model, tr.opt))
+    # serve, inside fp_mode as training runs (the same for both trees): the parent names a
+    # case, this process times it and answers (one at a time: the two never run at once)
     file = out.pop("_file")
     print(json.dumps({"file": file, "cases": list(out)}), flush=True)
     for line in sys.stdin:

@@ -26,7 +26,7 @@ from kernels import config
 from kernels.cpu.grow import tile_shape
 from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
 from kernels.validation import index_dtype_for
-from sparsecore.mpi.select import OFFER_SHARE, OFFER_SLACK
+from sparsecore.mpi import select
 from sparsecore.rigl.distributions import layer_densities
 
 MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
@@ -152,7 +152,8 @@ def memory_plan(
                 k_offer = k
                 if m != m_full:
                     k_layer = int(alpha * nnz_full)
-                    k_offer = min(nnz, -(-int(OFFER_SHARE * k_layer) // ranks) + OFFER_SLACK)
+                    share = -(-int(select.OFFER_SHARE * k_layer) // ranks)
+                    k_offer = min(nnz, share + select.OFFER_SLACK)
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
                 # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
                 if gpu and (method == "set" or grow == "sampled"):

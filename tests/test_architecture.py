@@ -96,4 +96,3 @@ def test_the_old_import_paths_still_resolve():
     assert sparsecore.formats is kernels.formats and sparsecore.formats.CSR is kernels.CSR
     assert sparsecore._threads is kernels._threads
     from sparsecore.validation import GPUUnavailableError, check_csr_arrays  # noqa: F401
-

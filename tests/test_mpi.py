@@ -1,4 +1,4 @@
-"""Data-parallel MPI training (sparsecore/distributed.py) is exact: N ranks compute what one
+"""Data-parallel MPI training (sparsecore/mpi) is exact: N ranks compute what one
 process computes. Each test starts tests/mpi_worker.py under the [mpi] extra's mpiexec (ranks on
 loopback, one thread each, bounded by a timeout) and compares what the ranks wrote.
 

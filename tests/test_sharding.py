@@ -320,3 +320,24 @@ def test_npz_members_of_every_header_version_and_a_lying_header(tmp_path):
         zf.writestr("x.npy", buf.getvalue()[:-8])  # 2 floats short of what the header says
     with pytest.raises(ValueError, match="shorter than its header says"):
         checkpoint._Members(tmp_path / "bad.npz")["x"]
+
+
+def test_a_local_updater_refuses_a_sharded_model_before_changing_anything():
+    """An updater built without the row-sharded selection cannot update a layer whose rows are
+    spread over ranks (it would choose by this rank's rows alone): it refuses before the first
+    layer changes, naming the layer and the strategy to pass."""
+    from sparsecore.layers import mlp
+    from sparsecore.rigl import SET, RigL, UpdateSchedule
+
+    for make in (lambda s: RigL(s, seed=0), lambda s: SET(s, seed=0)):
+        model = mlp([12, 10, 8, 4], [0.5, 0.5, 0.5], seed=1)
+        first, second = model.sparse_layers()[:2]
+        second.shard = object()  # as a ShardedSparseLinear's RowShard
+        before = (first.W.indices.copy(), first.W.data.copy())
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((12, 5)).astype(np.float32)
+        model.backward(model.forward(x) - 1.0)
+        with pytest.raises(ValueError, match=r"layer fc1 is split by rows .*RowShardedSelection"):
+            make(UpdateSchedule(t_end=10, delta_t=1, alpha=0.3)).update(1, model)
+        np.testing.assert_array_equal(first.W.indices, before[0])
+        np.testing.assert_array_equal(first.W.data, before[1])

@@ -80,7 +80,7 @@ from sparsecore.mpi.runtime import (
     split,
     world,
 )
-from sparsecore.mpi.select import OFFER_GROWTH, OFFER_SHARE, OFFER_SLACK, RowShard
+from sparsecore.mpi.select import RowShard  # (its tunables: set them on sparsecore.mpi.select)
 from sparsecore.mpi.sharded import (
     RowShardedSelection,
     ShardedParallel,
@@ -133,9 +133,6 @@ __all__ = [
     "INSTALL_HINT",
     "MAX_COUNT",
     "MPIUnavailableError",
-    "OFFER_GROWTH",
-    "OFFER_SHARE",
-    "OFFER_SLACK",
     "Ranks",
     "RanksDiverged",
     "RowShard",

@@ -27,6 +27,9 @@ class RowShardedSelection(Local):
 
     name = "row-sharded"
 
+    def check(self, model):
+        """Sharded and whole layers may mix: each is updated its way."""
+
     def total(self, layer, value):
         return value if layer.shard is None else layer.shard.total(value)
 

@@ -34,6 +34,11 @@ class Local:
 
     name = "local"
 
+    def check(self, model):
+        """Before an update changes anything: every layer can be updated by this strategy."""
+        for layer in model.sparse_layers():
+            _whole(layer)
+
     def total(self, layer, value: int) -> int:
         """The layer's whole count of a per-layer quantity (nnz): here, the value itself."""
         _whole(layer)

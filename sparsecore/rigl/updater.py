@@ -61,6 +61,7 @@ class TopologyUpdater:
         return np.random.default_rng([self.seed, DRAW_TAG, step, index, *more])
 
     tile_bytes = None  # the exact grow's tile (RigL's setting; None: the kernel's default)
+    selection = LOCAL  # where choices are made (see sparsecore/rigl/selection.py)
 
     def __init__(self, schedule: UpdateSchedule, seed: int = 0, *, selection=None):
         self.schedule = schedule
@@ -86,6 +87,7 @@ class TopologyUpdater:
 
         f = self.schedule.drop_fraction(step)
         sel = self.selection
+        sel.check(model)  # (a strategy that cannot update a layer refuses before any change)
         report = UpdateReport(step=step, drop_fraction=f)
         for index, layer in enumerate(model.sparse_layers()):
             t0 = time.perf_counter()
