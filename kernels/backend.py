@@ -355,28 +355,18 @@ def first_absent(xp, W, keep, k):
     return r.astype(idx), c.astype(idx), xp.zeros(k, np.float32)
 
 
-def _values(b: Backend, a, name: str):
-    """A 1-D array of real values of this side (integers ranked as float64)."""
-    a = V.on_side(a, name, b.xp, "a 1-D array of values", convert=True)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be real numbers, got dtype {a.dtype}")
-    return a
-
-
 def magnitude_drop_on(b: Backend, W, k):
     xp = b.xp
-    if isinstance(W, xp.ndarray) and W.ndim == 1:
-        data = _values(b, W, "W values")
+    if isinstance(W, xp.ndarray) and W.ndim == 1:  # the values themselves
+        data, what = W, "W values must be finite, but they hold"
+        if data.dtype.kind not in "fiu":
+            raise TypeError(f"W values must be real numbers, got dtype {data.dtype}")
         if data.dtype.kind in "iu":  # abs(int8(-128)) is -128: rank integers as floats
             data = data.astype(np.float64)
-        if data.size and not bool(xp.isfinite(data).all()):
-            raise ValueError("W values must be finite, but they hold NaN or inf")
     else:
-        data = b.sparse(W).data
-        if data.size and not bool(xp.isfinite(data).all()):
-            raise ValueError("W.data must be finite, but it holds NaN or inf")
+        data, what = b.sparse(W).data, "W.data must be finite, but it holds"
+    if data.size and not bool(xp.isfinite(data).all()):
+        raise ValueError(f"{what} NaN or inf")
     k = V.check_int(k, "k", low=0, high=data.shape[0])
     return b.drop(data, k)
 
@@ -410,7 +400,9 @@ def remap_on(b: Backend, src, values, fill=0.0):
     src = V.on_side(src, "src", b.xp, "a 1-D integer array", convert="any")
     if src.ndim != 1 or src.dtype.kind not in "iu":
         raise TypeError(f"src must be a 1-D integer array, got {src.dtype} shape {src.shape}")
-    values = _values_any(b, values)
+    values = V.on_side(values, "values", b.xp, "a 1-D array", convert="any")
+    if values.ndim != 1:  # (any dtype: values are carried, not ranked)
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
     if src.size:
         lo, hi = int(src.min()), int(src.max())
         if hi >= values.shape[0] or lo < -1:
@@ -419,11 +411,3 @@ def remap_on(b: Backend, src, values, fill=0.0):
                 f"got values in [{lo}, {hi}]"
             )
     return b.merge_kernels.remap(src, values, fill)
-
-
-def _values_any(b: Backend, a):
-    """remap's ``values``: any 1-D array of this side (any dtype: it is carried, not ranked)."""
-    a = V.on_side(a, "values", b.xp, "a 1-D array", convert="any")
-    if a.ndim != 1:
-        raise ValueError(f"values must be 1-D, got shape {a.shape}")
-    return a

@@ -389,7 +389,7 @@ def check_coords(rows, cols, shape, name: str = "grown", xp=np):
             if lo_v < 0 or hi_v >= hi:
                 raise ValueError(f"{name} {nm} must lie in [0, {hi}), got [{lo_v}, {hi_v}]")
     flat = rows * n + cols
-    order = xp.argsort(flat, kind="stable") if xp is np else xp.argsort(flat)
+    order = xp.argsort(flat)  # (a repeat is refused below: the keys left are distinct)
     flat = flat[order]
     if flat.size > 1:
         dup = xp.flatnonzero(flat[1:] == flat[:-1])

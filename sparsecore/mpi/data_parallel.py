@@ -7,7 +7,7 @@ import numpy as np
 
 from kernels.cpu import sampled
 from sparsecore.mpi.ranks import Ranks
-from sparsecore.mpi.runtime import allgather_records, split
+from sparsecore.mpi.runtime import allgather_records, rows_cols, split
 from sparsecore.rigl.selection import Local
 
 # The sampled grow scores its candidates in chunks of about this many floats of dY and X rows.
@@ -25,22 +25,17 @@ class DataParallelSelection(Local):
     def __init__(self, par):
         self.par = par
 
-    @staticmethod
-    def _rows_cols(layer, flat):
-        m, n = layer.W.shape
-        idx = np.int32 if max(m, n) < 2**31 else np.int64
-        rows = flat // n
-        return rows.astype(idx), (flat - rows * n).astype(idx)
-
     def exact_grow(self, updater, layer, k, keep, step, index):
-        if k == 0:
-            return self._rows_cols(layer, np.empty(0, np.int64))
-        return self._rows_cols(layer, self.par.exact_top_k(updater, layer, k, keep))
+        flat = self.par.exact_top_k(updater, layer, k, keep) if k else np.empty(0, np.int64)
+        return rows_cols(flat, *layer.W.shape)
 
     def sampled_grow(self, updater, layer, k, keep, step, index):
-        if k == 0:
-            return self._rows_cols(layer, np.empty(0, np.int64))
-        return self._rows_cols(layer, self.par.sampled_top_k(updater, layer, k, keep, step, index))
+        flat = (
+            self.par.sampled_top_k(updater, layer, k, keep, step, index)
+            if k
+            else np.empty(0, np.int64)
+        )
+        return rows_cols(flat, *layer.W.shape)
 
 
 class DataParallel(Ranks):

@@ -126,6 +126,14 @@ def split(total: int, parts: int, index: int) -> tuple[int, int]:
     return index * total // parts, (index + 1) * total // parts
 
 
+def rows_cols(flat: np.ndarray, m: int, n: int):
+    """(rows, cols) of flat indices i·n + j of an m × n layer, in the kernels' index dtype
+    (int32 unless m or n needs int64)."""
+    idx = np.int32 if max(m, n) < 2**31 else np.int64
+    rows = flat // n
+    return rows.astype(idx), (flat - rows * n).astype(idx)
+
+
 def allgather_records(comm, fields: dict) -> np.ndarray:
     """Every rank's records (equal-length arrays per field: score float32 + flat int64 are 12
     bytes a record), concatenated in rank order on every rank: one count allgather (8 bytes a

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.formats import split_count
-from sparsecore.mpi.runtime import split
+from sparsecore.mpi.runtime import rows_cols, split
 
 # A sharded layer's drop and exact grow first ask each rank for ceil(OFFER_SHARE·k/N) +
 # OFFER_SLACK candidates (RowShard.offered): its share of the k if they spread evenly, with room.
@@ -142,12 +142,7 @@ class RowShard:
             order = np.argsort(flat, kind="stable")
             return flat[order], scores[order]
 
-        return self._rows_cols(self.offered(sorted_candidates, k, most, True, "grow"), n)
-
-    def _rows_cols(self, best: np.ndarray, n: int):
-        idx = np.int32 if max(self.m, n) < 2**31 else np.int64
-        rows = best // n
-        return rows.astype(idx), (best - rows * n).astype(idx)
+        return rows_cols(self.offered(sorted_candidates, k, most, True, "grow"), self.m, n)
 
     def largest(self, flat: np.ndarray, scores: np.ndarray, k: int, n: int):
         """The grow: of this rank's candidates (flat indices into its rows, ascending, and their
@@ -155,4 +150,4 @@ class RowShard:
         (rows, cols) of this rank's block."""
         order = np.argsort(flat, kind="stable")
         flat, scores = flat[order], scores[order]
-        return self._rows_cols(flat[self.select(scores, k, largest=True)], n)
+        return rows_cols(flat[self.select(scores, k, largest=True)], self.m, n)
