@@ -65,3 +65,29 @@ CUDA_GROW_MAX_BLOCKS = 4096
 # updates: kernels/cuda/elementwise.cu), grid-stride loops over the flattened arrays.
 CUDA_ELEMENTWISE_THREADS = 256
 CUDA_ELEMENTWISE_MAX_BLOCKS = 4096
+
+# random_positions (kernels/formats.py) draws with NumPy's choice up to this many entries of
+# m·n (or at density <= 1/50), and with the rejection sampler above. Part of the stream that
+# fixes a seeded run's initial patterns: changing it changes those patterns.
+RANDOM_POSITIONS_CHOICE_MAX = 1 << 24
+
+# ---------------------------------------------------------------- several MPI ranks
+# (read by sparsecore/mpi and by the memory plan; kept here so that every tunable has one home)
+
+# A sharded layer's drop and exact grow first ask each rank for ceil(MPI_OFFER_SHARE·k/N) +
+# MPI_OFFER_SLACK candidates (sparsecore/mpi/select.py, RowShard.offered): its share of the k
+# if they spread evenly, with room. A saturated rank (its whole offer was taken while it had
+# more) offers MPI_OFFER_GROWTH times more and the selection is repeated.
+MPI_OFFER_SHARE = 1.5
+MPI_OFFER_SLACK = 64
+MPI_OFFER_GROWTH = 4
+
+# The data-parallel sampled grow scores its candidates in chunks of about this many floats of
+# dY and X rows (sparsecore/mpi/data_parallel.py).
+MPI_SCORE_CHUNK_FLOATS = 1 << 22
+
+# The watchdog of hung ranks looks this many times per rank_timeout, at least every
+# MPI_WATCHDOG_MAX_TICK_S and at most every MPI_WATCHDOG_MIN_TICK_S seconds.
+MPI_WATCHDOG_TICKS = 10
+MPI_WATCHDOG_MIN_TICK_S = 0.1
+MPI_WATCHDOG_MAX_TICK_S = 5.0

@@ -25,6 +25,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
+from kernels import config
 from kernels import validation as V
 from kernels.cpu._common import row_blocks
 from kernels.cpu.sampled import sample_absent
@@ -35,11 +36,11 @@ from kernels.cuda._module import array_module, to_host
 
 def random_positions(m: int, n: int, nnz: int, rng: np.random.Generator) -> np.ndarray:
     """nnz distinct flat positions i·n + j of an m × n matrix, uniform without replacement,
-    ascending int64, in O(nnz) memory. Below 2**24 entries, or at density <= 1/50, NumPy's
-    choice (its stream fixes the patterns of CSR.random); above that NumPy would shuffle an
-    int64 array of all m·n positions, so the rejection sampler of kernels/cpu/sampled.py
-    draws them instead."""
-    if m * n > 2**24 and 50 * nnz > m * n:
+    ascending int64, in O(nnz) memory. Up to config.RANDOM_POSITIONS_CHOICE_MAX (2**24)
+    entries, or at density <= 1/50, NumPy's choice (its stream fixes the patterns of
+    CSR.random); above that NumPy would shuffle an int64 array of all m·n positions, so the
+    rejection sampler of kernels/cpu/sampled.py draws them instead."""
+    if m * n > config.RANDOM_POSITIONS_CHOICE_MAX and 50 * nnz > m * n:
         empty = np.zeros(m + 1, dtype=np.int64)
         return sample_absent(empty, empty[:0], None, n, nnz, rng)
     flat = rng.choice(m * n, size=nnz, replace=False, shuffle=False)

@@ -43,47 +43,22 @@ import numpy as np
 
 from kernels import validation as V
 from kernels.formats import CSR
+from sparsecore import config
 from sparsecore.device import to_host
 from sparsecore.layers import SparseLinear
-from sparsecore.mpi.runtime import split
-from sparsecore.rigl.distributions import layer_densities
+from sparsecore.parallel import split
 
 FORMAT = 2
 READS = (1, 2)  # the formats this version reads
-# A checkpoint must match these to be loaded at all (they decide the shapes of the state) ...
-STRUCTURE_KEYS = (
-    "arch",
-    "method",
-    "grow",
-    "optimizer",
-    "sparsity",
-    "distribution",
-    "activation",
-    "fan_in",
-)
-# ... and these to resume into the same result as a run that never stopped (else a warning).
-RESULT_KEYS = (
-    "seed",
-    "flush_denormals",
-    "batch_size",
-    "lr",
-    "lr_schedule",
-    "lr_step_every",
-    "lr_gamma",
-    "warmup_steps",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "delta_t",
-    "alpha",
-    "t_end",
-    "epochs",
-    "max_steps",
-    "step_on_update",
-    "grow_candidates",
-)
+# A checkpoint must match these settings to be loaded at all (they decide the shapes of the
+# state), and these to resume into the same result as a run that never stopped (else a
+# warning); the roles are declared with the fields (sparsecore/config.py).
+STRUCTURE_KEYS = config.names(resume=config.STRUCTURE)
+RESULT_KEYS = config.names(resume=config.RESULT)
 # Keys added after checkpoints were first written: an old checkpoint had these values.
-KEY_DEFAULTS = {"grow": "exact", "grow_candidates": 10, "flush_denormals": False}
+KEY_DEFAULTS = {
+    k: config.absent_value(k) for k in config.names() if config.absent_value(k) is not None
+}
 _HEADER_TAG, _ARRAY_TAG = 71, 72
 # What every row of a checkpoint's history holds (the loop's metrics of one epoch)
 HISTORY_KEYS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc")
@@ -121,16 +96,16 @@ def _layer_arrays(layer, state: dict, moments) -> dict:
 def write(path, trainer, meta: dict):
     """Write the trainer's checkpoint. Every rank calls this (a sharded layer's rows come from
     every rank); rank 0 (or a single process) writes ``path``, the others pass None."""
-    dist = trainer.dist
-    sharded = getattr(dist, "sharded", False)
-    root = dist is None or dist.rank == 0
+    par = trainer.par
+    sharded = par.sharded
+    root = par.rank == 0
     if root and path is None:
         raise ValueError("checkpoint.write: rank 0 (or a single process) needs a path")
     if not root and path is not None:
         raise ValueError("checkpoint.write: only rank 0 writes; the other ranks pass None")
     if not root and not sharded:
         return  # data-parallel: rank 0 holds everything
-    comm = dist.p2p if sharded else None  # a duplicate of the world: no clash with user tags
+    comm = par.p2p if sharded else None  # a duplicate of the world: no clash with user tags
     if not root:  # this rank's rows of every sharded layer go to rank 0, in layer order
         state = trainer.opt.state_dict()
         for layer in trainer.model.sparse_layers():
@@ -442,9 +417,7 @@ def _read_meta(c: _Check) -> dict:
         if row["epoch"] != i + 1:
             c.fail(f"meta.history[{i}].epoch must be {i + 1}, got {row['epoch']!r}")
     if len(meta["history"]) != meta["epoch"]:
-        c.fail(
-            f"meta.history has {len(meta['history'])} epochs, but meta.epoch is {meta['epoch']}"
-        )
+        c.fail(f"meta.history has {len(meta['history'])} epochs, but meta.epoch is {meta['epoch']}")
     return meta
 
 
@@ -452,8 +425,7 @@ def _expected_nnz(cfg, model) -> dict:
     """The nnz every sparse layer has at this config (constant through training)."""
     if cfg.method == "dense" or not model.sparse_layers():
         return {}
-    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
-    dens = layer_densities(cfg.sparsity, shapes, cfg.distribution)
+    shapes, dens = cfg.shapes(), cfg.densities()
     return {
         l: int(round(d * m * n))
         for l, ((m, n), d, layer) in enumerate(zip(shapes, dens, model.weighted(), strict=True))
@@ -476,8 +448,11 @@ def read_rows(d, l: int, name: str, moments, r0: int, r1: int, *, nnz=None, n=No
         c.fail(f"layer {l} has {m} rows; rows [{r0}, {r1}) were asked for")
     if f"L{l}/parts" in d.files:
         bounds = [int(b) for b in c.ints(f"L{l}/parts", (None,))]
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != m or any(
-            hi < lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        if (
+            len(bounds) < 2
+            or bounds[0] != 0
+            or bounds[-1] != m
+            or any(hi < lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
         ):
             c.fail(f"L{l}/parts must run nondecreasing from 0 to {m}, got {bounds[:8]}")
         parts = [(bounds[p], bounds[p + 1], f"L{l}/p{p}/") for p in range(len(bounds) - 1)]

@@ -1,12 +1,13 @@
 """A memory plan: the bytes of every piece of training state, before anything is allocated.
 
-``memory_plan(arch, sparsity, ...)`` counts, per layer, exactly the arrays the engine allocates
-(values, indices, indptr, the transpose structure, the weight gradient, the transposed-values
-scratch of dX, optimizer moments, biases) and adds the batch-sized activations, the largest
-topology update's transients (the grow tile and candidate buffer, and the new pattern built
-beside the old one), and the dense equivalent of the same run. ``sparsecore plan`` prints it;
-``sparsecore train --max-memory`` refuses a run whose plan exceeds the budget, before building
-anything.
+``memory_plan(cfg)`` (a TrainConfig, or ``memory_plan(arch, sparsity, **settings)``: the plan
+reads the settings marked plan=True in sparsecore/config.py) counts, per layer, exactly the
+arrays the engine allocates (values, indices, indptr, the transpose structure, the weight
+gradient, the transposed-values scratch of dX, optimizer moments, biases) and adds the
+batch-sized activations, the largest topology update's transients (the grow tile and candidate
+buffer, and the new pattern built beside the old one), and the dense equivalent of the same
+run. ``sparsecore plan`` prints it; ``sparsecore train --max-memory`` refuses a run whose plan
+exceeds the budget, before building anything.
 
 With ``device="cuda"`` the plan is of GPU memory, where all of that state lives in a device run:
 no dX values scratch (the CUDA spmm_t gathers in place), and the exact grow's tile, candidate
@@ -17,76 +18,60 @@ The training set, put on the device once by the trainer, is not part of the plan
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 
 import numpy as np
 
 from kernels import config
 from kernels.cpu.grow import tile_shape
 from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
+from kernels.cuda import grow as cuda_grow
 from kernels.validation import index_dtype_for
-from sparsecore.mpi import select
-from sparsecore.rigl.distributions import layer_densities
+from sparsecore.config import TrainConfig, parse_bytes  # noqa: F401 (parse_bytes: its old home)
 
 MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
-UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+# the exact CUDA grow's radix histogram: N_BINS 64-bit counters (kernels/cuda/grow.py)
+CUDA_HISTOGRAM_BYTES = 8 * cuda_grow.N_BINS
 
 
-def parse_bytes(text: str) -> int:
-    """'8GB', '512 MiB', '1e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?i?[bB])?\s*", str(text))
-    try:
-        value = float(m.group(1)) if m else None
-    except ValueError:
-        value = None
-    if value is None:
-        raise ValueError(f"a memory size must look like 8GB or 512MiB, got {text!r}")
-    unit = (m.group(2) or "b").lower()
-    size = value * UNITS[unit]
-    if not (math.isfinite(size) and 1 <= size < 2**63):
-        raise ValueError(f"a memory size must be between 1 byte and 8 EiB, got {text!r}")
-    return int(size)
+def config_of(run, sparsity=None, settings=None) -> TrainConfig:
+    """The TrainConfig a plan is of: ``run`` itself, or TrainConfig(arch=run, sparsity=...,
+    **settings) (any TrainConfig field by name; the plan reads those that
+    config.fields(plan=True) lists)."""
+    settings = dict(settings or {})
+    if isinstance(run, TrainConfig):
+        if sparsity is not None or settings:
+            raise TypeError(
+                "a plan of a TrainConfig takes its settings from it; got "
+                f"{'sparsity and ' if sparsity is not None else ''}{sorted(settings)} too"
+            )
+        return run
+    if sparsity is not None:
+        settings["sparsity"] = sparsity
+    return TrainConfig(arch=list(run), **settings)
 
 
-def memory_plan(
-    arch,
-    sparsity: float,
-    *,
-    distribution: str = "erk",
-    batch_size: int = 128,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    alpha: float = 0.3,
-    method: str = "rigl",
-    grow: str = "exact",
-    grow_candidates: float = 10,
-    grow_tile_bytes: int | None = None,
-    device: str = "cpu",
-    ranks: int = 1,
-    sharded=(),
-) -> dict:
+def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -> dict:
     """Bytes of the training state of an MLP run, by piece and by layer, with the dense twin.
 
-    grow_tile_bytes: the exact grow's tile as passed to topk_grow (None: its default rule).
-    device: "cpu" (host memory) or "cuda" (the GPU's memory in a device run).
+    run: a TrainConfig, or its layer sizes (arch) with ``sparsity`` and any other TrainConfig
+    settings by name: ``memory_plan([784, 300, 10], 0.9, batch_size=64, device="cuda")``. The
+    plan reads the settings that config.fields(plan=True) lists, among them grow_tile_bytes
+    (the exact grow's tile as passed to topk_grow; None: its default rule) and device ("cpu":
+    host memory, "cuda": the GPU's memory in a device run).
     ranks, sharded: the plan of one of ``ranks`` MPI ranks over which the weighted layers
     ``sharded`` (indices) are split by rows: such a layer counts the largest rank's rows
     (ceil(m / ranks)) and their expected nnz, its update the rank's grow over those rows (its
-    candidate buffer holds its first offer, about 1.5·K/N), plus the shard's own output and output
-    gradient rows (the layer's whole output, gathered, is the next layer's input, counted
-    among the activations). Replicated layers and activations count whole on every rank.
+    candidate buffer holds its first offer, about 1.5·K/N), plus the shard's own output and
+    output gradient rows (the layer's whole output, gathered, is the next layer's input,
+    counted among the activations). Replicated layers and activations count whole on every
+    rank.
     """
+    cfg = config_of(run, sparsity, settings)
+    arch, sparsity, batch_size, grow = cfg.arch, cfg.sparsity, cfg.batch_size, cfg.grow
+    device, optimizer, method, alpha = cfg.device, cfg.optimizer, cfg.method, cfg.alpha
+    grow_candidates, grow_tile_bytes = cfg.grow_candidates, cfg.grow_tile_bytes
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -100,13 +85,8 @@ def memory_plan(
         raise ValueError(f"grow must be exact or sampled, got {grow!r}")
     if optimizer not in MOMENTS:
         raise ValueError(f"optimizer must be one of {sorted(MOMENTS)}, got {optimizer!r}")
-    n_mom = MOMENTS[optimizer] if (optimizer != "sgd" or momentum > 0) else 0
-    shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
-    dens = (
-        [1.0] * len(shapes)
-        if method == "dense"
-        else layer_densities(sparsity, shapes, distribution)
-    )
+    n_mom = MOMENTS[optimizer] if (optimizer != "sgd" or cfg.momentum > 0) else 0
+    shapes, dens = cfg.shapes(), cfg.densities()
     B = batch_size
     layers, totals = [], {}
 
@@ -152,8 +132,8 @@ def memory_plan(
                 k_offer = k
                 if m != m_full:
                     k_layer = int(alpha * nnz_full)
-                    share = -(-int(select.OFFER_SHARE * k_layer) // ranks)
-                    k_offer = min(nnz, share + select.OFFER_SLACK)
+                    share = -(-int(config.MPI_OFFER_SHARE * k_layer) // ranks)
+                    k_offer = min(nnz, share + config.MPI_OFFER_SLACK)
                 # the grow's scratch, sized by the launcher's own rule: the exact grow's tile and
                 # candidate buffer, or the sampler's draws (SET) and candidates (sampled RigL)
                 if gpu and (method == "set" or grow == "sampled"):
@@ -166,7 +146,7 @@ def memory_plan(
                     tr, tc = tile_shape(m, n, grow_tile_bytes or config.CUDA_TOPK_TILE_BYTES)
                     cap = max(k + 1, int(config.CUDA_TOPK_BUFFER_FACTOR * k))
                     f = 4 if m * n < 2**31 else 8
-                    scratch = 4 * tr * tc + (cap + k) * (4 + f) + 8 * 65536 + 8
+                    scratch = 4 * tr * tc + (cap + k) * (4 + f) + CUDA_HISTOGRAM_BYTES + 8
                 else:
                     tr, tc = (
                         tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
@@ -213,7 +193,7 @@ def memory_plan(
     return {
         "arch": list(arch),
         "sparsity": sparsity,
-        "distribution": distribution,
+        "distribution": cfg.distribution,
         "batch_size": B,
         "optimizer": optimizer,
         "method": method,
@@ -232,70 +212,44 @@ def memory_plan(
     }
 
 
-def sharded_layers(arch, sparsity, distribution, method, shard_layers, ranks: int) -> list[int]:
-    """The weighted layers that ``shard_layers`` ("all", a list of indices, or None) splits
-    over ``ranks`` MPI ranks: "all" is every sparse layer with at least ``ranks`` rows; a listed
-    layer must be sparse and have that many rows. [] for one rank or None."""
-    if shard_layers is None or ranks <= 1:
-        return []
-    if method == "dense":
-        raise ValueError("shard_layers splits sparse layers; method 'dense' has none")
-    shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
-    dens = layer_densities(sparsity, shapes, distribution)
-    if shard_layers == "all":
-        chosen = [
-            l
-            for l, ((m, _), d) in enumerate(zip(shapes, dens, strict=True))
-            if d < 1.0 and m >= ranks
-        ]
-        if not chosen:
-            raise ValueError(f"shard_layers='all': no sparse layer has at least {ranks} rows")
-        return chosen
-    for l in shard_layers:
-        if not 0 <= l < len(shapes):
-            raise ValueError(
-                f"shard_layers: layer {l} does not exist (weighted layers 0..{len(shapes) - 1})"
-            )
-        m, n = shapes[l]
-        if dens[l] >= 1.0:
-            raise ValueError(
-                f"shard_layers: layer {l} ({m} x {n}) is dense at sparsity {sparsity} "
-                f"({distribution}); only sparse layers can be sharded"
-            )
-        if m < ranks:
-            raise ValueError(f"shard_layers: layer {l} has {m} rows, fewer than the {ranks} ranks")
-    return sorted(set(shard_layers))
+def sharded_layers(cfg: TrainConfig, ranks: int) -> list[int]:
+    """The weighted layers that cfg.shard_layers splits over ``ranks`` MPI ranks
+    (TrainConfig.sharded_layers)."""
+    return cfg.sharded_layers(ranks)
 
 
 MIN_GROW_TILE_BYTES = 64 << 10  # smaller tiles make the grow's sgemm calls too small to be useful
 
 
-def fit_grow_tile(max_memory: int, arch, sparsity: float, **kw) -> dict | None:
+def fit_grow_tile(
+    max_memory: int, run, sparsity=None, *, ranks: int = 1, sharded=(), **settings
+) -> dict | None:
     """The plan whose exact-grow tile is the largest (up to the default tile) that keeps the
     total within max_memory, or None if even a MIN_GROW_TILE_BYTES tile does not fit. The tile
-    changes the grow's memory and speed, never its result (the kernel is exact per tile)."""
-    kw.pop("grow_tile_bytes", None)
-    default = memory_plan(arch, sparsity, **kw)
+    changes the grow's memory and speed, never its result (the kernel is exact per tile).
+    ``run`` and the settings as memory_plan takes them (their grow_tile_bytes is ignored)."""
+    cfg = dataclasses.replace(config_of(run, sparsity, settings), grow_tile_bytes=None)
+    where = dict(ranks=ranks, sharded=sharded)
+    default = memory_plan(cfg, **where)
     if default["total_bytes"] <= max_memory:
         return default
-    shapes = [(o, i) for i, o in zip(arch[:-1], arch[1:], strict=True)]
-    gpu = kw.get("device") == "cuda"
+    gpu = cfg.device == "cuda"
     hi = max(
         4 * r * c
         for r, c in (
             tile_shape(m, n, config.CUDA_TOPK_TILE_BYTES)
             if gpu
             else tile_shape(m, n, config.TOPK_TILE_BYTES, config.TOPK_MIN_TILE_ROWS)
-            for m, n in shapes
+            for m, n in cfg.shapes()
         )
     )
     lo = MIN_GROW_TILE_BYTES
-    best = memory_plan(arch, sparsity, grow_tile_bytes=lo, **kw)
+    best = memory_plan(dataclasses.replace(cfg, grow_tile_bytes=lo), **where)
     if best["total_bytes"] > max_memory:
         return None
     while hi - lo > 4096:  # the plan grows with the tile: bisect for the largest that fits
         mid = (lo + hi) // 2
-        plan = memory_plan(arch, sparsity, grow_tile_bytes=mid, **kw)
+        plan = memory_plan(dataclasses.replace(cfg, grow_tile_bytes=mid), **where)
         if plan["total_bytes"] <= max_memory:
             lo, best = mid, plan
         else:

@@ -1,5 +1,11 @@
 """The training loop: mini-batches, RigL/SET/static/dense, metrics, checkpoints, cost report.
 
+A run's settings are a TrainConfig (sparsecore/config.py). The loop itself is small
+(``Trainer.run``: epochs of steps, one metrics row per epoch); progress, the metrics file,
+checkpoints, the learning curve and, with several MPI ranks, the watchdog are callbacks
+(sparsecore/callbacks.py), and the trainer asks one parallelism object about other processes
+(sparsecore/parallel.py; sparsecore/mpi for several ranks).
+
 ``TrainConfig(device="cuda")`` moves the model to the GPU once, when the Trainer is built (one
 ``GPUUnavailableError`` there without CuPy or a device). Weights, activations, gradients,
 optimizer state and topology updates then stay on the device; the training set is uploaded
@@ -14,33 +20,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import numbers
-import os
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from kernels._threads import check_fork_safe
 from kernels.cpu import fpmode
 from kernels.validation import memory_limit
-from sparsecore import checkpoint, mpi
+from sparsecore import checkpoint
 from sparsecore import data as data_mod
+from sparsecore.callbacks import Checkpoints, LearningCurve, MetricsFile, Progress, plot_history
+from sparsecore.config import METHODS, TrainConfig
 from sparsecore.cost import model_cost
 from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD, Adam, lr_at
-from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan, sharded_layers
-from sparsecore.rigl.distributions import layer_densities
+from sparsecore.parallel import SINGLE
+from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
 
-METHODS = ("rigl", "set", "static", "dense")
 EPOCH_TAG = 0xE90C  # an epoch's order is seeded by (seed, EPOCH_TAG, epoch)
 # A training set up to this many bytes is put on the device once; a larger one is uploaded
 # batch by batch.
@@ -49,189 +50,6 @@ DEVICE_DATA_BYTES = 4 << 30
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = "mnist"
-    arch: list = field(default_factory=lambda: [784, 300, 100, 10])
-    sparsity: float = 0.9
-    distribution: str = "erk"
-    method: str = "rigl"
-    grow: str = "exact"  # RigL's grow: "exact" top-k of |dY·Xᵀ|, or "sampled" (see rigl.RigL)
-    grow_candidates: float = 10  # "sampled": candidates scored per grown connection
-    grow_tile_bytes: int | None = None  # "exact": the grow tile (None: the kernel's default)
-    delta_t: int = 100
-    alpha: float = 0.3
-    t_end: float = 0.75
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    lr_schedule: str = "cosine"
-    lr_step_every: int = 0  # the "step" schedule: multiply by lr_gamma every this many steps
-    lr_gamma: float = 0.1
-    warmup_steps: int = 0
-    epochs: int = 20
-    batch_size: int = 128
-    seed: int = 0
-    val_fraction: float = 0.0
-    activation: str = "relu"
-    fan_in: str = "sparse"
-    step_on_update: bool = False  # official RigL: no optimizer step on an update iteration
-    max_steps: int | None = None  # stop early (tests, smoke runs)
-    out: str | None = None
-    progress: bool = True
-    max_memory: int | None = None  # bytes: refuse (before allocating) a run whose plan exceeds it
-    device: str = "cpu"  # "cuda": train on the GPU (CuPy), the model moved there once
-    # x86: flush subnormal floats to zero (MXCSR FTZ/DAZ) in the threads that run the kernels;
-    # arithmetic on subnormals is 10-100x slower, and training makes them (kernels/cpu/fpmode.py)
-    flush_denormals: bool = True
-    # MPI: split these sparse layers by rows over the ranks ("all": every sparse layer with at
-    # least as many rows as ranks; a list: those weighted layers, 0-based) instead of
-    # data-parallel training; ignored by a single process (sparsecore/mpi)
-    shard_layers: str | list | None = None
-    # MPI: stop every rank when one makes no progress (a step, an update, an evaluation batch)
-    # for this many seconds: a hung rank, not only a dead one, ends the job (0: never)
-    rank_timeout: float = 1800.0
-
-    def validate(self):
-        """Check every setting and normalise its type in place (NumPy scalars to Python
-        numbers, a tuple arch to a list, a Path to a string), so that the config is JSON as
-        written into checkpoints and compares equal to the one read back. Returns self.
-        Errors name the field and its command-line flag, what was expected and what came."""
-        _check_choice(self, "device", ("cpu", "cuda"))
-        _check_choice(self, "method", METHODS)
-        _check_choice(self, "grow", ("exact", "sampled"))
-        _check_choice(self, "distribution", ("erk", "uniform"))
-        _check_choice(self, "optimizer", ("sgd", "adam", "adamw"))
-        _check_choice(self, "lr_schedule", ("cosine", "step", "constant"))
-        _check_choice(self, "activation", ("relu", "leaky_relu", "tanh", "sigmoid"))
-        _check_choice(self, "fan_in", ("sparse", "dense"))
-        if self.grow != "exact" and self.method != "rigl":
-            raise ValueError(f"grow={self.grow!r} applies to method rigl, not {self.method!r}")
-        arch = self.arch
-        if (
-            not isinstance(arch, (list, tuple))
-            or len(arch) < 2
-            or not all(_is_int(a) and a >= 1 for a in arch)
-        ):
-            raise ValueError(f"arch must be layer sizes like 784-300-100-10, got {arch!r}")
-        self.arch = [int(a) for a in arch]
-        if self.method == "dense":
-            _real(self, "sparsity", 0.0, 1.0, hi_open=True)
-        else:
-            _real(self, "sparsity", 0.0, 1.0, lo_open=True, hi_open=True)
-        _real(self, "grow_candidates", 1.0)
-        _integer(self, "grow_tile_bytes", 4, optional=True)
-        _integer(self, "delta_t", 1, what="ΔT, steps between topology updates")
-        _real(self, "alpha", 0.0, 1.0, what="the initial drop fraction")
-        _real(self, "t_end", 0.0, 1.0, what="a fraction of training")
-        _real(self, "lr", 0.0, lo_open=True)
-        _real(self, "momentum", 0.0, 1.0, hi_open=True)
-        _real(self, "weight_decay", 0.0)
-        _integer(self, "lr_step_every", 0)
-        _real(self, "lr_gamma", 0.0, lo_open=True, what="the step schedule's factor")
-        _integer(self, "warmup_steps", 0)
-        _integer(self, "epochs", 1)
-        _integer(self, "batch_size", 1)
-        _integer(self, "seed", 0)
-        if self.seed >= 2**63:
-            raise ValueError(f"{_flag('seed')} must be below 2**63, got {self.seed}")
-        _real(self, "val_fraction", 0.0, 1.0, hi_open=True)
-        _integer(self, "max_steps", 1, optional=True)
-        _integer(self, "max_memory", 1, optional=True, what="bytes")
-        _real(self, "rank_timeout", 0.0, what="seconds (0: never)")
-        for key in ("nesterov", "step_on_update", "progress", "flush_denormals"):
-            v = getattr(self, key)
-            if not isinstance(v, (bool, np.bool_)):
-                raise TypeError(f"{key} must be True or False, got {type(v).__name__} {v!r}")
-            setattr(self, key, bool(v))
-        if isinstance(self.dataset, os.PathLike):
-            self.dataset = os.fspath(self.dataset)
-        if not isinstance(self.dataset, str) or not self.dataset:
-            raise ValueError(f"dataset (--dataset) must be 'mnist' or a path, got {self.dataset!r}")
-        if isinstance(self.out, os.PathLike):
-            self.out = os.fspath(self.out)
-        if self.out is not None and not (isinstance(self.out, str) and self.out):
-            raise ValueError(f"out must be a folder path, or None for no files; got {self.out!r}")
-        s = self.shard_layers
-        if isinstance(s, (list, tuple)) and all(_is_int(i) for i in s):
-            s = self.shard_layers = [int(i) for i in s]
-        if not (
-            s is None
-            or s == "all"
-            or (
-                isinstance(s, list)
-                and len(s) > 0
-                and all(isinstance(i, int) and 0 <= i < len(self.arch) - 1 for i in s)
-            )
-        ):
-            raise ValueError(
-                f"shard_layers (--shard-layers) must be 'all' or a non-empty list of "
-                f"weighted-layer indices in [0, {len(self.arch) - 2}], got {s!r}"
-            )
-        if self.lr_schedule == "step" and self.lr_step_every <= 0:
-            raise ValueError("the step lr schedule needs lr_step_every > 0 (--lr-step-every)")
-        if self.method != "dense":
-            self._check_layers_keep_connections()
-        return self
-
-    def _check_layers_keep_connections(self):
-        """Every sparse layer must keep at least one connection at this sparsity: a layer of
-        nnz 0 passes nothing forward and has nothing to drop or grow from."""
-        shapes = [(o, i) for i, o in zip(self.arch[:-1], self.arch[1:], strict=True)]
-        dens = layer_densities(self.sparsity, shapes, self.distribution)
-        for l, ((m, n), d) in enumerate(zip(shapes, dens, strict=True)):
-            if int(round(d * m * n)) < 1:
-                raise ValueError(
-                    f"sparsity {self.sparsity} ({self.distribution}) leaves weighted layer {l} "
-                    f"({m}×{n}, density {d:.3g}) with no connection; lower --sparsity"
-                )
-
-
-def _flag(key: str) -> str:
-    return f"{key} (--{key.replace('_', '-')})"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
-def _check_choice(cfg, key, choices):
-    v = getattr(cfg, key)
-    if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"{_flag(key)} must be one of {', '.join(choices)}; got {v!r}")
-
-
-def _integer(cfg, key, low, *, optional=False, what=""):
-    v = getattr(cfg, key)
-    if v is None and optional:
-        return
-    if not _is_int(v):
-        raise ValueError(
-            f"{_flag(key)} must be an integer >= {low}{f' ({what})' if what else ''}, got "
-            f"{type(v).__name__} {v!r}"
-        )
-    if v < low:
-        raise ValueError(f"{_flag(key)} must be >= {low}{f' ({what})' if what else ''}, got {v}")
-    setattr(cfg, key, int(v))
-
-
-def _real(cfg, key, lo, hi=math.inf, *, lo_open=False, hi_open=False, what=""):
-    """A finite real number in the interval; stored as a Python float (ints stay ints)."""
-    v = getattr(cfg, key)
-    lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
-    span = f"a finite number in {lb}{lo:g}, {'∞' if hi == math.inf else f'{hi:g}'}{rb}"
-    extra = f" ({what})" if what else ""
-    if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)):
-        raise ValueError(f"{_flag(key)} must be {span}{extra}, got {type(v).__name__} {v!r}")
-    f = float(v)
-    ok = math.isfinite(f) and (f > lo if lo_open else f >= lo) and (f < hi if hi_open else f <= hi)
-    if not ok:
-        raise ValueError(f"{_flag(key)} must be {span}{extra}, got {v!r}")
-    setattr(cfg, key, int(v) if _is_int(v) else f)
 
 
 class MemoryBudgetExceeded(ValueError):
@@ -246,27 +64,14 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     With a budget, RigL's exact grow gets a smaller tile than its default when that makes the
     plan fit (plan["grow_tile_bytes"], passed to the grow kernel), unless a tile was given.
     """
-    kw = dict(
-        distribution=cfg.distribution,
-        batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer,
-        momentum=cfg.momentum,
-        alpha=cfg.alpha,
-        method=cfg.method,
-        grow=cfg.grow,
-        grow_candidates=cfg.grow_candidates,
-        device=cfg.device,  # cuda: the GPU's memory (--max-memory then bounds that)
-        ranks=ranks,
-        sharded=list(sharded),
-    )
-    plan = memory_plan(cfg.arch, cfg.sparsity, grow_tile_bytes=cfg.grow_tile_bytes, **kw)
+    plan = memory_plan(cfg, ranks=ranks, sharded=sharded)
     budget = cfg.max_memory
     if budget is None and cfg.device == "cpu":  # no budget: only refuse what cannot fit at all
         budget = memory_limit()[0]
     fits = budget is None or plan["total_bytes"] <= budget
     tile_free = cfg.method == "rigl" and cfg.grow == "exact" and cfg.grow_tile_bytes is None
     if not fits and tile_free and cfg.max_memory is not None:  # a smaller grow tile may fit it
-        plan = fit_grow_tile(budget, cfg.arch, cfg.sparsity, **kw) or plan
+        plan = fit_grow_tile(budget, cfg, ranks=ranks, sharded=sharded) or plan
     if budget is not None and plan["total_bytes"] > budget:
         where = f" on each of {ranks} MPI ranks" if sharded else ""
         hint = (
@@ -287,33 +92,11 @@ def check_memory(cfg: TrainConfig, ranks: int = 1, sharded=()) -> dict:
     return plan
 
 
-def sharding(cfg: TrainConfig) -> tuple:
-    """(communicator, indices of the weighted layers to split by rows) for a config with
-    ``shard_layers`` run on several MPI ranks; (None, []) otherwise (one process, or
-    data-parallel training)."""
-    if cfg.shard_layers is None:
-        return None, []
-    comm = mpi.world()
-    if comm is None:
-        return None, []
-    chosen = sharded_layers(
-        cfg.arch, cfg.sparsity, cfg.distribution, cfg.method, cfg.shard_layers, comm.Get_size()
-    )
-    return comm, chosen
-
-
-def build_model(cfg: TrainConfig, comm=None, sharded=()) -> Sequential:
-    """The MLP of the config; with an MPI communicator, the layers ``sharded`` are built as this
-    rank's rows only (the same values as those rows of the whole layer)."""
-    shapes = [(o, i) for i, o in zip(cfg.arch[:-1], cfg.arch[1:], strict=True)]
-    dens = (
-        [None] * len(shapes)
-        if cfg.method == "dense"
-        else layer_densities(cfg.sparsity, shapes, cfg.distribution)
-    )
-    sparse_layer = None
-    if comm is not None and sharded:
-        sparse_layer = mpi.shard_builder(comm, sharded, cfg.seed, cfg.fan_in)
+def build_model(cfg: TrainConfig, sparse_layer=None) -> Sequential:
+    """The MLP of the config; ``sparse_layer`` builds its sparse layers (sparsecore.layers.mlp;
+    with MPI, the parallelism's layer_builder: some layers as this rank's rows only, the same
+    values as those rows of the whole layer)."""
+    dens = [None] * len(cfg.shapes()) if cfg.method == "dense" else cfg.densities()
     return mlp(
         cfg.arch,
         dens,
@@ -344,12 +127,30 @@ def make_optimizer(cfg: TrainConfig, params, device=None):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, dataset: data_mod.Dataset | None = None):
+    """One training run of ``cfg``: the model, optimizer, updater and data, built at once (a
+    run that cannot fit its memory plan is refused before anything is allocated).
+
+    ``run()`` trains to the end of the config's epochs (or max_steps) and returns the summary;
+    progress, the metrics file, checkpoints and the learning curve are callbacks
+    (sparsecore/callbacks.py), and ``callbacks`` adds the caller's own after them.
+    ``parallel`` is the one object asked about other processes (sparsecore/parallel.py):
+    None for one process, ``sparsecore.mpi.parallel()`` for a run on the ranks of an MPI
+    launcher (data-parallel, or with cfg.shard_layers layers split by rows)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dataset: data_mod.Dataset | None = None,
+        *,
+        parallel=None,
+        callbacks=(),
+    ):
         self.cfg = cfg.validate()
         self.device = get_device(cfg.device)  # the one clear error without CuPy or a GPU
+        world = SINGLE if parallel is None else parallel
         # MPI with --shard-layers: the layers split by rows over the ranks (else none)
-        comm, self.sharded = sharding(cfg)
-        self.plan = check_memory(cfg, 1 if comm is None else comm.Get_size(), self.sharded)
+        self.sharded = world.sharded_layers(cfg)
+        self.plan = check_memory(cfg, world.size, self.sharded)
         self.data = dataset or data_mod.load(
             cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed
         )
@@ -363,7 +164,8 @@ class Trainer:
                 f"arch ends with {cfg.arch[-1]} outputs but the labels go up to "
                 f"{self.data.n_classes - 1}"
             )
-        self.model = build_model(cfg, comm, self.sharded).to(self.device)  # built on the host
+        builder = world.layer_builder(cfg, self.sharded)
+        self.model = build_model(cfg, builder).to(self.device)  # built on the host
         self.loss_fn = SoftmaxCrossEntropy().to(self.device)
         self.opt = make_optimizer(cfg, self.model.params(), self.device)
         self.steps_per_epoch = self.data.x_train.shape[0] // cfg.batch_size
@@ -384,9 +186,9 @@ class Trainer:
         self.updates: list[dict] = []
         self._good_ckpt: Path | None = None  # the checkpoint this run wrote or resumed from
         self.out = Path(cfg.out) if cfg.out else None
-        # None unless started by mpiexec with several ranks (sparsecore/mpi): data-parallel,
-        # or the sharded layers' side; the one object this trainer talks to about the ranks
-        self.dist = mpi.parallel(self)
+        # the one object this trainer asks about other processes: a single process unless
+        # given MPI's (then data-parallel, or the sharded layers' side)
+        self.par = world.bind(self)
         grow_kw = (
             dict(
                 grow=cfg.grow,
@@ -396,12 +198,29 @@ class Trainer:
             if cfg.method == "rigl"
             else {}
         )
-        selection = None if self.dist is None else self.dist.selection  # where updates choose
         self.updater = (
             None
             if cfg.method == "dense"
-            else UPDATERS[cfg.method](self.schedule, cfg.seed, selection=selection, **grow_kw)
+            else UPDATERS[cfg.method](
+                self.schedule, cfg.seed, selection=self.par.selection, **grow_kw
+            )
         )
+        self.callbacks = [*self.par.callbacks(), Progress()]
+        if self.out:  # (None on MPI ranks other than 0: rank 0 writes)
+            self.callbacks.append(MetricsFile(self.out))
+        if self.out or (cfg.out and self.par.sharded):  # sharded: every rank's rows go in
+            self.callbacks.append(Checkpoints(self.ckpt_path() if self.out else None))
+        if self.out:
+            self.callbacks.append(LearningCurve(self.out / "learning_curve.png"))
+        self.callbacks += list(callbacks)
+        self._step_times: list[float] = []  # every step's seconds in this run
+        self._update_times: list[float] = []  # this epoch's topology updates' seconds
+        self._resident = False  # the training set on the device (not yet looked at)
+
+    @property
+    def dist(self):
+        """The MPI side of the run, or None for a single process (``par`` is always set)."""
+        return None if self.par.size == 1 else self.par
 
     # ------------------------------------------------------------------ one step
     def lr(self) -> float:
@@ -430,15 +249,12 @@ class Trainer:
                 "learning rate" + self._last_good()
             )
         self.model.backward(dlogits)
-        if self.dist is not None:  # data-parallel: the global batch's gradient, loss, correct
-            loss, correct = self.dist.allreduce(self.model, loss, correct)
-            self.dist.beat()
+        # several ranks: the global batch's gradient, loss and correct count
+        loss, correct = self.par.allreduce(self.model, loss, correct)
+        self.par.beat()
         report = None
-        if update:
-            if self.dist is None:
-                report = self.updater.update(self.step, self.model, self.opt)
-            else:  # the same update on every rank, then the guard
-                report = self.dist.update(self.updater, self.step, self.model, self.opt)
+        if update:  # (several ranks: the same update on every rank, then the guard)
+            report = self.par.update(self.updater, self.step, self.model, self.opt)
             if self.cfg.step_on_update:
                 self.opt.step(self.lr())
         else:
@@ -468,130 +284,116 @@ class Trainer:
         return fpmode.flush_denormals(self.cfg.flush_denormals)
 
     def run(self) -> dict:
+        """Train to the end (cfg.epochs, or max_steps) from where the trainer stands; returns
+        the summary (final test accuracy, steps, time per step, the cost model)."""
         if not self.device.on_device:
             check_fork_safe("Trainer.run")
+        error = None
         with self.fp_mode():
-            if self.dist is None:
-                return self._run()
-            self.dist.start_watchdog()  # several MPI ranks: a rank that hangs stops them all
             try:
-                summary = self._run()
-                self.dist.gather_memory(self.model, self.opt)
+                self._emit("on_run_start")
+                while self.epoch < self.cfg.epochs and self.step < self.total_steps:
+                    self.run_epoch()
+                summary = self.summary(self._step_times)
+                self._emit("on_run_end", summary)
                 return summary
+            except BaseException as e:
+                error = e
+                raise
             finally:
-                self.dist.stop_watchdog()
+                self._emit("on_run_exit", error)
 
-    def _run(self) -> dict:
-        cfg = self.cfg
-        if self.out:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-            # the metrics of this run so far (a resumed run: the checkpoint's epochs), so that
-            # rows of a run killed after its last checkpoint, or of an earlier run, never stay
-            self._write_metrics()
-        x, y = self.data.x_train, self.data.y_train
-        dev = self.device
-        on_device = dev.on_device
-        resident = on_device and self._device_data()  # (x, y) on the device, or None
-        step_times, update_times = [], []
-        while self.epoch < cfg.epochs and self.step < self.total_steps:
-            t_epoch = time.perf_counter()
-            losses, correct, seen = [], 0, 0
-            first_step = self.step
-            bar = tqdm(
-                total=min(self.steps_per_epoch, self.total_steps - self.step),
-                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                disable=not cfg.progress,
-                leave=False,
-            )
-            perm_d = dev.asarray(self.epoch_permutation(self.epoch)) if resident else None
-            t_loop = time.perf_counter()
-            for s, idx in enumerate(self.batches(self.epoch)):
-                if self.step >= self.total_steps:
-                    break
-                if on_device:
-                    xb, yb = self._device_batch(resident, perm_d, s, idx)
-                else:
-                    rows = idx if self.dist is None else self.dist.local_rows(idx)
-                    xb, yb = np.ascontiguousarray(x[rows].T), y[rows]
-                t0 = time.perf_counter()
-                loss, c, report = self.train_step(xb, yb)
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                if report is not None:
-                    update_times.append(sum(d["seconds"] for d in report.per_layer))
-                    self.updates.append(
-                        {
-                            "step": report.step,
-                            "drop_fraction": report.drop_fraction,
-                            "layers": report.per_layer,
-                        }
-                    )
-                losses.append(loss)
-                correct += c
-                seen += idx.shape[0]
-                bar.update()
-            bar.close()
-            if on_device and losses:  # the epoch's metrics, read once; steps timed as a whole
-                dev.sync()
-                n = len(losses)
-                step_times[-n:] = [(time.perf_counter() - t_loop) / n] * n
-                losses = to_host(dev.xp.stack(losses)).tolist()
-                correct = int(correct)
-                self._check_losses(losses, first_step)
-            self.model.clear()
-            self.epoch += 1
-            row = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                "train_acc": correct / max(seen, 1),
-                **{
-                    f"test_{k}": v
-                    for k, v in self.evaluate(self.data.x_test, self.data.y_test).items()
-                },
-                "nnz": int(sum(l.total_nnz() for l in self.model.sparse_layers())),
-                "time_per_step_s": float(np.mean(step_times[-len(losses) :])) if losses else 0.0,
-                "topology_update_s": float(sum(update_times)),
-                "epoch_s": time.perf_counter() - t_epoch,
-                "lr": self.lr(),
-            }
-            if self.data.x_val.shape[0]:
-                row.update(
+    def _emit(self, point: str, *args):
+        for cb in self.callbacks:
+            getattr(cb, point)(self, *args)
+
+    def run_epoch(self) -> dict:
+        """One epoch (or what is left of it before max_steps): its steps, then its metrics row,
+        checked finite and appended to the history. Returns the row."""
+        t_epoch = time.perf_counter()
+        steps = min(self.steps_per_epoch, self.total_steps - self.step)
+        self._emit("on_epoch_start", steps)
+        losses, correct, seen = [], 0, 0
+        first_step, n_before = self.step, len(self._step_times)
+        t_loop = time.perf_counter()
+        for xb, yb, rows in self._epoch_batches(steps):
+            t0 = time.perf_counter()
+            loss, c, report = self.train_step(xb, yb)
+            self._step_times.append(time.perf_counter() - t0)
+            if report is not None:
+                self._update_times.append(sum(d["seconds"] for d in report.per_layer))
+                self.updates.append(
                     {
-                        f"val_{k}": v
-                        for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()
+                        "step": report.step,
+                        "drop_fraction": report.drop_fraction,
+                        "layers": report.per_layer,
                     }
                 )
-            update_times.clear()
-            self._check_finite(row)
-            self.history.append(row)
-            if cfg.progress:
-                print(
-                    f"epoch {self.epoch:3d}  loss {row['train_loss']:.4f}  "
-                    f"train {row['train_acc']:.4f}  test {row['test_acc']:.4f}  "
-                    f"{1e3 * row['time_per_step_s']:.2f} ms/step"
-                )
-            if self.dist is not None:  # several ranks: no hang clock during the write
-                self.dist.pause_watchdog()
-            if self.out:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                self.save_checkpoint(self.ckpt_path())
-            elif cfg.out and getattr(self.dist, "sharded", False):
-                self.save_checkpoint(None)  # another rank's shard goes into rank 0's file
-            if self.dist is not None:
-                self.dist.resume_watchdog()
-        if self.out:
-            self.plot(self.out / "learning_curve.png")
-        return self.summary(step_times)
+            losses.append(loss)
+            correct += c
+            seen += rows
+            self._emit("on_step_end", loss, report)
+        times = self._step_times[n_before:]
+        if self.device.on_device and losses:  # the epoch's metrics, read once; timed as a whole
+            self.device.sync()
+            times[:] = [(time.perf_counter() - t_loop) / len(losses)] * len(losses)
+            self._step_times[n_before:] = times
+            losses = to_host(self.device.xp.stack(losses)).tolist()
+            correct = int(correct)
+            self._check_losses(losses, first_step)
+        self.model.clear()
+        self.epoch += 1
+        row = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_acc": correct / max(seen, 1),
+            **{
+                f"test_{k}": v for k, v in self.evaluate(self.data.x_test, self.data.y_test).items()
+            },
+            "nnz": int(sum(l.total_nnz() for l in self.model.sparse_layers())),
+            "time_per_step_s": float(np.mean(times)) if times else 0.0,
+            "topology_update_s": float(sum(self._update_times)),
+            "epoch_s": time.perf_counter() - t_epoch,
+            "lr": self.lr(),
+        }
+        if self.data.x_val.shape[0]:
+            row.update(
+                {f"val_{k}": v for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()}
+            )
+        self._update_times.clear()
+        self._check_finite(row)
+        self.history.append(row)
+        self._emit("on_epoch_end", row)
+        return row
+
+    def _epoch_batches(self, steps: int):
+        """The epoch's first ``steps`` batches as (xb feature-major, yb, rows of the global
+        batch): this process's rows of each (several data-parallel ranks: its slice); on a
+        device gathered there (the training set uploaded once) or uploaded batch by batch."""
+        x, y = self.data.x_train, self.data.y_train
+        resident = self._device_data()  # (x, y) on the device, or None
+        perm_d = self.device.asarray(self.epoch_permutation(self.epoch)) if resident else None
+        for s, idx in enumerate(self.batches(self.epoch)):
+            if s >= steps:
+                return
+            if self.device.on_device:
+                xb, yb = self._device_batch(resident, perm_d, s, idx)
+            else:
+                rows = self.par.local_rows(idx)
+                xb, yb = np.ascontiguousarray(x[rows].T), y[rows]
+            yield xb, yb, idx.shape[0]
 
     def _device_data(self):
-        """The training set on the device, once (None when above DEVICE_DATA_BYTES)."""
-        x, y = self.data.x_train, self.data.y_train
-        if not isinstance(x, np.ndarray) or x.nbytes + y.nbytes > DEVICE_DATA_BYTES:
-            return None  # (also a streamed set: its batches are read, then uploaded)
-        return self.device.asarray(x), self.device.asarray(y)
+        """The training set on the device, uploaded at the first call (None on the host, and
+        when above DEVICE_DATA_BYTES)."""
+        if self._resident is False:
+            x, y = self.data.x_train, self.data.y_train
+            big = not isinstance(x, np.ndarray) or x.nbytes + y.nbytes > DEVICE_DATA_BYTES
+            # (a streamed set too: its batches are read, then uploaded)
+            on = self.device.on_device and not big
+            self._resident = (self.device.asarray(x), self.device.asarray(y)) if on else None
+        return self._resident
 
     def _device_batch(self, resident, perm_d, s, idx):
         """Batch s of the epoch on the device (xb feature-major, yb): gathered there by the
@@ -621,9 +423,7 @@ class Trainer:
         row (the sharded forward pass gathers)."""
         if x.shape[0] == 0:
             return {"acc": float("nan"), "loss": float("nan")}
-        correct, loss_sum = (
-            self.eval_sums(x, y) if self.dist is None else self.dist.eval_sums(self, x, y)
-        )
+        correct, loss_sum = self.par.eval_sums(self, x, y)
         return {"acc": correct / x.shape[0], "loss": loss_sum / x.shape[0]}
 
     def eval_sums(self, x, y) -> tuple[float, float]:
@@ -663,45 +463,8 @@ class Trainer:
         }
 
     def plot(self, path: Path):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        if not self.history:
-            return
-        ep = [r["epoch"] for r in self.history]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        a.plot(ep, [r["train_loss"] for r in self.history], label="train")
-        a.plot(ep, [r["test_loss"] for r in self.history], label="test")
-        a.set_xlabel("epoch")
-        a.set_ylabel("loss")
-        a.legend()
-        b.plot(ep, [r["train_acc"] for r in self.history], label="train")
-        b.plot(ep, [r["test_acc"] for r in self.history], label="test")
-        b.set_xlabel("epoch")
-        b.set_ylabel("accuracy")
-        b.legend()
-        fig.suptitle(
-            f"{self.cfg.method} at sparsity {self.cfg.sparsity} ({self.cfg.distribution}), "
-            f"{'-'.join(map(str, self.cfg.arch))}"
-        )
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-
-    def _write_metrics(self):
-        """metrics.jsonl as the history holds it, replaced atomically (a new temporary file
-        created exclusively, as checkpoints are: no planted link is followed)."""
-        path = self.out / "metrics.jsonl"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.out)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("".join(json.dumps(row) + "\n" for row in self.history))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """The learning curve of the history so far, as a PNG (sparsecore/callbacks.py)."""
+        plot_history(self.history, self.cfg, path)
 
     def _last_good(self) -> str:
         if self._good_ckpt is not None:
@@ -744,15 +507,28 @@ class Trainer:
         self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
         self.history = meta["history"]
         self._good_ckpt = Path(path)
-        if self.dist is not None:  # every rank must now hold the same replicated state
-            self.dist.check_same(self.model, f"loading checkpoint {path}")
+        # several ranks: every rank must now hold the same replicated state
+        self.par.check_same(self.model, f"loading checkpoint {path}")
 
 
-def train(cfg: TrainConfig, dataset=None, resume: str | None = None) -> tuple[Trainer, dict]:
-    tr = Trainer(cfg, dataset)
+def train(
+    cfg: TrainConfig, dataset=None, resume: str | None = None, *, parallel=None, callbacks=()
+) -> tuple[Trainer, dict]:
+    """Build the trainer of ``cfg`` (resumed from the checkpoint ``resume``; ``parallel`` and
+    ``callbacks`` as Trainer takes them), run it, and return (trainer, summary)."""
+    tr = Trainer(cfg, dataset, parallel=parallel, callbacks=callbacks)
     if resume:
         tr.load_checkpoint(resume)
     return tr, tr.run()
 
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "build_model"]
+__all__ = [
+    "METHODS",
+    "MemoryBudgetExceeded",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "build_model",
+    "check_memory",
+    "train",
+]

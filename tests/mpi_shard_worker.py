@@ -17,8 +17,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsecore  # noqa: E402,F401
+from kernels import config  # noqa: E402
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, SparseLinear, mlp  # noqa: E402
-from sparsecore.mpi import RowShardedSelection, ShardedSparseLinear, select, world  # noqa: E402
+from sparsecore.mpi import RowShardedSelection, ShardedSparseLinear, world  # noqa: E402
 from sparsecore.optim import SGD  # noqa: E402
 from sparsecore.rigl import SET, RigL, UpdateSchedule  # noqa: E402
 
@@ -94,7 +95,7 @@ def main():
     comm = world()
     if len(sys.argv) > 2 and sys.argv[2] == "tight":
         # each rank first offers k/20 (at least 1) drop and grow candidates: the saturated ranks' retries
-        select.OFFER_SHARE, select.OFFER_SLACK = 0.05 * comm.Get_size(), 0
+        config.MPI_OFFER_SHARE, config.MPI_OFFER_SLACK = 0.05 * comm.Get_size(), 0
     sizes, dens = [96, 64, 48, 10], [0.2, 0.3, 0.5]
     ref = mlp(sizes, dens, seed=3)
     sharded = Sequential(

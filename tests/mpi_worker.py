@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsecore  # noqa: E402,F401  (the thread setup, before NumPy's BLAS starts)
 from sparsecore import data as D  # noqa: E402
+from sparsecore import mpi  # noqa: E402
 from sparsecore.cost import held_bytes  # noqa: E402
 from sparsecore.layers import SparseLinear  # noqa: E402
 from sparsecore.train import TrainConfig, Trainer  # noqa: E402
@@ -104,8 +105,8 @@ def main(argv=None):
         shard_layers=shard,
         rank_timeout=args.rank_timeout,
     )
-    tr = Trainer(cfg, synthetic(arch[0]))
-    rank = tr.dist.rank if tr.dist is not None else 0
+    tr = Trainer(cfg, synthetic(arch[0]), parallel=mpi.parallel())
+    rank = tr.par.rank
     if args.stop_epoch is not None:
         tr.cfg.epochs = args.stop_epoch  # stop early; the schedule stays that of --epochs
     if args.resume:
@@ -139,7 +140,7 @@ def main(argv=None):
     layers = tr.model.weighted()
     wholes = [whole(l) if isinstance(l, SparseLinear) else (l.W, l.b) for l in layers]
     result = {
-        "ranks": tr.dist.size if tr.dist is not None else 1,
+        "ranks": tr.par.size,
         "losses": losses,
         "topology": topology,
         "grown": grown,
@@ -152,7 +153,7 @@ def main(argv=None):
         "params": sum(int(p.value.size) for p in tr.model.params()),
         "dense": sum(int(W.shape[0]) * int(W.shape[1]) for W, _ in wholes),
         "shapes": [list(W.shape) for W, _ in wholes],
-        "comm": tr.dist.stats() if tr.dist is not None else None,
+        "comm": tr.par.stats(),
         "held": held_bytes(tr.model, tr.opt),
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -119,22 +119,33 @@ def test_a_ranks_plan_divides_the_sharded_layers_state():
     assert memory_plan(arch, ranks=2, sharded=[], **kw)["total_bytes"] == one["total_bytes"]
 
 
+def _sharded(arch, sparsity, distribution, method, shard_layers, ranks):
+    cfg = TrainConfig(
+        arch=arch,
+        sparsity=sparsity,
+        distribution=distribution,
+        method=method,
+        shard_layers=shard_layers,
+    )
+    return sharded_layers(cfg, ranks)
+
+
 def test_which_layers_are_sharded():
     arch = [784, 300, 100, 10]
-    assert sharded_layers(arch, 0.9, "erk", "rigl", "all", 2) == [0, 1]  # ERK: layer 2 dense
-    assert sharded_layers(arch, 0.9, "uniform", "rigl", "all", 2) == [0, 1, 2]
-    assert sharded_layers(arch, 0.9, "uniform", "rigl", "all", 16) == [0, 1]  # 10 rows < 16
-    assert sharded_layers(arch, 0.9, "erk", "rigl", [1], 2) == [1]
-    assert sharded_layers(arch, 0.9, "erk", "rigl", "all", 1) == []
-    assert sharded_layers(arch, 0.9, "erk", "rigl", None, 4) == []
+    assert _sharded(arch, 0.9, "erk", "rigl", "all", 2) == [0, 1]  # ERK: layer 2 dense
+    assert _sharded(arch, 0.9, "uniform", "rigl", "all", 2) == [0, 1, 2]
+    assert _sharded(arch, 0.9, "uniform", "rigl", "all", 16) == [0, 1]  # 10 rows < 16
+    assert _sharded(arch, 0.9, "erk", "rigl", [1], 2) == [1]
+    assert _sharded(arch, 0.9, "erk", "rigl", "all", 1) == []
+    assert _sharded(arch, 0.9, "erk", "rigl", None, 4) == []
     with pytest.raises(ValueError, match="layer 2 has 10 rows, fewer than the 16"):
-        sharded_layers(arch, 0.9, "uniform", "rigl", [2], 16)
+        _sharded(arch, 0.9, "uniform", "rigl", [2], 16)
     with pytest.raises(ValueError, match="is dense"):
-        sharded_layers([784, 32, 10], 0.5, "erk", "rigl", [1], 2)
+        _sharded([784, 32, 10], 0.5, "erk", "rigl", [1], 2)
     with pytest.raises(ValueError, match="does not exist"):
-        sharded_layers(arch, 0.9, "erk", "rigl", [3], 2)
+        _sharded(arch, 0.9, "erk", "rigl", [3], 2)
     with pytest.raises(ValueError, match="method 'dense' has none"):
-        sharded_layers(arch, 0.9, "erk", "dense", "all", 2)
+        _sharded(arch, 0.9, "erk", "dense", "all", 2)
 
 
 def test_config_checks_shard_layers_and_rank_timeout():

@@ -5,14 +5,18 @@ collectives), launcher.py (``--nprocs``: mpiexec), traffic.py (the byte model, 3
 limits), ranks.py (what every mode shares: the guard, the watchdog, memory per rank),
 data_parallel.py (``DataParallel`` and its grow), select.py (``RowShard``: the exact distributed
 selection), sharded.py (``ShardedSparseLinear``, ``ShardedParallel`` and their updates), and
-here ``parallel``, which sets a trainer up. The engine below (layers, optimizers, updaters)
-never imports this package: an updater is given its selection strategy
-(sparsecore/rigl/selection.py), and the trainer holds one parallelism object.
+here ``World`` and ``parallel()``, which set a trainer up. The engine below (layers,
+optimizers, updaters, the trainer, checkpoints, the plan) never imports this package: an
+updater is given its selection strategy (sparsecore/rigl/selection.py), and the trainer is
+given one parallelism object (sparsecore/parallel.py): ``Trainer(cfg,
+parallel=mpi.parallel())``.
 
 Launch: ``mpiexec -n N python -m sparsecore train ...`` (or ``sparsecore train --nprocs N``,
 which starts exactly that under the ``[mpi]`` extra's mpiexec). A process started by an MPI
 launcher with more than one rank finds the world here; anything else (no launcher, one rank)
-trains as before, and importing sparsecore never imports mpi4py.
+trains as before, and importing sparsecore never imports mpi4py. A script of its own under
+mpiexec passes ``parallel=sparsecore.mpi.parallel()``; a trainer given none there refuses to
+start (each rank would train alone and write the same files).
 
 What each rank holds and does, step by step (``DataParallel``):
 
@@ -80,7 +84,7 @@ from sparsecore.mpi.runtime import (
     split,
     world,
 )
-from sparsecore.mpi.select import RowShard  # (its tunables: set them on sparsecore.mpi.select)
+from sparsecore.mpi.select import RowShard  # (its tunables: kernels/config.py, MPI_OFFER_*)
 from sparsecore.mpi.sharded import (
     RowShardedSelection,
     ShardedParallel,
@@ -88,43 +92,75 @@ from sparsecore.mpi.sharded import (
     shard_builder,
 )
 from sparsecore.mpi.traffic import MAX_COUNT, check_counts, step_bytes, update_bytes
+from sparsecore.parallel import SINGLE, Single
 
 
-def parallel(trainer):
-    """Set up ``trainer`` (its model built, its updater not yet) for several MPI ranks and
-    return its side of them: ``DataParallel``, or ``ShardedParallel`` when the trainer built
-    sharded layers (None for a single process: nothing changes). The trainer talks to this one
-    object: it builds its updater with ``selection=par.selection``, runs topology updates
-    through ``par.update`` (the guard after each), and checks a loaded checkpoint with
-    ``par.check_same``."""
-    comm = world()
-    if comm is None:
-        return None
-    cfg = trainer.cfg
-    if trainer.device.on_device:
-        raise ValueError(
-            f"MPI training runs on the CPU; device={cfg.device!r} with "
-            f"{comm.Get_size()} ranks is not supported yet"
-        )
-    abort_on_uncaught_exceptions()
-    check_counts(trainer, comm.Get_size())
-    limit_threads(comm)
-    if trainer.sharded:
-        par = ShardedParallel(comm, cfg.rank_timeout)
-        par.model = trainer.model
-    else:
-        if cfg.batch_size < comm.Get_size():
+class World(Single):
+    """The MPI world (several ranks) as a trainer's parallelism, before the trainer binds it:
+    which layers are split by rows (``--shard-layers``) and how their rows are built; then
+    ``bind(trainer)`` returns ``DataParallel``, or ``ShardedParallel`` when the trainer built
+    sharded layers. The trainer talks to that one object: it builds its updater with
+    ``selection=par.selection``, runs topology updates through ``par.update`` (the guard after
+    each), checks a loaded checkpoint with ``par.check_same`` and adds ``par.callbacks()`` (the
+    watchdog) to its run."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def sharded_layers(self, cfg) -> list[int]:
+        return cfg.sharded_layers(self.size) if cfg.shard_layers is not None else []
+
+    def layer_builder(self, cfg, sharded):
+        if not sharded:
+            return None
+        return shard_builder(self.comm, sharded, cfg.seed, cfg.fan_in)
+
+    def bind(self, trainer):
+        comm, cfg = self.comm, trainer.cfg
+        if trainer.device.on_device:
             raise ValueError(
-                f"batch_size {cfg.batch_size} is smaller than the {comm.Get_size()} MPI ranks: "
-                "every rank needs at least one row of each mini-batch"
+                f"MPI training runs on the CPU; device={cfg.device!r} with "
+                f"{comm.Get_size()} ranks is not supported yet"
             )
-        par = DataParallel(comm, cfg.batch_size, cfg.rank_timeout)
-    if par.rank != 0:  # rank 0 alone prints and writes (the others' warnings would repeat it)
-        trainer.cfg = dataclasses.replace(cfg, progress=False)
-        trainer.out = None
-        warnings.simplefilter("ignore")
-    par.check_same(trainer.model, "building the model", data=trainer.data)
-    return par
+        abort_on_uncaught_exceptions()
+        check_counts(trainer, comm.Get_size())
+        limit_threads(comm)
+        if trainer.sharded:
+            par = ShardedParallel(comm, cfg.rank_timeout)
+            par.model = trainer.model
+        else:
+            if cfg.batch_size < comm.Get_size():
+                raise ValueError(
+                    f"batch_size {cfg.batch_size} is smaller than the {comm.Get_size()} MPI "
+                    "ranks: every rank needs at least one row of each mini-batch"
+                )
+            par = DataParallel(comm, cfg.batch_size, cfg.rank_timeout)
+        if par.rank != 0:  # rank 0 alone prints and writes (the others' warnings would repeat it)
+            trainer.cfg = dataclasses.replace(cfg, progress=False)
+            trainer.out = None
+            warnings.simplefilter("ignore")
+        par.check_same(trainer.model, "building the model", data=trainer.data)
+        return par
+
+
+def sharding(cfg) -> tuple:
+    """(communicator, indices of the weighted layers to split by rows) for a config with
+    ``shard_layers`` run on several MPI ranks; (None, []) otherwise (one process, or
+    data-parallel training). What ``World.sharded_layers`` gives a trainer."""
+    comm = world() if cfg.shard_layers is not None else None
+    if comm is None:
+        return None, []
+    return comm, cfg.sharded_layers(comm.Get_size())
+
+
+def parallel():
+    """This process's parallelism for a Trainer (``Trainer(cfg, parallel=mpi.parallel())``):
+    the MPI world's ``World`` when an MPI launcher started several ranks, else
+    ``sparsecore.parallel.SINGLE`` (one process: nothing changes)."""
+    comm = world()
+    return SINGLE if comm is None else World(comm)
 
 
 __all__ = [
@@ -140,6 +176,7 @@ __all__ = [
     "SIZE_VARS",
     "THREAD_VARS",
     "ShardedParallel",
+    "World",
     "ShardedSparseLinear",
     "abort",
     "allgather_records",
@@ -150,6 +187,7 @@ __all__ = [
     "mpiexec",
     "parallel",
     "shard_builder",
+    "sharding",
     "split",
     "step_bytes",
     "strip_nprocs",

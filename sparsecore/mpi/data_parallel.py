@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import config
 from kernels.cpu import sampled
 from sparsecore.mpi.ranks import Ranks
 from sparsecore.mpi.runtime import allgather_records, rows_cols, split
 from sparsecore.rigl.selection import Local
-
-# The sampled grow scores its candidates in chunks of about this many floats of dY and X rows.
-SCORE_CHUNK_FLOATS = 1 << 22
 
 
 class DataParallelSelection(Local):
@@ -139,7 +137,7 @@ class DataParallel(Ranks):
         partial = np.empty(c, np.float32)  # Σ_b dY[i, b]·X[j, b] over this rank's columns
         dy, x = layer.dy, layer.x
         w = np.float32(self.weight)
-        chunk = max(1, SCORE_CHUNK_FLOATS // max(1, dy.shape[1]))
+        chunk = max(1, config.MPI_SCORE_CHUNK_FLOATS // max(1, dy.shape[1]))
         for s in range(0, c, chunk):
             f = flat[s : s + chunk]
             i = f // n

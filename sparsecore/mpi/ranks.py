@@ -12,12 +12,50 @@ import warnings
 
 import numpy as np
 
+from kernels import config
+from sparsecore.callbacks import Callback
 from sparsecore.cost import held_bytes
 from sparsecore.layers import SparseLinear
 from sparsecore.mpi.runtime import RanksDiverged, crc
+from sparsecore.parallel import Single
 
 
-class Ranks:
+class Watchdog(Callback):
+    """The watchdog and per-rank memory as the run's callback: started before the first step,
+    paused from the end of each epoch (the writes of the callbacks after it: metrics, the
+    checkpoint; at the end, the plot) until the next epoch starts or the run has ended (each
+    resume is a barrier: every rank waits for rank 0's writes), the ranks' memory gathered when
+    the run ends well, stopped whatever happens."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+        self.paused = False
+
+    def on_run_start(self, trainer):
+        self.ranks.start_watchdog()
+
+    def on_epoch_start(self, trainer, steps):
+        self._resume()
+
+    def on_epoch_end(self, trainer, row):
+        self.ranks.pause_watchdog()
+        self.paused = True
+
+    def on_run_exit(self, trainer, error):
+        try:
+            if error is None:  # after the others' last writes and the plot (rank 0's)
+                self._resume()
+                self.ranks.gather_memory(trainer.model, trainer.opt)
+        finally:
+            self.ranks.stop_watchdog()
+
+    def _resume(self):
+        if self.paused:  # (every rank runs the same epochs: the barriers pair up)
+            self.ranks.resume_watchdog()
+            self.paused = False
+
+
+class Ranks(Single):
     """What both MPI modes share: the guard (identical replicated state on every rank), the
     watchdog (a rank that stops making progress stops every rank), and byte counts."""
 
@@ -37,6 +75,9 @@ class Ranks:
         self.other_bytes = 0  # everything not per step: topology updates, the guard
         self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
         self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
+
+    def callbacks(self) -> list:
+        return [Watchdog(self)]
 
     # -------------------------------------------------------------- the watchdog
     def beat(self):
@@ -62,9 +103,11 @@ class Ranks:
             )
             return
         stop = threading.Event()
+        tick = min(config.MPI_WATCHDOG_MAX_TICK_S, self.timeout / config.MPI_WATCHDOG_TICKS)
+        tick = max(config.MPI_WATCHDOG_MIN_TICK_S, tick)
 
         def watch():
-            while not stop.wait(max(0.1, min(5.0, self.timeout / 10))):
+            while not stop.wait(tick):
                 last = self._last
                 if last is None or self._paused:
                     continue

@@ -15,9 +15,8 @@ import zlib
 
 import numpy as np
 
-# Environment variables that MPI launchers set to the number of ranks (MPICH/Hydra, Intel MPI,
-# Slurm's PMI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE).
-SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+from sparsecore.parallel import SIZE_VARS, launched_size, split  # noqa: F401 (re-exported)
+
 # Thread variables a user may set; when none is, each rank gets cores // ranks on its node.
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 INSTALL_HINT = "install the [mpi] extra: pip install 'sparsecore-rigl[mpi]' (mpi4py and mpich)"
@@ -31,15 +30,6 @@ class MPIUnavailableError(RuntimeError):
 
 class RanksDiverged(RuntimeError):
     """Ranks that must hold identical models do not; the run stops."""
-
-
-def launched_size() -> int:
-    """Number of ranks an MPI launcher started this process with (1 without a launcher)."""
-    for var in SIZE_VARS:
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 1
 
 
 def world():
@@ -119,11 +109,6 @@ def limit_threads(comm):
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     _world["blas_limits"] = threadpool_limits(limits=threads, user_api="blas")
-
-
-def split(total: int, parts: int, index: int) -> tuple[int, int]:
-    """[lo, hi) of part ``index`` of ``total`` items in ``parts`` contiguous, near-equal parts."""
-    return index * total // parts, (index + 1) * total // parts
 
 
 def rows_cols(flat: np.ndarray, m: int, n: int):

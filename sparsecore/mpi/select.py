@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import config
 from kernels.formats import split_count
 from sparsecore.mpi.runtime import rows_cols, split
-
-# A sharded layer's drop and exact grow first ask each rank for ceil(OFFER_SHARE·k/N) +
-# OFFER_SLACK candidates (RowShard.offered): its share of the k if they spread evenly, with room.
-OFFER_SHARE = 1.5
-OFFER_SLACK = 64
-# A saturated rank (its whole offer was taken while it had more) offers this many times more.
-OFFER_GROWTH = 4
 
 
 class RowShard:
@@ -103,14 +97,16 @@ class RowShard:
 
         ``candidates(want)`` returns this rank's best ``want`` entries (at most ``most``) as
         (keys ascending, values): CSR positions and |w| for the drop, flat indices and scores
-        for the grow. Each rank first offers ceil(OFFER_SHARE·k/N) + OFFER_SLACK (its share
-        of the k if they spread evenly, with room for unevenness), not k, so its buffers are
-        O(k/N). A rank whose offer was taken whole while it had more (saturated) may hold more
-        of the k: it recomputes with OFFER_GROWTH times the offer and the selection is repeated
-        until no rank is saturated. Then every rank's offer holds all of its entries among the k
+        for the grow. Each rank first offers ceil(SHARE·k/N) + SLACK (its share of the k if they
+        spread evenly, with room for unevenness; kernels/config.py: MPI_OFFER_SHARE,
+        MPI_OFFER_SLACK), not k, so its buffers are O(k/N). A rank whose offer was taken whole
+        while it had more (saturated) may hold more of the k: it recomputes with
+        MPI_OFFER_GROWTH times the offer and the selection is repeated until no rank is
+        saturated. Then every rank's offer holds all of its entries among the k
         (an entry offered but not chosen ranks before everything that rank did not offer), so
         the result is exact."""
-        want = min(most, max(1, -(-int(OFFER_SHARE * k) // self.size) + OFFER_SLACK))
+        share = -(-int(config.MPI_OFFER_SHARE * k) // self.size)
+        want = min(most, max(1, share + config.MPI_OFFER_SLACK))
         keys, values = candidates(want)
         while True:
             chosen = self.select(values, k, largest)
@@ -119,7 +115,8 @@ class RowShard:
             if not self.counts(int(saturated)).any():
                 return keys[chosen]
             if saturated:
-                want = min(most, OFFER_GROWTH * want)  # (want >= 1: a saturated offer was taken)
+                # (want >= 1: a saturated offer was taken)
+                want = min(most, config.MPI_OFFER_GROWTH * want)
                 keys, values = candidates(want)
 
     def smallest_of(self, dev, data: np.ndarray, k: int) -> np.ndarray:
