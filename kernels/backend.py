@@ -322,7 +322,7 @@ def first_absent(xp, W, keep, k):
     """The k absent entries of lowest flat index i·n + j: topk_grow's answer when every score
     is 0 (an empty batch), in O(k + nnz) vectorised work instead of the O(m·n) scan."""
     m, n = W.shape
-    idx = np.int32 if max(m, n) < 2**31 else np.int64
+    idx = V.coords_dtype(m, n)
     if k == 0:
         return xp.empty(0, idx), xp.empty(0, idx), xp.empty(0, np.float32)
     row_of = W.row_ids()

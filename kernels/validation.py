@@ -129,8 +129,19 @@ def check_int(v, name: str, *, low: int = 0, high: int | None = None) -> int:
 
 
 def index_dtype_for(n_rows: int, n_cols: int, nnz: int):
-    """int32 while every index and offset fits, else int64."""
+    """int32 while every index and offset fits, else int64: the one rule for a CSR's indices
+    and indptr (coords_dtype and flat_dtype are its cases for coordinates and flat indices)."""
     return np.int32 if max(n_rows, n_cols, nnz) <= INDEX_MAX_32 else np.int64
+
+
+def coords_dtype(m: int, n: int):
+    """The dtype of (row, col) coordinates of an m × n matrix: int32 while both fit."""
+    return index_dtype_for(m, n, 0)
+
+
+def flat_dtype(m: int, n: int):
+    """The dtype of flat indices i·n + j of an m × n matrix: int32 while m·n fits."""
+    return np.int32 if m * n <= INDEX_MAX_32 else np.int64
 
 
 def _check_index_array(a, name: str) -> np.ndarray:

@@ -27,7 +27,7 @@ from kernels import config
 from kernels.cpu.grow import tile_shape
 from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
 from kernels.cuda import grow as cuda_grow
-from kernels.validation import index_dtype_for
+from kernels.validation import flat_dtype, index_dtype_for
 from sparsecore.config import TrainConfig, parse_bytes  # noqa: F401 (parse_bytes: its old home)
 
 MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
@@ -145,7 +145,7 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
                 elif gpu:  # kernels/cuda/grow.py: tile + buffer + a cut's scratch + histogram
                     tr, tc = tile_shape(m, n, grow_tile_bytes or config.CUDA_TOPK_TILE_BYTES)
                     cap = max(k + 1, int(config.CUDA_TOPK_BUFFER_FACTOR * k))
-                    f = 4 if m * n < 2**31 else 8
+                    f = np.dtype(flat_dtype(m, n)).itemsize
                     scratch = 4 * tr * tc + (cap + k) * (4 + f) + CUDA_HISTOGRAM_BYTES + 8
                 else:
                     tr, tc = (
@@ -154,7 +154,7 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
                         else tile_shape(m, n, grow_tile_bytes)  # the launcher's rule when given
                     )
                     cap = int(config.TOPK_BUFFER_FACTOR * min(k_offer, m * n - nnz + k))
-                    scratch = 4 * tr * tc + cap * (4 + (4 if m * n < 2**31 else 8))
+                    scratch = 4 * tr * tc + cap * (4 + np.dtype(flat_dtype(m, n)).itemsize)
                     scratch += 4 * cap  # the last cut's partition copy
                 rebuild = (
                     nnz  # keep mask

@@ -505,3 +505,20 @@ def test_cli_a_layer_too_big_for_one_rank_trains_on_two(tmp_path):
     assert p.stdout.count("test accuracy:") == 1
     with np.load(tmp_path / "run" / "checkpoint.npz") as f:
         assert f["L1/parts"].tolist() == [0, 1500, 3000]
+
+
+def test_the_abort_hook_is_undone_by_its_restore():
+    """abort_on_uncaught_exceptions replaces sys.excepthook for the run that needs it; the
+    function it returns puts the previous hook back (an outer install is not stacked twice)."""
+    from sparsecore.mpi.runtime import abort_on_uncaught_exceptions
+
+    before = sys.excepthook
+    restore = abort_on_uncaught_exceptions()
+    try:
+        assert sys.excepthook is not before and sys.excepthook.sparsecore_abort
+        inner = abort_on_uncaught_exceptions()  # already in place: a no-op, and so its restore
+        inner()
+        assert sys.excepthook.sparsecore_abort
+    finally:
+        restore()
+    assert sys.excepthook is before

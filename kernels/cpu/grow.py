@@ -41,6 +41,7 @@ import numba
 import numpy as np
 
 from kernels import config
+from kernels import validation as V
 
 # Fast-math without 'nnan'/'ninf': the scan relies on NaN comparing false.
 _FM_KEEP_NAN = {"arcp", "contract", "reassoc", "nsz"}
@@ -237,8 +238,7 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     ascending flat order.
     """
     m, n = dy.shape[0], x.shape[0]
-    flat_dtype = np.int32 if m * n < 2**31 else np.int64
-    idx_dtype = np.int32 if max(m, n) < 2**31 else np.int64
+    flat_dtype, idx_dtype = V.flat_dtype(m, n), V.coords_dtype(m, n)
     if k == 0:
         return (np.empty(0, idx_dtype), np.empty(0, idx_dtype), np.empty(0, np.float32))
     dy, x = flush_subnormals(dy), flush_subnormals(x)

@@ -48,6 +48,7 @@ import numba
 import numpy as np
 
 from kernels import config
+from kernels import validation as V
 
 # Rejection: draw enough for this many distinct absent entries per wanted one, plus a constant.
 DRAW_MARGIN = 1.02
@@ -306,7 +307,7 @@ def sampled_grow(indptr, indices, keep, dy, x, k, candidates, rng):
     scores) in ascending flat order, rows/cols int32 when m and n < 2**31 else int64.
     """
     m, n = dy.shape[0], x.shape[0]
-    idx_dtype = np.int32 if max(m, n) < 2**31 else np.int64
+    idx_dtype = V.coords_dtype(m, n)
     if k <= 0:
         return np.empty(0, idx_dtype), np.empty(0, idx_dtype), np.empty(0, np.float32)
     c = n_candidates(m, n, count_kept(indptr, keep), k, candidates)

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import config
+from kernels import validation as V
 from kernels.cpu.grow import row_sq_max as host_row_sq_max
 from kernels.cpu.grow import tile_shape
 from kernels.cuda import _module
@@ -224,8 +225,7 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     cupy = array_module(dy)
 
     m, n = dy.shape[0], x.shape[0]
-    flat_dtype = np.int32 if m * n < 2**31 else np.int64
-    idx_dtype = np.int32 if max(m, n) < 2**31 else np.int64
+    flat_dtype, idx_dtype = V.flat_dtype(m, n), V.coords_dtype(m, n)
     if k == 0 or m * n == 0:  # (k <= absent entries = 0 when m·n = 0)
         e = cupy.empty(0, dtype=idx_dtype)
         return e, e.copy(), cupy.empty(0, dtype=np.float32)

@@ -124,7 +124,7 @@ class World(Single):
                 f"MPI training runs on the CPU; device={cfg.device!r} with "
                 f"{comm.Get_size()} ranks is not supported yet"
             )
-        abort_on_uncaught_exceptions()
+        restore = [abort_on_uncaught_exceptions()]  # (undone when the run has ended well)
         check_counts(trainer, comm.Get_size())
         limit_threads(comm)
         if trainer.sharded:
@@ -140,7 +140,10 @@ class World(Single):
         if par.rank != 0:  # rank 0 alone prints and writes (the others' warnings would repeat it)
             trainer.cfg = dataclasses.replace(cfg, progress=False)
             trainer.out = None
+            filters = warnings.filters[:]
             warnings.simplefilter("ignore")
+            restore.append(lambda: warnings.filters.__setitem__(slice(None), filters))
+        par.undo_at_exit = restore
         par.check_same(trainer.model, "building the model", data=trainer.data)
         return par
 

@@ -25,7 +25,8 @@ class Watchdog(Callback):
     paused from the end of each epoch (the writes of the callbacks after it: metrics, the
     checkpoint; at the end, the plot) until the next epoch starts or the run has ended (each
     resume is a barrier: every rank waits for rank 0's writes), the ranks' memory gathered when
-    the run ends well, stopped whatever happens."""
+    the run ends well, stopped whatever happens. A run that ended well also undoes what binding
+    it changed process-wide (``Ranks.undo_at_exit``: the abort hook, the warning filters)."""
 
     def __init__(self, ranks):
         self.ranks = ranks
@@ -48,6 +49,10 @@ class Watchdog(Callback):
                 self.ranks.gather_memory(trainer.model, trainer.opt)
         finally:
             self.ranks.stop_watchdog()
+        if error is None:  # (an error on its way out still needs the abort hook)
+            for undo in self.ranks.undo_at_exit:
+                undo()
+            self.ranks.undo_at_exit = []
 
     def _resume(self):
         if self.paused:  # (every rank runs the same epochs: the barriers pair up)
@@ -75,6 +80,9 @@ class Ranks(Single):
         self.other_bytes = 0  # everything not per step: topology updates, the guard
         self.update_bytes: list[int] = []  # per topology update (grow traffic + the guard)
         self.update_candidates: list[list[int]] = []  # per update: candidates merged per layer
+        # what the run changed process-wide (the abort hook; on ranks other than 0, the
+        # warning filters), undone by the watchdog callback when the run has ended well
+        self.undo_at_exit: list = []
 
     def callbacks(self) -> list:
         return [Watchdog(self)]

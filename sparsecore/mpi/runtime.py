@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 
+from kernels.validation import coords_dtype
 from sparsecore.parallel import SIZE_VARS, launched_size, split  # noqa: F401 (re-exported)
 
 # Thread variables a user may set; when none is, each rank gets cores // ranks on its node.
@@ -72,9 +73,13 @@ def abort(code: int = 1):
 
 
 def abort_on_uncaught_exceptions():
-    if _world.get("hooked"):
-        return
+    """From now on an exception that escapes this rank prints its one-line reason and its
+    traceback, then stops every rank (MPI_Abort): the others would otherwise wait forever in
+    their next collective. Returns the function that puts the previous sys.excepthook back (a
+    run that ended well calls it: the hook does not outlive the run that needed it)."""
     previous = sys.excepthook
+    if getattr(previous, "sparsecore_abort", False):
+        return lambda: None  # (already in place: the outer caller restores)
 
     def hook(kind, value, tb):
         # the error in one line first (the launcher may drop the rest of a rank's output once
@@ -87,8 +92,14 @@ def abort_on_uncaught_exceptions():
         time.sleep(0.5)
         abort(1)
 
+    hook.sparsecore_abort = True
     sys.excepthook = hook
-    _world["hooked"] = True
+
+    def restore():
+        if sys.excepthook is hook:
+            sys.excepthook = previous
+
+    return restore
 
 
 def limit_threads(comm):
@@ -114,7 +125,7 @@ def limit_threads(comm):
 def rows_cols(flat: np.ndarray, m: int, n: int):
     """(rows, cols) of flat indices i·n + j of an m × n layer, in the kernels' index dtype
     (int32 unless m or n needs int64)."""
-    idx = np.int32 if max(m, n) < 2**31 else np.int64
+    idx = coords_dtype(m, n)
     rows = flat // n
     return rows.astype(idx), (flat - rows * n).astype(idx)
 
