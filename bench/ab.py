@@ -6,8 +6,9 @@
 A refactor must not move the kernels or the step. One long-lived process per tree
 (``PYTHONPATH=<tree>``, the same interpreter and packages) sets every case up once; then, round
 after round, case after case, the two processes take turns timing the same case (``--repeat``
-timings, their median), with the order A-B / B-A alternating, so that the drifts of a noisy
-machine (turbo, neighbours on a VM) fall on both sides within seconds. Only one process runs at
+timings, their median, by this tree's sparsecore/benchmarks/timing.py loaded into both), with
+the order A-B / B-A alternating, so that the drifts of a noisy machine (turbo, neighbours on a
+VM) fall on both sides within seconds. Only one process runs at
 a time. The report gives each case's median over rounds per side and the median of the rounds'
 paired ratios B/A, flagged where it leaves ±``--tolerance``. The base commit is checked out once
 into a git worktree beside the system's temporary files (reused by later runs).
@@ -30,16 +31,23 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMER = ROOT / "sparsecore" / "benchmarks" / "timing.py"  # the one timer, for both sides
 
 # Run in each tree's process: prints one JSON object {case: median seconds}.
 CHILD = r"""
-import json, re, sys, time
+import json, re, sys
 import numpy as np
 import kernels
 from kernels import CSR
 
 repeat = int(sys.argv[1])
 only = re.compile(sys.argv[2])
+# the timer: this (B) tree's sparsecore/benchmarks/timing.py, loaded from its file into both
+# sides (the base tree may have none), so that both are timed by the same code
+import importlib.util
+spec = importlib.util.spec_from_file_location("_ab_timing", sys.argv[3])
+timing = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(timing)
 rng = np.random.default_rng(0)
 
 class Cases(dict):
@@ -54,13 +62,8 @@ def timed(repeat):
         return fn
     return mark
 
-def median_time(fn, repeat=repeat):
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def median_time(fn, repeat=repeat):  # warmed up once when the case was set up
+    return timing.median_s(fn, warmup=0, reps=repeat)
 
 out = Cases()
 dict.__setitem__(out, "_file", kernels.__file__)
@@ -136,9 +139,9 @@ class Side:
     def __init__(self, tree: Path, repeat: int, only: str):
         env = dict(os.environ, PYTHONPATH=str(tree))
         self.tree = tree
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(repeat), only], cwd=tree,
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)  # fmt: skip
+        cmd = [sys.executable, "-c", CHILD, str(repeat), only, str(TIMER)]
+        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
         hello = self._read()
         where = Path(hello["file"]).resolve()
         if tree.resolve() not in where.parents:

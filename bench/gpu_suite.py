@@ -35,12 +35,26 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# bench/ holds a kernels.py: put the repository first so that `import kernels` is the package
+sys.path.insert(0, ROOT)
+
+# (importing these needs no GPU: CuPy loads only inside the sections that run on one)
+import kernels  # noqa: E402
+from kernels.backend import get_backend  # noqa: E402
+from sparsecore.benchmarks import ops  # noqa: E402
+from sparsecore.benchmarks.memory import device_pool_peak  # noqa: E402
+from sparsecore.benchmarks.report import print_gpu_tables  # noqa: E402
+from sparsecore.benchmarks.timing import median_s  # noqa: E402
+from sparsecore.layers import SoftmaxCrossEntropy, mlp  # noqa: E402
+from sparsecore.optim import SGD  # noqa: E402
 
 FULL_SHAPES = [(16384, 16384, 256, d) for d in (0.001, 0.01, 0.1)]
 QUICK_SHAPES = [(4096, 4096, 128, 0.01), (2048, 8192, 64, 0.05)]
 GROW_FRACTION = 0.3  # k = 0.3·nnz: RigL's default drop fraction α at the first update
+TIMING = dict(warmup=2, min_reps=3, max_reps=50, budget_s=0.4)  # per timed call, see gpu_ms
+CHECK_RTOL = 1e-4  # of the sum of |terms|: a product's bound against cuSPARSE / cuBLAS
+TORCH_REPS = 20  # timed steps of the torch baseline (after 3 warm-up steps)
+MLP = dict(width=8192, quick_width=4096, hidden=3, n_classes=10, batch=256, density=0.01, lr=0.01)
 TEST_FILES = [
     "tests/test_products.py",
     "tests/test_grow.py",
@@ -72,59 +86,10 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-class PeakMemory:
-    """Peak bytes held by CuPy's memory pool between enter and exit, above the level at enter."""
-
-    def __init__(self):
-        from cupy.cuda import memory_hook
-
-        outer = self
-
-        class _Hook(memory_hook.MemoryHook):
-            name = "sparsecore_peak"
-
-            def malloc_postprocess(self, **kw):
-                outer.now += kw["mem_size"]
-                outer.peak = max(outer.peak, outer.now)
-
-            def free_postprocess(self, **kw):
-                outer.now -= kw["mem_size"]
-
-        self.hook = _Hook()
-        self.now = self.peak = 0
-
-    def __enter__(self):
-        self.now = self.peak = 0
-        self.hook.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hook.__exit__(*exc)
-
-
-def gpu_time(fn, budget_s=0.4, warmup=2, min_rep=3, max_rep=50):
-    """Median milliseconds of fn() between CUDA events, after warm-up."""
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    cupy.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    fn()
-    cupy.cuda.Device().synchronize()
-    first = max(time.perf_counter() - t0, 1e-6)
-    rep = int(min(max_rep, max(min_rep, budget_s / first)))
-    times = []
-    for _ in range(rep):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
-    return float(np.median(times))
+def gpu_ms(b, fn, **kw) -> float:
+    """Median milliseconds of fn() on backend b: the benchmarks' one timer with b's stream
+    sync inside the timed region (sparsecore/benchmarks/timing.py), TIMING unless overridden."""
+    return 1e3 * median_s(fn, sync=b.sync, **{**TIMING, **kw})
 
 
 def random_device_csr(m, n, density, seed):
@@ -192,13 +157,12 @@ def run_tests(deadline):
 
 
 def bench_shape(m, n, batch, density, seed, rows_out, grow_out):
+    """spmm, spmm_t, sddmm (through the CUDA launchers: ops.product_calls(via="launcher")) and
+    topk_grow (public) at one shape, each checked in full against cuSPARSE / cuBLAS first,
+    beside cuSPARSE and dense cuBLAS (ops.dense_calls) on the same operands."""
     import cupy
 
-    import kernels
-    from kernels.cuda import sddmm as cu_sddmm
-    from kernels.cuda import spmm as cu_spmm
-    from kernels.cuda import spmm_t as cu_spmm_t
-
+    b = get_backend("cuda")
     W = random_device_csr(m, n, density, seed)
     nnz = W.nnz
     rs = cupy.random.RandomState(seed + 1)
@@ -210,6 +174,9 @@ def bench_shape(m, n, batch, density, seed, rows_out, grow_out):
     Xf, dYf = cupy.asfortranarray(X), cupy.asfortranarray(dY)
     flops = 2.0 * nnz * batch
     label = f"m={m} n={n} B={batch} d={density:g}"
+    rows = W.row_ids()
+    ours = ops.product_calls(b, W, X, dY, via="launcher")  # builds the transpose structure
+    dense = ops.dense_calls(cupy, Wd, X, dY, out=True, gather=(rows, W.indices))
 
     def record(op, ok, err, t_ours, t_cusparse, t_dense):
         row = {
@@ -232,51 +199,35 @@ def bench_shape(m, n, batch, density, seed, rows_out, grow_out):
         rows_out.append(row)
 
     # spmm: Y = W·X
-    Y = cupy.empty((m, batch), np.float32)
     ref = Wc.dot(Xf)
-    ok, err = close(kernels.spmm(W, X, out=Y), ref, 1e-4 * Wa.dot(cupy.abs(Xf)) + 1e-6)
-    t = gpu_time(lambda: cu_spmm.spmm(W.indptr, W.indices, W.data, X, Y)) if ok else None
-    Yd = cupy.empty((m, batch), np.float32)
-    record(
-        "spmm", ok, err, t, gpu_time(lambda: Wc.dot(Xf)),
-        gpu_time(lambda: cupy.matmul(Wd, X, out=Yd)),
-    )  # fmt: skip
+    got = kernels.spmm(W, X, out=cupy.empty((m, batch), np.float32))
+    ok, err = close(got, ref, CHECK_RTOL * Wa.dot(cupy.abs(Xf)) + 1e-6)
+    t = gpu_ms(b, ours["spmm"]) if ok else None
+    record("spmm", ok, err, t, gpu_ms(b, lambda: Wc.dot(Xf)), gpu_ms(b, dense["spmm"]))
 
     # spmm_t: dX = Wᵀ·dY (transpose structure built once per pattern, outside the timing)
-    tstruct = W.transpose_structure()
-    dX = cupy.empty((n, batch), np.float32)
     WcT = Wc.T
     ref = WcT.dot(dYf)
-    ok, err = close(kernels.spmm_t(W, dY, out=dX), ref, 1e-4 * Wa.T.dot(cupy.abs(dYf)) + 1e-6)
-    t = gpu_time(lambda: cu_spmm_t.spmm_t(*tstruct, W.data, dY, dX)) if ok else None
-    dXd = cupy.empty((n, batch), np.float32)
-    record(
-        "spmm_t", ok, err, t, gpu_time(lambda: WcT.dot(dYf)),
-        gpu_time(lambda: cupy.matmul(Wd.T, dY, out=dXd)),
-    )  # fmt: skip
+    got = kernels.spmm_t(W, dY, out=cupy.empty((n, batch), np.float32))
+    ok, err = close(got, ref, CHECK_RTOL * Wa.T.dot(cupy.abs(dYf)) + 1e-6)
+    t = gpu_ms(b, ours["spmm_t"]) if ok else None
+    record("spmm_t", ok, err, t, gpu_ms(b, lambda: WcT.dot(dYf)), gpu_ms(b, dense["spmm_t"]))
 
     # sddmm: dW = (dY·Xᵀ) at the nonzeros; baseline: the dense gradient, then a gather
-    rows = W.row_ids()
     G = cupy.empty((m, n), np.float32)
-
-    def dense_sddmm():
-        cupy.matmul(dY, X.T, out=G)
-        return G[rows, W.indices]
-
     cupy.matmul(cupy.abs(dY), cupy.abs(X).T, out=G)
-    bound = 1e-4 * G[rows, W.indices] + 1e-6
-    ref = dense_sddmm()
-    dW = cupy.empty(nnz, np.float32)
-    ok, err = close(kernels.sddmm(W, dY, X, out=dW), ref, bound)
-    t = gpu_time(lambda: cu_sddmm.sddmm(W.indptr, W.indices, dY, X, dW)) if ok else None
-    record("sddmm", ok, err, t, None, gpu_time(dense_sddmm))
+    bound = CHECK_RTOL * G[rows, W.indices] + 1e-6
+    ref = dense["sddmm"]()
+    ok, err = close(kernels.sddmm(W, dY, X, out=cupy.empty(nnz, np.float32)), ref, bound)
+    t = gpu_ms(b, ours["sddmm"]) if ok else None
+    record("sddmm", ok, err, t, None, gpu_ms(b, dense["sddmm"]))
 
     # topk_grow: k = 0.3·nnz absent connections with the largest |dY·Xᵀ|
     k = int(GROW_FRACTION * nnz)
     dense_bytes = 4 * m * n
-    with PeakMemory() as pm:
+    with device_pool_peak() as pm:
         r, c, s = kernels.topk_grow(W, dY, X, k)
-        cupy.cuda.Device().synchronize()
+        b.sync()
     peak = pm.peak
     # check against the dense gradient: chosen cells absent, unique, scores right, and no
     # unchosen absent score above the smallest chosen one beyond float32 rounding
@@ -292,15 +243,14 @@ def bench_shape(m, n, batch, density, seed, rows_out, grow_out):
     if ok and k:
         S.ravel()[flat] = -1.0
         ok = float(S.max()) <= float(s.min()) + tol
+    del S
 
-    def dense_grow():
-        cupy.matmul(dY, X.T, out=G)
-        S = cupy.abs(G)
-        S[rows, W.indices] = -cupy.inf
-        return cupy.argpartition(S.ravel(), S.size - k)[S.size - k :]
+    def dense_grow():  # the one naive grow (ops.naive_grow), its product into G
+        return ops.naive_grow(cupy, rows, W.indices, dY, X, k, product_out=G)
 
-    t = gpu_time(lambda: kernels.topk_grow(W, dY, X, k), budget_s=1.0, min_rep=3) if ok else None
-    t_dense = gpu_time(dense_grow, budget_s=1.0, min_rep=2)
+    grow = lambda: kernels.topk_grow(W, dY, X, k)  # noqa: E731
+    t = gpu_ms(b, grow, budget_s=1.0) if ok else None
+    t_dense = gpu_ms(b, dense_grow, budget_s=1.0, min_reps=2)
     record("topk_grow", ok, None, t, None, t_dense)
     rows_out[-1]["gflops"] = 2.0 * m * n * batch / (t * 1e6) if t else None
     grow_out.append(
@@ -320,96 +270,28 @@ def bench_shape(m, n, batch, density, seed, rows_out, grow_out):
 
 
 def mlp_steps(quick, seed):
-    """ms per SGD step: 99%-sparse MLP on the CUDA kernels vs dense cuBLAS (vs torch)."""
+    """ms per SGD step (no momentum) of a 99%-sparse MLP built by sparsecore.layers.mlp on the
+    device (sparse hidden layers, dense classifier) vs the same MLP with every layer dense
+    (cuBLAS), vs masked-dense torch; then the engine's Trainer (engine_steps)."""
     import cupy
 
-    from kernels.cuda import sddmm as cu_sddmm
-    from kernels.cuda import spmm as cu_spmm
-    from kernels.cuda import spmm_t as cu_spmm_t
-
-    width = 4096 if quick else 8192
-    dims = [width, width, width, width]  # three sparse hidden layers, then a dense classifier
-    n_classes, batch, density, lr = 10, 256, 0.01, 0.01
+    b = get_backend("cuda")
+    width = MLP["quick_width"] if quick else MLP["width"]
+    dims = [width] * (MLP["hidden"] + 1)  # three sparse hidden layers, then a dense classifier
+    n_classes, batch, density, lr = MLP["n_classes"], MLP["batch"], MLP["density"], MLP["lr"]
     rs = cupy.random.RandomState(seed)
     x = rs.standard_normal((dims[0], batch), dtype=np.float32)
     labels = rs.randint(0, n_classes, size=batch)
-    onehot = cupy.zeros((n_classes, batch), np.float32)
-    onehot[labels, cupy.arange(batch)] = 1
-
-    def init_sparse():
-        layers = []
-        for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            W = random_device_csr(fan_out, fan_in, density, seed + 10 + i)
-            W.data *= np.float32(np.sqrt(2.0 / (density * fan_in)))
-            W.transpose_structure()
-            layers.append((W, cupy.zeros(fan_out, np.float32)))
-        return layers
-
-    head_w = rs.standard_normal((n_classes, dims[-1]), dtype=np.float32) * 0.01
-    head_b = cupy.zeros(n_classes, np.float32)
-
-    def loss_grad(logits):
-        z = logits - logits.max(axis=0, keepdims=True)
-        p = cupy.exp(z)
-        p /= p.sum(axis=0, keepdims=True)
-        return (p - onehot) / batch
-
-    sparse = init_sparse()
-    hw, hb = head_w.copy(), head_b.copy()
-
-    def sparse_step():
-        acts = [x]
-        for W, b in sparse:  # forward: bias and ReLU fused into spmm
-            h = cupy.empty((W.shape[0], batch), np.float32)
-            cu_spmm.spmm(W.indptr, W.indices, W.data, acts[-1], h, bias=b, relu=True)
-            acts.append(h)
-        dlogits = loss_grad(hw @ acts[-1] + hb[:, None])
-        dz = (hw.T @ dlogits) * (acts[-1] > 0)
-        hw[...] -= lr * (dlogits @ acts[-1].T)
-        hb[...] -= lr * dlogits.sum(axis=1)
-        for li in range(len(sparse) - 1, -1, -1):
-            W, b = sparse[li]
-            dW = cupy.empty(W.nnz, np.float32)
-            db = cupy.empty(W.shape[0], np.float32)
-            cu_sddmm.sddmm(W.indptr, W.indices, dz, acts[li], dW, bias_grad=db)
-            if li:  # dX through the ReLU that produced this layer's input (fused gate)
-                dx = cupy.empty((W.shape[1], batch), np.float32)
-                cu_spmm_t.spmm_t(*W.transpose_structure(), W.data, dz, dx, gate=acts[li])
-                dz = dx
-            W.data -= lr * dW
-            b -= lr * db
-
-    dense = [(W.to_dense(), b.copy()) for W, b in init_sparse()]
-    dw_, db_ = head_w.copy(), head_b.copy()
-
-    def dense_step():
-        acts = [x]
-        for Wd, b in dense:
-            acts.append(cupy.maximum(Wd @ acts[-1] + b[:, None], 0))
-        dlogits = loss_grad(dw_ @ acts[-1] + db_[:, None])
-        dh = dw_.T @ dlogits
-        dw_[...] -= lr * (dlogits @ acts[-1].T)
-        db_[...] -= lr * dlogits.sum(axis=1)
-        for li in range(len(dense) - 1, -1, -1):
-            Wd, b = dense[li]
-            dz = dh * (acts[li + 1] > 0)
-            gW = dz @ acts[li].T
-            if li:
-                dh = Wd.T @ dz
-            Wd -= lr * gW
-            b -= lr * dz.sum(axis=1)
-
-    out = {
-        "dims": dims + [n_classes],
-        "batch": batch,
-        "density": density,
-        "sparse_ms": gpu_time(sparse_step, budget_s=1.0),
-        "dense_cublas_ms": gpu_time(dense_step, budget_s=1.0),
-    }
+    out = {"dims": dims + [n_classes], "batch": batch, "density": density}
+    for key, dens in (
+        ("sparse_ms", [density] * MLP["hidden"] + [None]),
+        ("dense_cublas_ms", [None] * (MLP["hidden"] + 1)),
+    ):
+        step = sgd_step(mlp([*dims, n_classes], dens, seed=seed), x, labels, lr)
+        out[key] = gpu_ms(b, step, budget_s=1.0)
+        del step  # free this MLP's device memory before the next
+        cupy.get_default_memory_pool().free_all_blocks()
     out["speedup_vs_dense"] = out["dense_cublas_ms"] / out["sparse_ms"]
-    sparse.clear()  # free the compact step's and the dense MLP's device memory
-    dense.clear()
-    cupy.get_default_memory_pool().free_all_blocks()
     try:
         out.update(engine_steps(dims, n_classes, batch, density, lr, seed))
         out["engine_speedup_vs_dense"] = out["dense_cublas_ms"] / out["engine_ms"]
@@ -422,46 +304,20 @@ def mlp_steps(quick, seed):
     return out
 
 
-def engine_steps(dims, n_classes, batch, density, lr, seed):
-    """ms per step of sparsecore's own trainer on the device (TrainConfig(device="cuda")): the
-    MLP dims + [n_classes] at uniform density (the head sparse too, unlike mlp_steps' compact
-    step), SGD with momentum; and ms of one RigL topology update (exact grow, α = 0.3)."""
-    import cupy
+def sgd_step(model, x, labels, lr, device="cuda"):
+    """One training step of ``model`` (a sparsecore.layers Sequential, moved to ``device``
+    here) as a zero-argument call: forward, softmax cross-entropy, backward, plain SGD. x and
+    labels must live on the device already."""
+    model.to(device)
+    loss_fn = SoftmaxCrossEntropy().to(device)
+    opt = SGD(model.params(), lr=lr, momentum=0.0)
 
-    from sparsecore import data as D
-    from sparsecore.train import TrainConfig, Trainer
+    def step():
+        _, dlogits, _ = loss_fn(model.forward(x), labels)
+        model.backward(dlogits)
+        opt.step()
 
-    r = np.random.default_rng(seed)
-    n = 4 * batch
-    x = r.standard_normal((n, dims[0]), dtype=np.float32)
-    y = r.integers(0, n_classes, n)
-    e = np.zeros((0, dims[0]), np.float32)
-    data = D.Dataset("synthetic", x, y, e, np.zeros(0, np.int64), x[:batch], y[:batch], n_classes)
-    cfg = TrainConfig(
-        arch=[*dims, n_classes],
-        sparsity=1 - density,
-        distribution="uniform",
-        method="rigl",
-        delta_t=10**9,  # no topology update inside the timed steps
-        batch_size=batch,
-        lr=lr,
-        epochs=1,
-        progress=False,
-        device="cuda",
-    )
-    tr = Trainer(cfg, data)
-    xb = cupy.asarray(np.ascontiguousarray(x[:batch].T))
-    yb = cupy.asarray(y[:batch])
-    out = {"engine_ms": gpu_time(lambda: tr.train_step(xb, yb), budget_s=1.0)}
-
-    def update():
-        logits = tr.model.forward(xb)
-        tr.model.backward(tr.loss_fn(logits, yb)[1])
-        tr.updater.update(tr.updater.schedule.delta_t, tr.model, tr.opt)
-
-    tr.updater.schedule = dataclasses.replace(tr.updater.schedule, delta_t=1, t_end=10**9)
-    out["engine_update_ms"] = gpu_time(update, budget_s=1.0, warmup=1, min_rep=2, max_rep=5)
-    return out
+    return step
 
 
 def torch_step(dims, n_classes, batch, density, lr, seed):
@@ -499,62 +355,54 @@ def torch_step(dims, n_classes, batch, density, lr, seed):
             for lin, mk in zip(layers, masks, strict=True):
                 lin.weight.mul_(mk)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
+    return 1e3 * median_s(step, warmup=3, reps=TORCH_REPS, sync=torch.cuda.synchronize)
+
+
+def engine_steps(dims, n_classes, batch, density, lr, seed):
+    """ms per step of sparsecore's own trainer on the device (TrainConfig(device="cuda")): the
+    MLP dims + [n_classes] at uniform density (the head sparse too, unlike mlp_steps' compact
+    step), SGD with momentum; and ms of one RigL topology update (exact grow, α = 0.3)."""
+    import cupy
+
+    from sparsecore import data as D
+    from sparsecore.train import TrainConfig, Trainer
+
+    r = np.random.default_rng(seed)
+    n = 4 * batch
+    x = r.standard_normal((n, dims[0]), dtype=np.float32)
+    y = r.integers(0, n_classes, n)
+    e = np.zeros((0, dims[0]), np.float32)
+    data = D.Dataset("synthetic", x, y, e, np.zeros(0, np.int64), x[:batch], y[:batch], n_classes)
+    cfg = TrainConfig(
+        arch=[*dims, n_classes],
+        sparsity=1 - density,
+        distribution="uniform",
+        method="rigl",
+        delta_t=10**9,  # no topology update inside the timed steps
+        batch_size=batch,
+        lr=lr,
+        epochs=1,
+        progress=False,
+        device="cuda",
+    )
+    tr = Trainer(cfg, data)
+    xb = cupy.asarray(np.ascontiguousarray(x[:batch].T))
+    yb = cupy.asarray(y[:batch])
+    b = get_backend("cuda")
+    out = {"engine_ms": gpu_ms(b, lambda: tr.train_step(xb, yb), budget_s=1.0)}
+
+    def update():
+        logits = tr.model.forward(xb)
+        tr.model.backward(tr.loss_fn(logits, yb)[1])
+        tr.updater.update(tr.updater.schedule.delta_t, tr.model, tr.opt)
+
+    tr.updater.schedule = dataclasses.replace(tr.updater.schedule, delta_t=1, t_end=10**9)
+    out["engine_update_ms"] = gpu_ms(b, update, budget_s=1.0, warmup=1, min_reps=2, max_reps=5)
+    return out
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
-
-
-def print_tables(res):
-    print()
-    print(f"{'op':10} {'shape':34} {'ok':3} {'ms':>9} {'cuSPARSE':>9} {'dense':>9} "
-          f"{'GFLOP/s':>8} {'x cuSP':>7} {'x dense':>7}")  # fmt: skip
-    for r in res["kernels"]:
-        print(
-            f"{r['op']:10} {r['shape']:34} {'y' if r['correct'] else 'NO':3} "
-            f"{fmt(r['ms']):>9} {fmt(r['cusparse_ms']):>9} {fmt(r['dense_ms']):>9} "
-            f"{fmt(r['gflops'], '.0f'):>8} {fmt(r['vs_cusparse'], '.2f'):>7} "
-            f"{fmt(r['vs_dense'], '.2f'):>7}"
-        )
-    print()
-    for g in res["grow_memory"]:
-        print(
-            f"topk_grow {g['shape']:34} k={g['k']:<9} peak extra "
-            f"{g['peak_extra_bytes'] / 2**20:8.1f} MiB = {100 * g['fraction_of_dense']:5.2f}% "
-            f"of the dense gradient ({g['dense_gradient_bytes'] / 2**20:.0f} MiB)"
-        )
-    ts = res.get("train_step")
-    if ts:
-        print()
-        print(
-            f"train step {ts['dims']} B={ts['batch']} density={ts['density']}: sparse "
-            f"{ts['sparse_ms']:.2f} ms, dense cuBLAS {ts['dense_cublas_ms']:.2f} ms "
-            f"({ts['speedup_vs_dense']:.2f}x), torch masked-dense "
-            f"{fmt(ts.get('torch_masked_dense_ms'), '.2f')} ms"
-        )
-        if "engine_ms" in ts:
-            print(
-                f"engine step (Trainer, device='cuda', head sparse too): {ts['engine_ms']:.2f} ms "
-                f"({ts['engine_speedup_vs_dense']:.2f}x vs dense cuBLAS); one RigL topology "
-                f"update {ts['engine_update_ms']:.1f} ms"
-            )
-        if "engine_error" in ts:
-            print(f"engine step FAILED: {ts['engine_error']}")
+# (the table: sparsecore/benchmarks/report.py, print_gpu_tables)
 
 
 def main(argv=None):
@@ -570,8 +418,6 @@ def main(argv=None):
         )
         return 2
     import cupy
-
-    import kernels  # noqa: F401
 
     t_start = time.perf_counter()
 
@@ -606,7 +452,7 @@ def main(argv=None):
     else:
         res["skipped"].append("train step: time limit")
     res["seconds"] = round(time.perf_counter() - t_start, 1)
-    print_tables(res)
+    print_gpu_tables(res)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_suite.json")
     with open(path, "w") as f:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,12 +29,9 @@ import sparsecore  # noqa: E402,F401,I001
 import numpy as np  # noqa: E402
 
 from sparsecore import data as D  # noqa: E402
+from sparsecore.benchmarks.memory import peak_rss_mib as rss_mib  # noqa: E402
 from sparsecore.plan import describe_plan  # noqa: E402
 from sparsecore.train import TrainConfig, Trainer  # noqa: E402
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None):

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels.backend import get_backend
 from sparsecore import CSR
 from sparsecore.benchmarks.common import torch_csr, try_torch
-from sparsecore.benchmarks.kernels import check_products
+from sparsecore.benchmarks.ops import check_products, dense_calls, naive_grow, product_calls
 
 M, BATCH = 4096, 128
 torch = try_torch(2)
+CPU = get_backend("cpu")
 
 
 @pytest.fixture(scope="module", params=[0.01, 0.1], ids=lambda d: f"density={d}")
@@ -29,25 +31,18 @@ def case(request):
 
 
 def _impls(kernel, W, X, dY):
+    """The calls of sparsecore/benchmarks/ops.py (the suite's), and scipy's and torch's."""
     Wsp = W.to_scipy()
-    out = {}
+    Wd = W.to_dense() if kernel != "sddmm" else None  # (sddmm's dense baseline is dY·Xᵀ)
+    out = {
+        "sparsecore": product_calls(CPU, W, X, dY)[kernel],
+        "dense": dense_calls(np, Wd, X, dY)[kernel],
+    }
     if kernel == "spmm":
-        Wd = W.to_dense()
-        out = {
-            "sparsecore": lambda: kernels.spmm(W, X),
-            "scipy": lambda: Wsp @ X,
-            "dense": lambda: Wd @ X,
-        }
+        out["scipy"] = lambda: Wsp @ X
     elif kernel == "spmm_t":
-        Wd = W.to_dense()
         WT = Wsp.T.tocsr()
-        out = {
-            "sparsecore": lambda: kernels.spmm_t(W, dY),
-            "scipy": lambda: WT @ dY,
-            "dense": lambda: Wd.T @ dY,
-        }
-    elif kernel == "sddmm":
-        out = {"sparsecore": lambda: kernels.sddmm(W, dY, X), "dense": lambda: dY @ X.T}
+        out["scipy"] = lambda: WT @ dY
     if torch is not None:
         Wt = torch_csr(torch, W)
         Xt, dYt = torch.from_numpy(X), torch.from_numpy(dY)
@@ -81,9 +76,7 @@ def test_grow(benchmark, impl):
     rows, cols = W.row_ids(), W.indices
 
     def naive():
-        G = np.abs(dY @ X.T)
-        G[rows, cols] = -1.0
-        return np.argpartition(G.ravel(), G.size - k)[G.size - k :]
+        return naive_grow(np, rows, cols, dY, X, k)
 
     fn = {"fused": lambda: kernels.topk_grow(W, dY, X, k), "naive": naive}[impl]
     benchmark.group = f"grow m={M} batch={BATCH} k=1%"

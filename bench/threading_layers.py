@@ -43,6 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ holds a kernels.py: put the repository first so that `import kernels` is the package
 sys.path.insert(0, str(ROOT))
+
+# (imports sparsecore, whose thread setup runs before NumPy loads: as `import kernels` first)
+from sparsecore.benchmarks.timing import median_time  # noqa: E402
+
 LAYERS = ("omp", "tbb", "workqueue")
 TASKS = ("fork", "threads", "spin", "kernels", "step")
 TIMEOUTS = {"fork": 120, "threads": 180, "spin": 240, "kernels": 900, "step": 900}
@@ -54,16 +58,9 @@ def _median_ms(xs):
 
 
 def _time_calls(fn, *, min_reps=5, max_reps=60, budget_s=1.0, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times, t_start = [], time.perf_counter()
-    while len(times) < max_reps and (
-        len(times) < min_reps or time.perf_counter() - t_start < budget_s
-    ):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _median_ms(times)
+    """Median ms of fn() by the benchmarks' one timer (sparsecore/benchmarks/timing.py)."""
+    t = median_time(fn, warmup=warmup, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s)
+    return 1e3 * t["median_s"]
 
 
 def _setup_problem(m, density, batch=128, seed=0):

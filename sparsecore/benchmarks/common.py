@@ -1,4 +1,8 @@
-"""What every benchmark needs: timing by medians, the machine's description, optional torch."""
+"""What every benchmark needs: the machine's description, optional torch, the break-even rule.
+
+The timer lives in timing.py and the peak-RSS helper in memory.py; their old names here
+(``median_time``, ``peak_rss_mib``) still resolve.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +15,8 @@ import time
 import numpy as np
 
 import sparsecore
-
-
-def median_time(fn, *, min_reps: int = 3, max_reps: int = 50, budget_s: float = 0.6) -> dict:
-    """Median wall time of fn() after one warm-up call; reps adapt to fit the budget."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times = np.array(times)
-    return {
-        "median_s": float(np.median(times)),
-        "q25_s": float(np.quantile(times, 0.25)),
-        "q75_s": float(np.quantile(times, 0.75)),
-        "reps": reps,
-    }
+from sparsecore.benchmarks.memory import peak_rss_mib  # noqa: F401  (old path)
+from sparsecore.benchmarks.timing import median_time  # noqa: F401  (old path)
 
 
 def try_torch(threads: int | None = None):
@@ -101,12 +87,6 @@ def environment(torch=None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     return env
-
-
-def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def log_crossing(points):

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import gc
 import json
-import resource
 import sys
 import time
 
 import numpy as np
+
+# the one peak-RSS helper (VmHWM: right in this worker process, see memory.py); old names kept
+from sparsecore.benchmarks.memory import current_rss_mib
+from sparsecore.benchmarks.memory import peak_rss_mib as rss_mib
 
 DEFAULTS = dict(
     impl="sparsecore",
@@ -50,30 +53,7 @@ DEFAULTS = dict(
     seed=0,
 )
 IMPLS = ("sparsecore", "dense", "torch-masked", "torch-sparse")
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
-
-
-def rss_mib() -> float:
-    """Peak resident memory of this process so far (MiB): VmHWM, which, unlike ru_maxrss, starts
-    afresh at exec (ru_maxrss keeps the parent's peak at fork)."""
-    try:
-        return _status_mib("VmHWM")
-    except (OSError, KeyError):  # not Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mib() -> float:
-    try:
-        return _status_mib("VmRSS")
-    except (OSError, KeyError):
-        return rss_mib()
+TINY_WIDTH = 16  # the warm-up model before the measured one (loads kernels and libraries)
 
 
 def prepare_data(folder, samples: int) -> str:
@@ -394,7 +374,8 @@ def run(config: dict) -> dict:
     fn = (lambda cc: impl(cc, data, torch)) if impl else (lambda cc: run_engine(cc, data))
     # a tiny model first: loads the compiled kernels and the libraries' code, so the baseline
     # below holds them and the peak above it is the model's own memory
-    fn({**c, "arch": [c["arch"][0], 16, 16, c["arch"][-1]], "steps": 4, "updates": 2, "warmup": 1})
+    tiny = [c["arch"][0], TINY_WIDTH, TINY_WIDTH, c["arch"][-1]]
+    fn({**c, "arch": tiny, "steps": 4, "updates": 2, "warmup": 1})
     gc.collect()
     rss_base = current_rss_mib()
     res = fn(c)

@@ -15,6 +15,7 @@ Three levels, each optional (``--levels``):
 
 Outputs in ``--out``: ``bench.json`` (everything, with the machine), ``bench.md`` (tables),
 PNG plots; ``--results bench/RESULTS.md`` regenerates the part of that file between its markers.
+This module runs the levels and the CLI; the tables and plots are report.py's.
 """
 
 from __future__ import annotations
@@ -32,12 +33,24 @@ from tqdm import tqdm
 
 import sparsecore  # noqa: F401  (thread setup before the libraries below load)
 from sparsecore.benchmarks import kernels as K
-from sparsecore.benchmarks.common import environment, log_crossing, try_torch
+from sparsecore.benchmarks.common import environment, try_torch
 
-STEP_IMPLS = ("sparsecore", "dense", "torch-masked", "torch-sparse")
+# the tables and plots moved to report.py; their old names here still resolve
+from sparsecore.benchmarks.report import STEP_COLORS as COLORS  # noqa: F401
+from sparsecore.benchmarks.report import (  # noqa: F401
+    TARGET,
+    fmt_density,
+    markdown,
+    mib,
+    plots,
+    scaling_markdown,
+    step_break_even,
+    step_markdown,
+    step_table,
+    write_results,
+)
+
 BASELINES = ("scipy", "torch", "torch-masked", "torch-sparse")
-COLORS = {"sparsecore": "C3", "torch-masked": "C2", "torch-sparse": "C4", "dense": "k"}
-TARGET = dict(width=4096, sparsity=0.99, speedup_dense=20.0, speedup_masked=30.0, memory=20.0)
 
 PRESETS = {
     "quick": dict(
@@ -157,290 +170,6 @@ def run_jobs(jobs, threads, desc, progress):
         res = run_worker(job, threads)
         out.append(res)
     return out
-
-
-# ----------------------------------------------------------------------------------- analysis
-def step_table(results: list[dict]) -> dict:
-    """Per width: the dense reference and, per sparsity, each implementation's result."""
-    by_w: dict = {}
-    for r in results:
-        c = r["config"]
-        w = c["arch"][1]
-        d = by_w.setdefault(w, {"dense": None, "rows": {}})
-        if c["impl"] == "dense":
-            d["dense"] = r
-        else:
-            d["rows"].setdefault(c["sparsity"], {})[c["impl"]] = r
-    return by_w
-
-
-def step_break_even(entry) -> float | None:
-    dense = entry["dense"]
-    if dense is None:
-        return None
-    pts = [
-        (1.0 - s, dense["amortised_step_s"] / row["sparsecore"]["amortised_step_s"])
-        for s, row in entry["rows"].items()
-        if "sparsecore" in row
-    ]
-    return log_crossing(pts)
-
-
-def fmt_density(be):
-    if be is None:
-        return "–"
-    return ">max" if be == float("inf") else ("<min" if be == 0.0 else f"{be:.1%}")
-
-
-def mib(b):
-    return f"{b / 2**20:.1f}"
-
-
-def markdown(res: dict) -> str:
-    env = res["environment"]
-    L = [
-        f"Preset `{res['preset']}`, {env['date']}. Command: `{res['command']}`\n",
-        f"- Machine: {env['cpu']}, {env['cores']} cores; flags: {env['cpu_flags']}",
-        f"- Python {env['python']}, NumPy {env['numpy']}, SciPy {env['scipy']}, "
-        f"Numba {env['numba']}, torch {env['torch']}, sparsecore {env['sparsecore']}",
-    ]
-    for level, how in res.get("runs", {}).items():  # results assembled from several runs
-        L.append(f"- {level}: {how}")
-    th = env["threads"]
-    blas = ", ".join(
-        f"{b['internal_api']} {b['version']} ({b['num_threads']} threads)" for b in th["blas"]
-    )
-    L.append(
-        f"- Threads: Numba `{th['numba_threading_layer']}` × {th['numba_threads']}; BLAS: {blas}; "
-        f"worker threads: {res['threads'] or 'all cores'}"
-    )
-    L.append("")
-    if res.get("step"):
-        L += step_markdown(res["step"], res["batch"], res["delta_t"])
-    if res.get("scaling"):
-        L += scaling_markdown(res["scaling"], res["delta_t"])
-    if res.get("kernels"):
-        k = res["kernels"]
-        L.append("## Kernel level\n")
-        md = K.markdown(k["environment"], k["products"], k["grow"], k["interleaved"], res["preset"])
-        L += md.splitlines()[4:]  # the machine lines are above already
-    return "\n".join(L) + "\n"
-
-
-def step_markdown(results, batch, delta_t) -> list[str]:
-    L = ["## Training step: sparse vs dense vs masked-dense\n"]
-    L.append(
-        f"MLP 784-W-W-10, batch {batch}, ERK densities, SGD with momentum; RigL's topology "
-        f"update amortised over ΔT = {delta_t} (ms below are medians of the steps between "
-        "updates plus the amortised update). × = how many times faster sparsecore is. State = "
-        "analytical bytes of training state (weights, indices, transpose structure, gradients, "
-        "moments); RSS = measured peak RSS of the configuration's own process above its baseline "
-        "(interpreter, libraries, mapped data, compiled kernels), which also holds activations "
-        "and allocator slack.\n"
-    )
-    table = step_table(results)
-    for w, entry in sorted(table.items()):
-        dense = entry["dense"]
-        L.append(f"### W = {w}\n")
-        L.append(
-            "| sparsity | nnz | sparsecore ms | update ms | dense ms | × dense | masked ms | × masked "
-            "| torch.sparse ms | × torch.sparse | GFLOP/step sparse / dense | state MiB sparse / dense / masked "
-            "| RSS MiB sparse / dense / masked |"
-        )
-        L.append("|" + "---|" * 13)
-        for s, row in sorted(entry["rows"].items()):
-            o = row.get("sparsecore")
-            m = row.get("torch-masked")
-            t = row.get("torch-sparse")
-            if o is None:
-                continue
-            ms = o["amortised_step_s"] * 1e3
-
-            def cell(r):
-                return (
-                    [
-                        f"{r['amortised_step_s'] * 1e3:.2f}",
-                        f"{r['amortised_step_s'] * 1e3 / ms:.1f}",
-                    ]
-                    if r
-                    else ["–", "–"]
-                )
-
-            L.append(
-                "| "
-                + " | ".join(
-                    [
-                        f"{s:.1%}",
-                        f"{o['nnz']:,}",
-                        f"{ms:.2f}",
-                        f"{o['update_step_s'] * 1e3:.0f}" if o["update_step_s"] else "–",
-                        *cell(dense),
-                        *cell(m),
-                        *cell(t),
-                        f"{o['flops_per_step'] / 1e9:.3f} / {o['flops_per_step_dense'] / 1e9:.2f}",
-                        f"{mib(o['state_bytes'])} / {mib(o['state_bytes_dense'])} / "
-                        + (mib(m["state_bytes"]) if m else "–"),
-                        f"{o['model_rss_mib']:.0f} / "
-                        + (f"{dense['model_rss_mib']:.0f}" if dense else "–")
-                        + " / "
-                        + (f"{m['model_rss_mib']:.0f}" if m else "–"),
-                    ]
-                )
-                + " |"
-            )
-        L.append(
-            f"\nBreak-even density of the training step against dense NumPy at W = {w}: "
-            f"{fmt_density(step_break_even(entry))}\n"
-        )
-    tw = table.get(TARGET["width"])
-    row = tw["rows"].get(TARGET["sparsity"]) if tw else None
-    if row and "sparsecore" in row and tw["dense"] is not None:
-        o = row["sparsecore"]
-        sd = tw["dense"]["amortised_step_s"] / o["amortised_step_s"]
-        line = (
-            f"**784-{TARGET['width']}-{TARGET['width']}-10 at {TARGET['sparsity']:.0%}**: step "
-            f"{sd:.1f}× faster than dense NumPy (target ≥ {TARGET['speedup_dense']:.0f}×)"
-        )
-        m = row.get("torch-masked")
-        if m:
-            sm = m["amortised_step_s"] / o["amortised_step_s"]
-            mem = m["state_bytes"] / o["state_bytes"]
-            line += (
-                f", {sm:.1f}× faster than masked-dense PyTorch RigL (target ≥ "
-                f"{TARGET['speedup_masked']:.0f}×), training state 1/{mem:.0f} of masked-dense "
-                f"(target ≤ 1/{TARGET['memory']:.0f})"
-            )
-        L.append(line + ".\n")
-    return L
-
-
-def scaling_markdown(results, delta_t) -> list[str]:
-    L = ["## Does the step cost follow nnz or the dense size?\n"]
-    fan = results[0]["config"]
-    L.append(
-        "MLP 784-W-W-10, uniform sparsity 1 − F/W (fixed fan-in F = "
-        f"{round((1 - fan['sparsity']) * fan['arch'][1])}): doubling W doubles nnz and quadruples "
-        "the dense size. Step = median of the steps between topology updates; the exact grow "
-        f"(∝ dense size) is reported per update and amortised over ΔT = {delta_t}.\n"
-    )
-    L.append(
-        "| W | nnz | dense weights | step ms | step ratio to W/2 | update ms | update ratio | "
-        "amortised step ms | RSS MiB |"
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|")
-    prev = None
-    for r in sorted(results, key=lambda r: r["config"]["arch"][1]):
-        w = r["config"]["arch"][1]
-        dense_w = sum(
-            a * b for a, b in zip(r["config"]["arch"][:-1], r["config"]["arch"][1:], strict=True)
-        )
-        ratio = f"{r['median_step_s'] / prev['median_step_s']:.2f}" if prev else "–"
-        uratio = (
-            f"{r['update_step_s'] / prev['update_step_s']:.2f}"
-            if prev and r["update_step_s"] and prev["update_step_s"]
-            else "–"
-        )
-        L.append(
-            f"| {w} | {r['nnz']:,} | {dense_w:,} | {r['median_step_s'] * 1e3:.2f} | {ratio} | "
-            f"{(r['update_step_s'] or 0) * 1e3:.0f} | {uratio} | {r['amortised_step_s'] * 1e3:.2f} | "
-            f"{r['model_rss_mib']:.0f} |"
-        )
-        prev = r
-    L.append("")
-    return L
-
-
-# ----------------------------------------------------------------------------------- plots
-def plots(res: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    if res.get("kernels"):
-        files += K.plots(res["kernels"]["products"], out)
-    if res.get("step"):
-        table = step_table(res["step"])
-        widths = sorted(table)
-        for kind in ("speedup", "memory"):
-            fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4.5), squeeze=False)
-            for ax, w in zip(axes[0], widths, strict=True):
-                entry = table[w]
-                dense = entry["dense"]
-                for impl in ("sparsecore", "torch-masked", "torch-sparse"):
-                    pts = sorted(
-                        (1 - s, row[impl]) for s, row in entry["rows"].items() if impl in row
-                    )
-                    if not pts:
-                        continue
-                    xs = [p[0] for p in pts]
-                    if kind == "speedup" and dense is not None:
-                        ys = [dense["amortised_step_s"] / p[1]["amortised_step_s"] for p in pts]
-                    elif kind == "memory":
-                        ys = [max(p[1]["model_rss_mib"], 0.1) for p in pts]
-                        ax.plot(
-                            xs,
-                            [p[1]["state_bytes"] / 2**20 for p in pts],
-                            ls="--",
-                            color=COLORS[impl],
-                            alpha=0.6,
-                            label=f"{impl} state (analytical)",
-                        )
-                    else:
-                        continue
-                    ax.plot(xs, ys, marker="o", color=COLORS[impl], label=impl)
-                if kind == "speedup":
-                    ax.axhline(1.0, color="k", lw=1, label="dense NumPy")
-                    be = step_break_even(entry)
-                    if be and be != float("inf"):
-                        ax.axvline(
-                            be, ls=":", color=COLORS["sparsecore"], label=f"break-even {be:.0%}"
-                        )
-                    ax.set_ylabel("speed-up of a training step over dense NumPy")
-                elif dense is not None:
-                    ax.axhline(
-                        dense["state_bytes"] / 2**20, color="k", ls="--", lw=1,
-                        label="dense NumPy state (analytical)",
-                    )  # fmt: skip
-                    ax.axhline(
-                        max(dense["model_rss_mib"], 0.1), color="k", lw=1, label="dense NumPy (RSS)"
-                    )
-                    ax.set_ylabel("MiB (peak RSS above baseline; dashed: state bytes)")
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.set_xlabel("density")
-                ax.set_title(f"784-{w}-{w}-10, batch {res['batch']}")
-                ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"step_{kind}.png"
-            fig.savefig(path, dpi=90)
-            plt.close(fig)
-            files.append(path)
-    if res.get("scaling"):
-        rs = sorted(res["scaling"], key=lambda r: r["config"]["arch"][1])
-        ws = np.array([r["config"]["arch"][1] for r in rs], float)
-        step = np.array([r["median_step_s"] for r in rs]) * 1e3
-        upd = np.array([r["update_step_s"] or np.nan for r in rs]) * 1e3
-        fig, ax = plt.subplots(figsize=(7, 5))
-        ax.plot(ws, step, marker="o", color="C3", label="step between updates (sparsecore)")
-        ax.plot(ws, upd, marker="s", color="C1", label="topology update (exact grow)")
-        ax.plot(ws, step[0] * ws / ws[0], ls=":", color="C3", label="∝ nnz (∝ W)")
-        ax.plot(ws, step[0] * (ws / ws[0]) ** 2, ls="--", color="k", label="∝ dense size (∝ W²)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("hidden width W (fixed fan-in)")
-        ax.set_ylabel("ms")
-        ax.set_title("Time per step vs width at fixed fan-in")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "step_scaling.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
-    return files
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -654,7 +383,7 @@ def _report(res, out: Path, results_path) -> int:
     (out / "bench.md").write_text(md)
     files = plots(res, out)
     if results_path:
-        K.write_results(md, Path(results_path))
+        write_results(md, Path(results_path))
     print(md)
     print("wrote " + ", ".join(str(p) for p in [out / "bench.json", out / "bench.md", *files]))
     return 0
