@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sparsecore import CSR
+from sparsecore import CSR, cli
 from sparsecore.layers import mlp
 from sparsecore.train import TrainConfig
 
@@ -267,3 +267,14 @@ def mnist_cfg(tmp_path, **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def cli_error(capsys, *argv):
+    """Run the CLI; it must fail with exit 2 and one 'sparsecore CMD: error:' line, the last
+    (details such as a memory plan may stand before it). Returns that line."""
+    rc = cli.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert err and err[-1].startswith(f"sparsecore {argv[0]}: error: "), err
+    assert sum("error:" in line for line in err) == 1, err
+    return err[-1]

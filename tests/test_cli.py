@@ -2,10 +2,16 @@
 
 import json
 
+import numba
 import numpy as np
+import pytest
+import scipy
 
+import sparsecore
 from sparsecore.cli import main
-from tests.cases import blobs_npz
+from sparsecore.config import TrainConfig
+from sparsecore.plan import describe_plan, memory_plan
+from tests.cases import blobs_npz, cli_error
 
 
 def test_user_npz_and_cli(tmp_path, capsys):
@@ -104,3 +110,46 @@ def test_cli_train_with_the_sampled_grow(tmp_path, capsys):
     assert cfg["grow"] == "sampled" and cfg["grow_candidates"] == 3
     rc = main([*argv, "--method", "set", "--grow", "sampled", "--out", str(tmp_path / "s")])
     assert rc == 2 and "applies to method rigl" in capsys.readouterr().err
+
+
+def test_info_prints_the_versions_and_the_threading_setup(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) == {"sparsecore", "numpy", "scipy", "numba", "threads"}
+    assert info["sparsecore"] == sparsecore.__version__ and info["numpy"] == np.__version__
+    assert info["numba"] == numba.__version__ and info["scipy"] == scipy.__version__
+    assert set(info["threads"]) == set(sparsecore.threading_info())  # (the layer: once started)
+
+
+def test_plan_json_is_the_memory_plan_of_the_flags(capsys):
+    argv = ["--arch", "784-300-10", "--sparsity", "0.9", "--batch-size", "32"]
+    assert main(["plan", *argv, "--optimizer", "adam", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    want = memory_plan(
+        TrainConfig(arch=[784, 300, 10], sparsity=0.9, batch_size=32, optimizer="adam")
+    )
+    assert plan == json.loads(json.dumps(want))
+    assert plan["arch"] == [784, 300, 10] and plan["optimizer"] == "adam" and plan["ranks"] == 1
+    assert [row["shape"] for row in plan["layers"]] == [[300, 784], [10, 300]]
+    assert plan["total_bytes"] == sum(plan["pieces"].values()) < plan["dense_total_bytes"]
+    # without --json: the same plan as text
+    assert main(["plan", *argv, "--optimizer", "adam"]) == 0
+    assert capsys.readouterr().out.strip() == describe_plan(want)
+
+
+def test_plan_ranks_are_checked(capsys):
+    argv = ["plan", "--arch", "784-300-10", "--sparsity", "0.9"]
+    assert "--ranks must be >= 1, got 0" in cli_error(capsys, *argv, "--ranks", "0")
+    assert "--ranks plans one rank of sharded layers: add --shard-layers" in cli_error(
+        capsys, *argv, "--ranks", "2"
+    )
+
+
+def test_a_user_error_is_a_traceback_under_sparsecore_debug(capsys, monkeypatch):
+    argv = ["plan", "--arch", "784-300-10", "--sparsity", "2"]
+    assert "sparsity (--sparsity) must be a finite number in (0, 1), got 2.0" in cli_error(
+        capsys, *argv
+    )
+    monkeypatch.setenv("SPARSECORE_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"sparsity \(--sparsity\) must be a finite number"):
+        main(argv)

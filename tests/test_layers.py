@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 
 import kernels
-from sparsecore.layers import Linear, Param, ReLU, Sequential, SoftmaxCrossEntropy, SparseLinear
+from sparsecore.layers import (
+    LeakyReLU,
+    Linear,
+    Param,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    SparseLinear,
+    Tanh,
+)
 from sparsecore.optim import SGD
 from sparsecore.train import Trainer
 from tests.cases import mnist_cfg, mnist_subset, ref_forward_backward, small_model
@@ -71,3 +81,37 @@ def test_duplicate_layer_names_are_refused():
         Sequential([SparseLinear(W), ReLU(), SparseLinear(W.copy())])
     with pytest.raises(ValueError, match=r"parameter name\(s\) \['w'\] appear more than once"):
         SGD([Param("w", np.ones(2), np.ones(2)), Param("w", np.ones(2), np.ones(2))], lr=0.1)
+
+
+ACTIVATIONS = {
+    "ReLU": (ReLU(), lambda x: np.maximum(x, 0)),
+    "LeakyReLU": (LeakyReLU(0.1), lambda x: np.where(x > 0, x, 0.1 * x)),
+    "Tanh": (Tanh(), np.tanh),
+    "Sigmoid": (Sigmoid(), lambda x: 1 / (1 + np.exp(-x))),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_backward_is_the_derivative(name, rng):
+    """Forward against its float64 definition, backward against central differences."""
+    act, definition = ACTIVATIONS[name]
+    x = rng.uniform(-3, 3, (7, 9)).astype(np.float32)
+    x[np.abs(x) < 0.05] = 0.5  # away from ReLU's kink
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(
+        act.forward(x), definition(x.astype(np.float64)), rtol=1e-6, atol=1e-7
+    )
+    dx = act.backward(dy)
+    eps = 1e-2
+    fd = (act.forward(x + eps).astype(np.float64) - act.forward(x - eps)) / (2 * eps)
+    np.testing.assert_allclose(dx, dy * fd, rtol=1e-3, atol=1e-4)
+
+
+def test_predict_is_the_forward_pass_in_batches(rng):
+    model = small_model(rng)
+    x = rng.standard_normal((37, 13)).astype(np.float32)
+    want = model.forward(np.ascontiguousarray(x.T)).T
+    got = model.predict(x, batch_size=8)  # 5 batches, the last of 5 rows
+    assert got.shape == (37, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert model.predict(x[:0]).shape == (0, 0)

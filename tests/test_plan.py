@@ -6,7 +6,7 @@ import pytest
 
 from sparsecore.cli import main
 from sparsecore.layers import SparseLinear
-from sparsecore.plan import MIN_GROW_TILE_BYTES, memory_plan, parse_bytes
+from sparsecore.plan import MIN_GROW_TILE_BYTES, describe_plan, memory_plan, parse_bytes
 from sparsecore.train import MemoryBudgetExceeded, TrainConfig, Trainer, check_memory
 from tests import cases
 from tests.cases import mnist_cfg, mnist_subset
@@ -113,3 +113,18 @@ def test_exact_grow_tile_is_fitted_to_the_memory_budget(tmp_path):
 
 def _tiny_data():
     return cases.mnist_subset(64, 32)
+
+
+def test_describe_plan_names_every_piece_and_layer():
+    plan = memory_plan([784, 300, 10], 0.9, grow="sampled", grow_candidates=4)
+    text = describe_plan(plan)
+    assert text.splitlines()[0] == (
+        "memory plan: 784-300-10, rigl (sampled grow, 4 candidates per grown connection) at "
+        "sparsity 0.9 (erk), batch 128, sgd"
+    )
+    for piece in plan["pieces"]:
+        assert f"  {piece}" in text
+    for l, row in enumerate(plan["layers"]):
+        m, n = row["shape"]
+        assert f"layer {l}: {m} x {n}, density {row['density']:.3g}, nnz {row['nnz']:,}" in text
+    assert "total (peak)" in text and "dense equivalent (peak)" in text
