@@ -206,6 +206,3 @@ def lr_at(
             raise ValueError("the step schedule needs step_every > 0")
         return base * gamma ** (s // step_every)
     raise ValueError(f"schedule must be 'constant', 'cosine' or 'step', got {schedule!r}")
-
-
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

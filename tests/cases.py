@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sparsecore import CSR
+from sparsecore import CSR, cli
+from sparsecore.layers import mlp
+from sparsecore.train import TrainConfig
 
 
 def _from_mask(mask, rng, index_dtype=np.int32):
@@ -214,3 +216,65 @@ def mnist_subset(n_train=1024, n_test=256, features=784):
         full.y_test[:n_test],
         10,
     )
+
+
+# ---------------------------------------------------------------- engine tests
+# A dense float64 reference of the MLP, small models and a small MNIST run's config, shared
+# by the engine's test files (test_layers, test_rigl, test_optim, test_train, test_plan...).
+
+
+def ref_forward_backward(Ws, bs, masks, x, y):
+    """Masked-dense MLP with ReLU in float64: returns (loss, grads of W (masked), grads of b)."""
+    acts, h = [x], x
+    for l, (W, b) in enumerate(zip(Ws, bs, strict=True)):
+        z = (W * masks[l]) @ h + b[:, None]
+        h = np.maximum(z, 0) if l < len(Ws) - 1 else z
+        acts.append(h)
+    z = h - h.max(axis=0, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=0, keepdims=True)
+    B = x.shape[1]
+    loss = -np.mean(np.log(p[y, np.arange(B)]))
+    d = p.copy()
+    d[y, np.arange(B)] -= 1
+    d /= B
+    gW, gb = [None] * len(Ws), [None] * len(Ws)
+    for l in range(len(Ws) - 1, -1, -1):
+        gW[l] = (d @ acts[l].T) * masks[l]
+        gb[l] = d.sum(axis=1)
+        if l:
+            d = ((Ws[l] * masks[l]).T @ d) * (acts[l] > 0)
+    return loss, gW, gb
+
+
+def small_model(rng, sizes=(13, 11, 7, 5), density=0.5):
+    """An MLP of sparse layers of one density, seeded from the test's rng."""
+    return mlp(list(sizes), [density] * (len(sizes) - 1), seed=int(rng.integers(1 << 30)))
+
+
+def mnist_cfg(tmp_path, **kw):
+    """A TrainConfig of a small RigL run on MNIST (784-64-10, sparsity 0.9, 2 epochs), its
+    outputs in ``tmp_path``; ``kw`` overrides any setting."""
+    base = dict(
+        arch=[784, 64, 10],
+        sparsity=0.9,
+        method="rigl",
+        delta_t=10,
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        progress=False,
+        out=str(tmp_path),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def cli_error(capsys, *argv):
+    """Run the CLI; it must fail with exit 2 and one 'sparsecore CMD: error:' line, the last
+    (details such as a memory plan may stand before it). Returns that line."""
+    rc = cli.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert err and err[-1].startswith(f"sparsecore {argv[0]}: error: "), err
+    assert sum("error:" in line for line in err) == 1, err
+    return err[-1]

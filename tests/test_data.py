@@ -76,3 +76,33 @@ def test_training_streams_from_a_folder(tmp_path, rng):
     summary = tr.run()
     assert np.isfinite(summary["test_acc"])
     assert tr.step == 2 * (192 // 32)
+
+
+def test_bad_data():
+    with pytest.raises(ValueError, match=r"x_train has 3 rows but y_train has 2 labels"):
+        D.from_arrays(np.ones((3, 4)), [0, 1], np.ones((1, 4)), [0])
+    with pytest.raises(ValueError, match=r"x_train holds NaN or inf"):
+        D.from_arrays(np.full((2, 4), np.nan), [0, 1], np.ones((1, 4)), [0])
+    with pytest.raises(ValueError, match=r"y_train holds a negative label"):
+        D.from_arrays(np.ones((2, 4)), [0, -1], np.ones((1, 4)), [0])
+    with pytest.raises(FileNotFoundError, match=r"not a bundled dataset"):
+        D.load("no/such/file.npz")
+
+
+def test_dataset_from_a_folder_of_npy_files(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.standard_normal((50, 6)),
+        "y_train": rng.integers(0, 3, 50),
+        "x_test": rng.standard_normal((10, 6)),
+        "y_test": rng.integers(0, 3, 10),
+    }
+    for k, v in arrays.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    d = D.load(str(tmp_path))
+    ref = D.from_arrays(**arrays)
+    np.testing.assert_allclose(np.asarray(d.x_train), ref.x_train, rtol=1e-6, atol=1e-6)
+    assert d.n_classes == ref.n_classes and d.name == tmp_path.name
+    (tmp_path / "y_test.npy").unlink()
+    with pytest.raises(ValueError, match=r"lacks y_test.npy"):
+        D.load(str(tmp_path))

@@ -114,3 +114,22 @@ def test_int64_only_when_needed():
     assert W64.indices.dtype == np.int32  # sizes fit: narrowed
     W64 = CSR(W.indptr, W.indices, W.data, W.shape, index_dtype=np.int64)
     assert W64.indices.dtype == np.int64 and W64.indptr.dtype == np.int64
+
+
+def test_random_pattern_of_a_large_dense_ish_matrix_is_o_nnz():
+    """CSR.random above 2**24 entries and density 1/50: rejection, not a shuffle of all m·n
+    positions (which would take 8·m·n = 160 MB here)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    W = CSR.random((4, 5_000_000), 0.1, seed=3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert W.nnz == 2_000_000 and W.indices.dtype == np.int32
+    CSR(W.indptr, W.indices, W.data, W.shape)  # canonical
+    assert peak < 8 * 4 * 5_000_000, (
+        peak
+    )  # less than the m·n int64 positions alone (measured 97 MB)
+    per_row = np.diff(W.indptr)
+    assert np.all(np.abs(per_row - 500_000) < 5 * np.sqrt(500_000))
+    np.testing.assert_array_equal(CSR.random((4, 5_000_000), 0.1, seed=3).indices, W.indices)

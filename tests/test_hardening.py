@@ -25,6 +25,7 @@ from sparsecore import checkpoint as ckpt
 from sparsecore import data as D
 from sparsecore.train import TrainConfig, Trainer
 from tests.cases import blobs_npz
+from tests.cases import cli_error as _cli_error
 from tests.data.make_checkpoint import CONFIG as V2_CONFIG
 from tests.data.make_checkpoint import blobs
 
@@ -49,17 +50,6 @@ def _trained(tmp_path, **kw):
     tr = Trainer(_blob_cfg(tmp_path, **kw))
     tr.run()
     return tr, Path(tr.cfg.out) / "checkpoint.npz"
-
-
-def _cli_error(capsys, *argv):
-    """Run the CLI; it must fail with exit 2 and one 'sparsecore CMD: error:' line, the last
-    (details such as a memory plan may stand before it). Returns that line."""
-    rc = cli.main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert err and err[-1].startswith(f"sparsecore {argv[0]}: error: "), err
-    assert sum("error:" in line for line in err) == 1, err
-    return err[-1]
 
 
 # ------------------------------------------------------------------ 1. unsigned indptr
