@@ -56,9 +56,7 @@ READS = (1, 2)  # the formats this version reads
 STRUCTURE_KEYS = config.names(resume=config.STRUCTURE)
 RESULT_KEYS = config.names(resume=config.RESULT)
 # Keys added after checkpoints were first written: an old checkpoint had these values.
-KEY_DEFAULTS = {
-    k: config.absent_value(k) for k in config.names() if config.absent_value(k) is not None
-}
+KEY_DEFAULTS = config.absent_values()
 _HEADER_TAG, _ARRAY_TAG = 71, 72
 # What every row of a checkpoint's history holds (the loop's metrics of one epoch)
 HISTORY_KEYS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 
 from kernels.validation import GPUUnavailableError
 from sparsecore import config
@@ -36,6 +37,7 @@ def add_settings(parser, fields, **overrides):
     choices, parser and help): ``--delta-t`` for delta_t; for a setting off by default a
     ``--X`` switch, for one on by default a ``--no-X`` switch. ``overrides``: argparse keywords
     by field name (e.g. ``arch={"required": True}``)."""
+    hints = typing.get_type_hints(TrainConfig)
     for f in fields:
         meta = f.metadata
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -45,12 +47,12 @@ def add_settings(parser, fields, **overrides):
             kw["action"] = "store_false" if default else "store_true"
             name = f"--no-{name[2:]}" if default else name
         else:  # (a field's own parser runs in settings_from: its errors name the flag there)
-            kw["type"] = str if meta["parse"] else _TYPES[f.type.split(" ")[0]]
+            kw["type"] = str if meta["parse"] else _value_type(hints[f.name])
             if meta["choices"]:
                 kw["choices"] = meta["choices"]
         kw["default"] = default
         kw.update(meta["cli"], **overrides.get(f.name, {}))
-        if kw["default"] is not None and not isinstance(default, bool):
+        if kw["default"] is not None and not isinstance(default, bool) and not kw.get("required"):
             kw["help"] += " (default: %(default)s)"
         parser.add_argument(name, **kw)
 
@@ -70,7 +72,12 @@ def settings_from(args, fields) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-_TYPES = {"int": int, "float": float, "str": str}
+def _value_type(hint):
+    """int, float or str of a field's annotation (``int | None`` -> int)."""
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str):
+        raise TypeError(f"a setting of type {hint} needs a parse= in its declaration")
+    return kinds[0]
 
 
 def _add_train(sub):
@@ -89,7 +96,12 @@ def _add_train(sub):
 
 def _add_plan(sub):
     p = sub.add_parser("plan", help="bytes of every piece of training state, before training")
-    add_settings(p, config.fields(plan=True), arch={"required": True})
+    add_settings(
+        p,
+        config.fields(plan=True),
+        arch={"required": True},
+        device={"help": "cuda: plan the GPU's memory (where a device run keeps its state)"},
+    )
     p.add_argument(
         "--ranks", type=int, default=1, help="with --shard-layers: the plan of one of N ranks"
     )

@@ -420,11 +420,16 @@ def names(**kw) -> tuple[str, ...]:
     return tuple(f.name for f in fields(**kw))
 
 
+def absent_values() -> dict:
+    """{field: the value a checkpoint written before the field existed had}, for the fields
+    that declare one (``absent=``; every checkpoint holds the others)."""
+    return {f.name: f.metadata["absent"] for f in fields() if "absent" in f.metadata}
+
+
 def absent_value(name: str):
-    """The value a checkpoint written before ``name`` existed had; None for a field that
-    every checkpoint holds (a checkpoint without it then matches no run)."""
-    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    return f.metadata.get("absent")
+    """absent_values()[name], or None for a field that every checkpoint holds (a checkpoint
+    without it then matches no run)."""
+    return absent_values().get(name)
 
 
 def flag_of(key: str) -> str:
@@ -478,6 +483,7 @@ __all__ = [
     "STRUCTURE",
     "TrainConfig",
     "absent_value",
+    "absent_values",
     "fields",
     "flag_of",
     "layer_shapes",

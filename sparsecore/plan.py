@@ -28,7 +28,7 @@ from kernels.cpu.grow import tile_shape
 from kernels.cpu.sampled import sample_bytes, sampled_grow_bytes
 from kernels.cuda import grow as cuda_grow
 from kernels.validation import flat_dtype, index_dtype_for
-from sparsecore.config import TrainConfig, parse_bytes  # noqa: F401 (parse_bytes: its old home)
+from sparsecore.config import UNITS, TrainConfig, parse_bytes  # noqa: F401 (their old home)
 
 MOMENTS = {"sgd": 1, "adam": 2, "adamw": 2}  # SGD with momentum keeps one state array
 # the exact CUDA grow's radix histogram: N_BINS 64-bit counters (kernels/cuda/grow.py)
@@ -212,10 +212,22 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
     }
 
 
-def sharded_layers(cfg: TrainConfig, ranks: int) -> list[int]:
+def sharded_layers(cfg, *args) -> list[int]:
     """The weighted layers that cfg.shard_layers splits over ``ranks`` MPI ranks
-    (TrainConfig.sharded_layers)."""
-    return cfg.sharded_layers(ranks)
+    (TrainConfig.sharded_layers): ``sharded_layers(cfg, ranks)``, or as before step 4 of the
+    house, ``sharded_layers(arch, sparsity, distribution, method, shard_layers, ranks)``."""
+    if isinstance(cfg, TrainConfig):
+        (ranks,) = args
+        return cfg.sharded_layers(ranks)
+    sparsity, distribution, method, shard_layers, ranks = args
+    run = TrainConfig(
+        arch=list(cfg),
+        sparsity=sparsity,
+        distribution=distribution,
+        method=method,
+        shard_layers=shard_layers,
+    )
+    return run.sharded_layers(ranks)
 
 
 MIN_GROW_TILE_BYTES = 64 << 10  # smaller tiles make the grow's sgemm calls too small to be useful

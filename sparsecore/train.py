@@ -96,6 +96,13 @@ def build_model(cfg: TrainConfig, sparse_layer=None) -> Sequential:
     """The MLP of the config; ``sparse_layer`` builds its sparse layers (sparsecore.layers.mlp;
     with MPI, the parallelism's layer_builder: some layers as this rank's rows only, the same
     values as those rows of the whole layer)."""
+    if sparse_layer is not None and not callable(sparse_layer):
+        raise TypeError(
+            "build_model(cfg, sparse_layer) takes a layer builder, got "
+            f"{type(sparse_layer).__name__}; for this rank's rows of sharded layers (formerly "
+            "build_model(cfg, comm, sharded)) pass sparsecore.mpi.shard_builder(comm, sharded, "
+            "cfg.seed, cfg.fan_in)"
+        )
     dens = [None] * len(cfg.shapes()) if cfg.method == "dense" else cfg.densities()
     return mlp(
         cfg.arch,
@@ -289,6 +296,7 @@ class Trainer:
         if not self.device.on_device:
             check_fork_safe("Trainer.run")
         error = None
+        self._step_times = []  # (this run's steps: the summary's time per step)
         with self.fp_mode():
             try:
                 self._emit("on_run_start")
@@ -301,6 +309,7 @@ class Trainer:
                 error = e
                 raise
             finally:
+                self._resident = False  # (the device copy of the training set is let go)
                 self._emit("on_run_exit", error)
 
     def _emit(self, point: str, *args):
@@ -315,8 +324,9 @@ class Trainer:
         self._emit("on_epoch_start", steps)
         losses, correct, seen = [], 0, 0
         first_step, n_before = self.step, len(self._step_times)
+        batches = self._epoch_batches(steps)  # (a device's uploads happen here, untimed)
         t_loop = time.perf_counter()
-        for xb, yb, rows in self._epoch_batches(steps):
+        for xb, yb, rows in batches:
             t0 = time.perf_counter()
             loss, c, report = self.train_step(xb, yb)
             self._step_times.append(time.perf_counter() - t0)
@@ -368,21 +378,27 @@ class Trainer:
         return row
 
     def _epoch_batches(self, steps: int):
-        """The epoch's first ``steps`` batches as (xb feature-major, yb, rows of the global
-        batch): this process's rows of each (several data-parallel ranks: its slice); on a
-        device gathered there (the training set uploaded once) or uploaded batch by batch."""
+        """An iterator over the epoch's first ``steps`` batches as (xb feature-major, yb, rows
+        of the global batch): this process's rows of each (several data-parallel ranks: its
+        slice); on a device gathered there (the training set uploaded once, at the first call,
+        and the epoch's permutation here, before the iterator is returned: outside the steps'
+        clock) or uploaded batch by batch."""
         x, y = self.data.x_train, self.data.y_train
         resident = self._device_data()  # (x, y) on the device, or None
         perm_d = self.device.asarray(self.epoch_permutation(self.epoch)) if resident else None
-        for s, idx in enumerate(self.batches(self.epoch)):
-            if s >= steps:
-                return
-            if self.device.on_device:
-                xb, yb = self._device_batch(resident, perm_d, s, idx)
-            else:
-                rows = self.par.local_rows(idx)
-                xb, yb = np.ascontiguousarray(x[rows].T), y[rows]
-            yield xb, yb, idx.shape[0]
+
+        def batches():
+            for s, idx in enumerate(self.batches(self.epoch)):
+                if s >= steps:
+                    return
+                if self.device.on_device:
+                    xb, yb = self._device_batch(resident, perm_d, s, idx)
+                else:
+                    rows = self.par.local_rows(idx)
+                    xb, yb = np.ascontiguousarray(x[rows].T), y[rows]
+                yield xb, yb, idx.shape[0]
+
+        return batches()
 
     def _device_data(self):
         """The training set on the device, uploaded at the first call (None on the host, and

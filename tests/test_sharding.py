@@ -352,3 +352,29 @@ def test_a_local_updater_refuses_a_sharded_model_before_changing_anything():
             make(UpdateSchedule(t_end=10, delta_t=1, alpha=0.3)).update(1, model)
         np.testing.assert_array_equal(first.W.indices, before[0])
         np.testing.assert_array_equal(first.W.data, before[1])
+
+
+def test_the_names_before_the_house_still_work():
+    """sharded_layers' old positional form, the offer tunables' old homes (read from
+    kernels/config.py), and mpi.parallel(trainer) of one process (None, as before)."""
+    from kernels import config
+    from sparsecore import mpi
+    from sparsecore.mpi import data_parallel, select
+
+    arch = [784, 300, 100, 10]
+    assert sharded_layers(arch, 0.9, "erk", "rigl", "all", 2) == _sharded(
+        arch, 0.9, "erk", "rigl", "all", 2
+    )
+    assert sharded_layers(arch, 0.9, "uniform", "rigl", [2], 2) == [2]
+    assert select.OFFER_SHARE == config.MPI_OFFER_SHARE and select.OFFER_GROWTH == 4
+    assert data_parallel.SCORE_CHUNK_FLOATS == config.MPI_SCORE_CHUNK_FLOATS
+    with pytest.raises(AttributeError):
+        select.NO_SUCH_TUNABLE  # noqa: B018
+    from sparsecore import data as D
+    from sparsecore.parallel import SINGLE
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 8)).astype(np.float32), rng.integers(0, 3, 40)
+    cfg = TrainConfig(arch=[8, 6, 3], sparsity=0.5, epochs=1, batch_size=8, progress=False)
+    tr = Trainer(cfg, D.from_arrays(x[:32], y[:32], x[32:], y[32:]))
+    assert mpi.parallel(tr) is None and mpi.parallel() is SINGLE  # one process

@@ -2,12 +2,13 @@
 checks, training end to end with the sampled grow."""
 
 import json
+import time
 
 import numpy as np
 import pytest
 
 from sparsecore.cli import main
-from sparsecore.train import TrainConfig, Trainer, TrainingDiverged
+from sparsecore.train import TrainConfig, Trainer, TrainingDiverged, build_model
 from tests import cases
 from tests.cases import mnist_cfg, mnist_subset
 
@@ -124,3 +125,59 @@ def test_training_with_sampled_grow_end_to_end(tmp_path, capsys):
     argv = ["--arch", "784-1000000-1000000-10", "--sparsity", "0.99998", "--grow", "sampled"]
     assert main(["plan", *argv, "--grow-candidates", "20"]) == 0
     assert "sampled grow, 20 candidates" in capsys.readouterr().out
+
+
+class _SlowUploads:
+    """A stand-in for a device (arrays stay NumPy) whose uploads of the training set and of an
+    epoch's permutation take 0.2 s each: what a large training set costs on a real GPU."""
+
+    on_device = True
+    xp = np
+
+    def __init__(self, real):
+        self.real, self.uploads = real, 0
+
+    def asarray(self, a):
+        a = np.asarray(a)
+        if a.size >= 2048:
+            self.uploads += 1
+            time.sleep(0.2)
+        return a
+
+    def sync(self):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_device_runs_step_time_excludes_the_uploads():
+    """On a device the epoch's steps are timed as a whole (one sync at its end); the training
+    set's upload (once per run) and the epoch's permutation (once per epoch) happen before that
+    clock starts, so they are not charged to the steps."""
+    from sparsecore import data as D
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 20)).astype(np.float32)
+    y = rng.integers(0, 4, 2048)
+    ds = D.Dataset("syn", x, y, x[:0], y[:0], x[:256], y[:256], 4)
+    cfg = TrainConfig(arch=[20, 64, 4], sparsity=0.5, epochs=3, batch_size=64, progress=False)
+    tr = Trainer(cfg, ds)
+    tr.device = _SlowUploads(tr.device)
+    tr.run()
+    assert tr.device.uploads == 1 + 3 + 1  # the training set, 3 permutations, evaluation's set
+    later = [r["time_per_step_s"] * 32 for r in tr.history[1:]]  # (epoch 1: the first compile)
+    assert max(later) < 0.15, later  # an upload (0.2 s) charged to the steps would show
+
+
+def test_a_second_run_reports_only_its_own_steps():
+    data = cases.mnist_subset(n_train=256, n_test=64)
+    tr = Trainer(TrainConfig(arch=[784, 32, 10], epochs=1, batch_size=64, progress=False), data)
+    assert tr.run()["time_per_step_s"] > 0
+    assert tr.run()["time_per_step_s"] is None  # nothing left to train: no step of its own
+
+
+def test_build_model_refuses_the_old_communicator_argument():
+    cfg = TrainConfig(arch=[8, 6, 3], sparsity=0.5).validate()
+    with pytest.raises(TypeError, match="takes a layer builder, got object"):
+        build_model(cfg, object())

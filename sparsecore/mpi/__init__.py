@@ -158,11 +158,16 @@ def sharding(cfg) -> tuple:
     return comm, cfg.sharded_layers(comm.Get_size())
 
 
-def parallel():
+def parallel(trainer=None):
     """This process's parallelism for a Trainer (``Trainer(cfg, parallel=mpi.parallel())``):
     the MPI world's ``World`` when an MPI launcher started several ranks, else
-    ``sparsecore.parallel.SINGLE`` (one process: nothing changes)."""
+    ``sparsecore.parallel.SINGLE`` (one process: nothing changes).
+
+    ``parallel(trainer)``, the form before step 4 of the house, binds a trainer built without
+    sharded layers to the world and returns its side, or None for a single process."""
     comm = world()
+    if trainer is not None:
+        return None if comm is None else World(comm).bind(trainer)
     return SINGLE if comm is None else World(comm)
 
 

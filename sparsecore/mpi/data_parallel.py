@@ -12,6 +12,12 @@ from sparsecore.mpi.runtime import allgather_records, rows_cols, split
 from sparsecore.rigl.selection import Local
 
 
+def __getattr__(name):  # the tunable's old name: read from its home, kernels/config.py
+    if name == "SCORE_CHUNK_FLOATS":
+        return config.MPI_SCORE_CHUNK_FLOATS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class DataParallelSelection(Local):
     """RigL's grow on data-parallel ranks: the exact top-k over the global batch (each rank
     scores a block of rows: DataParallel.exact_top_k), the sampled grow's scores summed over

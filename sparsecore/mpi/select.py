@@ -10,6 +10,15 @@ from kernels import config
 from kernels.formats import split_count
 from sparsecore.mpi.runtime import rows_cols, split
 
+_MOVED = {"OFFER_SHARE": "MPI_OFFER_SHARE", "OFFER_SLACK": "MPI_OFFER_SLACK"}
+_MOVED["OFFER_GROWTH"] = "MPI_OFFER_GROWTH"
+
+
+def __getattr__(name):  # the tunables' old names: read from their home, kernels/config.py
+    if name in _MOVED:
+        return getattr(config, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 class RowShard:
     """Rows [r0, r1) of an m-row sparse layer on this rank, and the collectives that make a
