@@ -8,9 +8,12 @@ A refactor must not move the kernels or the step. One long-lived process per tre
 after round, case after case, the two processes take turns timing the same case (``--repeat``
 timings, their median, by this tree's sparsecore/benchmarks/timing.py loaded into both), with
 the order A-B / B-A alternating, so that the drifts of a noisy machine (turbo, neighbours on a
-VM) fall on both sides within seconds. Only one process runs at
-a time. The report gives each case's median over rounds per side and the median of the rounds'
-paired ratios B/A, flagged where it leaves ±``--tolerance``. The base commit is checked out once
+VM) fall on both sides within seconds. Only one process runs at a time, after a short rest
+(``--pause``: the other's Numba/BLAS worker threads spin-wait for a while after their last
+parallel region, and a side that goes second in a turn was measured up to 25% slower without
+it). The report gives each case's median over rounds per side and B/A: the median of the rounds'
+paired ratios where A went first and of those where B did, combined by their geometric mean (so
+a cost of the order cancels), flagged where it leaves ±``--tolerance``. The base commit is checked out once
 into a git worktree beside the system's temporary files (reused by later runs).
 
 The script uses only the public API that both trees share (kernels.spmm, spmm_t, sddmm,
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +67,18 @@ def timed(repeat):
         return fn
     return mark
 
-def median_time(fn, repeat=repeat):  # warmed up once when the case was set up
+def median_time(fn, repeat=repeat):  # (warmed up by the caller)
     return timing.median_s(fn, warmup=0, reps=repeat)
+
+def fresh():
+    # Every turn times the kernels on newly allocated copies of their operands: where an array
+    # lands (transparent huge pages or not, cache-set aliasing) is luck that lasts as long as
+    # the array and moved one long-lived process's spmm by 25% against the other's identical
+    # code; fresh buffers make it fall on both sides alike over the rounds.
+    global W, X, dY, y, dx, dw, Wg, dYg, Xg
+    W, Wg = W.copy(), Wg.copy()
+    X, dY, dYg, Xg = (np.array(a) for a in (X, dY, dYg, Xg))
+    y, dx, dw = np.empty_like(y), np.empty_like(dx), np.empty_like(dw)
 
 out = Cases()
 dict.__setitem__(out, "_file", kernels.__file__)
@@ -119,6 +134,8 @@ with tr.fp_mode():
     for line in sys.stdin:
         case = line.strip()
         fn = out[case]
+        fresh()  # new buffers every turn, then one untimed call
+        fn()
         print(json.dumps(median_time(fn, *getattr(fn, "repeat", ()))), flush=True)
 """
 
@@ -171,6 +188,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=20, help="timings per case in a process")
     ap.add_argument("--tolerance", type=float, default=0.05, help="flag ratios beyond 1 ± this")
     ap.add_argument("--only", default="", help="time only the cases matching this regex")
+    ap.add_argument(
+        "--pause",
+        type=float,
+        default=0.3,
+        help="seconds of rest before each turn (the other side's worker threads spin-wait "
+        "for a while after their last parallel region)",
+    )
     ap.add_argument("--json", type=Path, help="write the raw timings and the report here")
     args = ap.parse_args(argv)
     base = worktree(args.base)
@@ -178,11 +202,14 @@ def main(argv=None) -> int:
     if sides["A"].cases != sides["B"].cases:
         raise SystemExit("bench/ab.py: the two trees measure different cases")
     runs = {"A": [], "B": []}
+    first = {case: [] for case in sides["A"].cases}  # per round: the side that went first
     for i in range(args.rounds):
         row = {"A": {}, "B": {}}
         for j, case in enumerate(sides["A"].cases):
             order = ("A", "B") if (i + j) % 2 == 0 else ("B", "A")  # who goes first alternates
+            first[case].append(order[0])
             for side in order:
+                time.sleep(args.pause)  # the other process's spinning worker threads settle
                 row[side][case] = sides[side].time(case)
         for side in runs:
             runs[side].append(row[side])
@@ -197,17 +224,25 @@ def main(argv=None) -> int:
         pass
     print(f"A = {args.base} ({base}), B = this tree; {args.rounds} rounds, median of medians; "
           f"{cpu}, {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'case':42s} {'A ms':>10s} {'B ms':>10s} {'B/A':>7s}  (median of the rounds' ratios)")
+    print(f"{'case':42s} {'A ms':>10s} {'B ms':>10s} {'B/A':>7s}  (A-first and B-first medians, "
+          "geometric mean)")  # fmt: skip
     report, outside = {}, []
     for case in runs["A"][0]:
         a = statistics.median(r[case] for r in runs["A"])
         b = statistics.median(r[case] for r in runs["B"])
-        pairs = zip(runs["A"], runs["B"], strict=True)
-        ratio = statistics.median(rb[case] / ra[case] for ra, rb in pairs)
+        ratios = [rb[case] / ra[case] for ra, rb in zip(runs["A"], runs["B"], strict=True)]
+        # the median of the rounds where A went first and of those where B did, combined by
+        # their geometric mean: a cost of going first (or second) in a turn cancels out
+        by_order = [
+            statistics.median(r for r, f in zip(ratios, first[case], strict=True) if f == who)
+            for who in "AB"
+            if who in first[case]
+        ]
+        ratio = math.prod(by_order) ** (1 / len(by_order))
         flag = "" if abs(ratio - 1) <= args.tolerance else f"  <- beyond ±{args.tolerance:.0%}"
         if flag:
             outside.append(case)
-        report[case] = {"A_s": a, "B_s": b, "ratio": ratio}
+        report[case] = {"A_s": a, "B_s": b, "ratio": ratio, "ratio_by_first_side": by_order}
         print(f"{case:42s} {a * 1e3:10.4f} {b * 1e3:10.4f} {ratio:7.3f}{flag}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

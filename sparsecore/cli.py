@@ -14,10 +14,16 @@ import os
 import sys
 import typing
 
+import numba
+import numpy
+import scipy
+
+import sparsecore
 from kernels.validation import GPUUnavailableError
-from sparsecore import config
+from sparsecore import config, cost, mpi
 from sparsecore.config import TrainConfig
-from sparsecore.train import TrainingDiverged
+from sparsecore.plan import describe_plan, memory_plan, sharded_layers
+from sparsecore.train import TrainingDiverged, train
 
 # What a user's input can cause, reported as one "sparsecore CMD: error: ..." line and exit 2
 # (SPARSECORE_DEBUG=1 shows the traceback instead); anything else is a bug and propagates.
@@ -138,8 +144,6 @@ def main(argv=None) -> int:
             print("\n".join(details), file=sys.stderr)
         print(f"sparsecore {args.cmd}: error: {first}", file=sys.stderr)
         if args.cmd == "train":
-            from sparsecore import mpi
-
             mpi.abort(2)  # several ranks: stop the others too (else they would wait)
         return 2
 
@@ -149,88 +153,79 @@ def _dispatch(args, argv) -> int:
         from sparsecore.benchmarks.suite import run
 
         return run(args)
-    if args.cmd == "info":
-        import numba
-        import numpy
-        import scipy
+    return COMMANDS[args.cmd](args, argv)
 
-        import sparsecore
 
-        print(
-            json.dumps(
-                {
-                    "sparsecore": sparsecore.__version__,
-                    "numpy": numpy.__version__,
-                    "scipy": scipy.__version__,
-                    "numba": numba.__version__,
-                    "threads": sparsecore.threading_info(),
-                },
-                indent=2,
-            )
+def _info(args, argv) -> int:
+    versions = {m.__name__: m.__version__ for m in (sparsecore, numpy, scipy, numba)}
+    print(json.dumps({**versions, "threads": sparsecore.threading_info()}, indent=2))
+    return 0
+
+
+def _plan(args, argv) -> int:
+    cfg = settings_from(args, config.fields(plan=True))  # a training run's checks
+    if args.ranks < 1:
+        raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.ranks > 1 and cfg.shard_layers is None:
+        raise ValueError(
+            "--ranks plans one rank of sharded layers: add --shard-layers (data-parallel "
+            "ranks each hold the whole model: their plan is the 1-rank plan)"
         )
-        return 0
-    if args.cmd == "plan":
-        from sparsecore.plan import describe_plan, memory_plan, sharded_layers
+    plan = memory_plan(cfg, ranks=args.ranks, sharded=sharded_layers(cfg, args.ranks))
+    print(json.dumps(plan, indent=1) if args.json else describe_plan(plan))
+    return 0
 
-        cfg = settings_from(args, config.fields(plan=True))  # a training run's checks
-        if args.ranks < 1:
-            raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
-        if args.ranks > 1 and cfg.shard_layers is None:
-            raise ValueError(
-                "--ranks plans one rank of sharded layers: add --shard-layers (data-parallel "
-                "ranks each hold the whole model: their plan is the 1-rank plan)"
-            )
-        sharded = sharded_layers(cfg, args.ranks)
-        plan = memory_plan(cfg, ranks=args.ranks, sharded=sharded)
-        print(json.dumps(plan, indent=1) if args.json else describe_plan(plan))
-        return 0
-    if args.cmd == "train":
-        from sparsecore import mpi
 
-        if args.nprocs is not None and args.nprocs < 1:
-            raise ValueError(f"--nprocs must be >= 1 (processes to start), got {args.nprocs}")
-        from sparsecore.cost import describe
-        from sparsecore.train import train
+def _train(args, argv) -> int:
+    if args.nprocs is not None and args.nprocs < 1:
+        raise ValueError(f"--nprocs must be >= 1 (processes to start), got {args.nprocs}")
+    # before starting any rank: bad settings are one error, not N
+    cfg = settings_from(args, config.fields())
+    if args.nprocs is not None and args.nprocs > 1 and mpi.world() is None:
+        return _launch(args, argv)
+    tr, summary = train(cfg, resume=args.resume, parallel=mpi.parallel())
+    if tr.par.rank == 0:  # rank 0 reports
+        _report(tr, summary, args)
+    return 0
 
-        # before starting any rank: bad settings are one error, not N
-        cfg = settings_from(args, config.fields())
-        if args.nprocs is not None and args.nprocs > 1 and mpi.world() is None:
-            try:  # re-launch this command on N ranks
-                rc = mpi.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
-            except mpi.MPIUnavailableError as e:
-                raise ValueError(str(e)) from None
-            if rc != 0:  # the failing rank said why above (MPI's own abort notice may follow)
-                print(
-                    f"sparsecore train: error: the {args.nprocs} MPI ranks stopped with exit "
-                    f"status {rc}; see the ranks' output above",
-                    file=sys.stderr,
-                )
-            return rc
-        tr, summary = train(cfg, resume=args.resume, parallel=mpi.parallel())
-        if tr.par.rank != 0:
-            return 0  # rank 0 reports
-        print(f"cost: {describe(summary['cost'])}")
-        if tr.par.size > 1:
-            print(f"communication: {tr.par.describe()}")
-        else:
-            from sparsecore.cost import held_bytes
 
-            print(
-                f"training state held: {held_bytes(tr.model, tr.opt) / 2**20:.1f} MiB "
-                "(measured from the arrays)"
-            )
-        if summary["time_per_step_s"]:
-            print(
-                f"measured time per step: {1e3 * summary['time_per_step_s']:.2f} ms "
-                f"(batch {cfg.batch_size}, topology updates included)"
-            )
-        print(f"outputs: {args.out}/metrics.jsonl, learning_curve.png, checkpoint.npz")
-        if summary["test_acc"] is None:  # a resumed run that had nothing left to train
-            print("test accuracy: no epoch ran (the checkpoint's run was complete)")
-        else:
-            print(f"test accuracy: {100 * summary['test_acc']:.2f}%")
-        return 0
-    return 1
+def _launch(args, argv) -> int:
+    """Re-launch this command on --nprocs MPI ranks; their exit status."""
+    try:
+        rc = mpi.launch(args.nprocs, sys.argv[1:] if argv is None else argv)
+    except mpi.MPIUnavailableError as e:
+        raise ValueError(str(e)) from None
+    if rc != 0:  # the failing rank said why above (MPI's own abort notice may follow)
+        print(
+            f"sparsecore train: error: the {args.nprocs} MPI ranks stopped with exit "
+            f"status {rc}; see the ranks' output above",
+            file=sys.stderr,
+        )
+    return rc
+
+
+def _report(tr, summary, args):
+    print(f"cost: {cost.describe(summary['cost'])}")
+    if tr.par.size > 1:
+        print(f"communication: {tr.par.describe()}")
+    else:
+        print(
+            f"training state held: {cost.held_bytes(tr.model, tr.opt) / 2**20:.1f} MiB "
+            "(measured from the arrays)"
+        )
+    if summary["time_per_step_s"]:
+        print(
+            f"measured time per step: {1e3 * summary['time_per_step_s']:.2f} ms "
+            f"(batch {tr.cfg.batch_size}, topology updates included)"
+        )
+    print(f"outputs: {args.out}/metrics.jsonl, learning_curve.png, checkpoint.npz")
+    if summary["test_acc"] is None:  # a resumed run that had nothing left to train
+        print("test accuracy: no epoch ran (the checkpoint's run was complete)")
+    else:
+        print(f"test accuracy: {100 * summary['test_acc']:.2f}%")
+
+
+COMMANDS = {"info": _info, "plan": _plan, "train": _train}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("kernels", "sparsecore")
 
 LAZY_BENCH = "lazy: the benchmark suite and its baselines load only for `sparsecore bench`"
-LAZY_CLI = "lazy: each subcommand loads only what it runs (fast --help and error paths)"
 
 # (file, imported module) -> why it is imported inside a function
 ALLOWED = {
@@ -28,11 +27,7 @@ ALLOWED = {
     ("sparsecore/benchmarks/step.py", "sparsecore.rigl.distributions"): LAZY_BENCH,
     ("sparsecore/benchmarks/step.py", "sparsecore.train"): LAZY_BENCH,
     ("sparsecore/benchmarks/suite.py", "sparsecore.benchmarks.step"): LAZY_BENCH,
-    ("sparsecore/cli.py", "sparsecore"): LAZY_CLI,
     ("sparsecore/cli.py", "sparsecore.benchmarks.suite"): LAZY_BENCH,
-    ("sparsecore/cli.py", "sparsecore.cost"): LAZY_CLI,
-    ("sparsecore/cli.py", "sparsecore.plan"): LAZY_CLI,
-    ("sparsecore/cli.py", "sparsecore.train"): LAZY_CLI,
 }
 
 

@@ -40,14 +40,7 @@ def kernel_markdown(env, rows, grows, inter, preset):
         f"- Python {env['python']}, NumPy {env['numpy']}, SciPy {env['scipy']}, "
         f"Numba {env['numba']}, torch {env['torch']}, sparsecore {env['sparsecore']}"
     )
-    th = env["threads"]
-    blas = ", ".join(
-        f"{b['internal_api']} {b['version']} ({b['num_threads']} threads)" for b in th["blas"]
-    )
-    L.append(
-        f"- Threads: Numba `{th['numba_threading_layer']}` × {th['numba_threads']}; BLAS: {blas}; "
-        f"env {th['env']}"
-    )
+    L.append(_threads_line(env["threads"], f"env {env['threads']['env']}"))
     L.append("")
     ref = [
         r
@@ -258,14 +251,7 @@ def markdown(res: dict) -> str:
     ]
     for level, how in res.get("runs", {}).items():  # results assembled from several runs
         L.append(f"- {level}: {how}")
-    th = env["threads"]
-    blas = ", ".join(
-        f"{b['internal_api']} {b['version']} ({b['num_threads']} threads)" for b in th["blas"]
-    )
-    L.append(
-        f"- Threads: Numba `{th['numba_threading_layer']}` × {th['numba_threads']}; BLAS: {blas}; "
-        f"worker threads: {res['threads'] or 'all cores'}"
-    )
+    L.append(_threads_line(env["threads"], f"worker threads: {res['threads'] or 'all cores'}"))
     L.append("")
     if res.get("step"):
         L += step_markdown(res["step"], res["batch"], res["delta_t"])
@@ -539,3 +525,14 @@ def print_gpu_tables(res):
             )
         if "engine_error" in ts:
             print(f"engine step FAILED: {ts['engine_error']}")
+
+
+def _threads_line(th: dict, tail: str) -> str:
+    """The report's line on the threading setup (sparsecore.threading_info()), then ``tail``."""
+    blas = ", ".join(
+        f"{b['internal_api']} {b['version']} ({b['num_threads']} threads)" for b in th["blas"]
+    )
+    return (
+        f"- Threads: Numba `{th['numba_threading_layer']}` × {th['numba_threads']}; BLAS: {blas}; "
+        + tail
+    )
