@@ -44,8 +44,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # bench/ holds a kernels.py: put the repository first so that `import kernels` is the package
 sys.path.insert(0, str(ROOT))
 
-# (imports sparsecore, whose thread setup runs before NumPy loads: as `import kernels` first)
-from sparsecore.benchmarks.timing import median_time  # noqa: E402
+
+def _timer():
+    """sparsecore/benchmarks/timing.py loaded from its file: it needs only NumPy, and importing
+    the package would run sparsecore's thread setup in this parent, whose environment
+    (GOMP_SPINCOUNT, OPENBLAS_THREAD_TIMEOUT) every child inherits, the "defaults" rows too."""
+    import importlib.util
+
+    path = ROOT / "sparsecore" / "benchmarks" / "timing.py"
+    spec = importlib.util.spec_from_file_location("_threading_layers_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.median_time
+
+
+median_time = _timer()
 
 LAYERS = ("omp", "tbb", "workqueue")
 TASKS = ("fork", "threads", "spin", "kernels", "step")

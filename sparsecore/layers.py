@@ -470,7 +470,11 @@ class Sequential:
             )
             out.append(self.forward(xb).T.copy())
         self.clear()
-        logits = xp.concatenate(out) if out else xp.zeros((0, 0), np.float32)
+        if not out:  # no rows: (0, outputs of the last weighted layer)
+            last = self.weighted()[-1:]
+            n_out = getattr(last[0], "full_shape", last[0].shape)[0] if last else 0
+            out = [xp.zeros((0, n_out), np.float32)]
+        logits = xp.concatenate(out)
         return _device.to_host(logits) if to_host else logits
 
 

@@ -114,4 +114,4 @@ def test_predict_is_the_forward_pass_in_batches(rng):
     got = model.predict(x, batch_size=8)  # 5 batches, the last of 5 rows
     assert got.shape == (37, 5)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    assert model.predict(x[:0]).shape == (0, 0)
+    assert model.predict(x[:0]).shape == (0, 5)  # no rows: still the 5 outputs

@@ -4,7 +4,7 @@ that stops making progress stops every rank), per-rank memory, and byte counts."
 
 from __future__ import annotations
 
-import resource
+import math
 import sys
 import threading
 import time
@@ -18,6 +18,7 @@ from sparsecore.cost import held_bytes
 from sparsecore.layers import SparseLinear
 from sparsecore.mpi.runtime import RanksDiverged, crc
 from sparsecore.parallel import Single
+from sparsecore.rss import peak_rss_mib
 
 
 class Watchdog(Callback):
@@ -160,7 +161,8 @@ class Ranks(Single):
         the state summed from the arrays themselves (weights, indices, indptr, transpose
         structure, gradients, dX scratch, biases, optimizer moments). A collective."""
         held = held_bytes(model, optimizer)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = peak_rss_mib()  # (VmHWM: this rank's own, not its launcher's; NaN: unknown)
+        rss = int(peak * 2**20) if math.isfinite(peak) else -1
         every = np.empty((self.size, 2), np.int64)
         self.comm.Allgather(np.array([rss, held], np.int64), every)
         self.memory = every.tolist()
