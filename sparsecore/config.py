@@ -426,12 +426,6 @@ def absent_values() -> dict:
     return {f.name: f.metadata["absent"] for f in fields() if "absent" in f.metadata}
 
 
-def absent_value(name: str):
-    """absent_values()[name], or None for a field that every checkpoint holds (a checkpoint
-    without it then matches no run)."""
-    return absent_values().get(name)
-
-
 def flag_of(key: str) -> str:
     """'delta_t' -> 'delta_t (--delta-t)': a field named as in Python and on the command line."""
     return f"{key} (--{key.replace('_', '-')})"
@@ -482,7 +476,6 @@ __all__ = [
     "RESULT",
     "STRUCTURE",
     "TrainConfig",
-    "absent_value",
     "absent_values",
     "fields",
     "flag_of",
