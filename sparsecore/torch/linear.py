@@ -1,0 +1,390 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is a CSR of nnz trainable values.
+
+What it holds (every tensor nnz- or dimension-sized, never out × in):
+
+- ``values``: the one ``nn.Parameter``, shape (nnz,), the stored weights in CSR order;
+- ``bias``: an ``nn.Parameter`` (out_features,) or None;
+- buffers ``indptr`` (out + 1,) and ``indices`` (nnz,): the pattern (in the state_dict);
+- buffers ``t_indptr``, ``t_indices``, ``t_perm`` and the CPU thread blocks ``row_blocks``,
+  ``col_blocks``: the transpose structure and partitions, derived from the pattern whenever it
+  changes, kept out of the state_dict.
+
+Layout: the kernels are feature-major (a (features, N) C-contiguous activation, so each nonzero
+reads one contiguous row of the batch). ``forward`` takes ``(*, in_features)`` like
+``nn.Linear`` and hands the kernel ``x.T`` without a copy when that is contiguous; it returns
+the (N, out) result as the transpose *view* of the feature-major (out, N) output. Elementwise
+ops between layers (ReLU, GELU, dropout, residual adds of such tensors) keep those strides, so a
+chain of sparse layers makes no layout copy; a batch-major input (from an embedding, attention,
+a dense layer) costs one transposed copy, counted in ``sparsecore.torch.layout_copies()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kernels.cpu._common import row_blocks as _row_blocks
+from kernels.cpu.structure import transpose as _transpose
+from kernels.cuda import structure as _cuda_structure
+from kernels.formats import CSR, as_csr
+from kernels.validation import index_dtype_for
+from sparsecore.layers import sparse_init
+from sparsecore.torch import _ops
+
+INITS = ("sparse", "dense")
+_AUTOCAST_SAID = []
+
+
+def _check_sparsity(sparsity, density):
+    if density is None:
+        if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        density = 1.0 - float(sparsity)
+    elif not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0):
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+    return float(density)
+
+
+def _seed_from_torch() -> list[int]:
+    """A seed drawn from torch's default generator (so ``torch.manual_seed`` fixes it)."""
+    return [int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))]
+
+
+class SparseModule(nn.Module):
+    """What the RigL scheduler needs of a sparse layer type (SparseLinear; convolutions later):
+    a pattern it can read as a CSR (``csr()``), replace in place (``set_pattern``), and the
+    feature-major input and output gradient of the batches it was armed to record."""
+
+    values: nn.Parameter
+
+    def _init_recording(self):
+        self._record: list | None = None  # [[xT, dyT or None], ...] while armed
+
+    def arm(self, on: bool):
+        """Record (on) or stop recording (off) each forward's input and output gradient."""
+        self._record = [] if on else None
+
+    def recorded(self):
+        """(xT, dyT) of the recorded batches, concatenated along N: the accumulated batch's
+        input and output gradient, feature-major (copies only when several were recorded)."""
+        rec = [(x, dy) for x, dy in (self._record or []) if dy is not None]
+        if not rec:
+            return None, None
+        if len(rec) == 1:
+            return rec[0]
+        return torch.cat([x for x, _ in rec], dim=1), torch.cat([dy for _, dy in rec], dim=1)
+
+    def _remember(self, xT: Tensor, yT: Tensor):
+        if self._record is None or not yT.requires_grad:
+            return
+        slot = [xT, None]
+        self._record.append(slot)
+
+        def hook(g, slot=slot):
+            slot[1] = _ops.contiguous(g)
+
+        yT.register_hook(hook)
+
+
+class SparseLinear(SparseModule):
+    """y = x·Wᵀ + b with W (out_features × in_features) stored as CSR.
+
+    ``SparseLinear(in_features, out_features, bias=True, sparsity=0.9)`` draws a uniformly
+    random pattern of round(density·out·in) entries and Kaiming-uniform values scaled by each
+    row's own number of inputs (``init="sparse"``, the engine's init; ``"dense"`` scales by
+    in_features as a dense layer would). The bias starts as ``nn.Linear``'s does. ``seed``
+    (an int or ints) fixes the draw; None draws the seed from torch's generator.
+
+    float32 only; CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels (CuPy).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        sparsity: float = 0.9,
+        *,
+        density: float | None = None,
+        init: str = "sparse",
+        seed=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if dtype not in (None, torch.float32):
+            raise TypeError(f"SparseLinear computes in float32, got dtype={dtype}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.in_features, self.out_features = in_features, out_features
+        density = _check_sparsity(sparsity, density)
+        seed = _seed_from_torch() if seed is None else seed
+        W = sparse_init(in_features, out_features, density, seed, fan_in=init)
+        self._init_recording()
+        self._install(W, device)
+        if bias:
+            bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+            b = torch.empty(out_features, dtype=torch.float32, device=device)
+            self.bias = nn.Parameter(b.uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_csr(cls, W, bias=None, *, device=None) -> SparseLinear:
+        """A layer with the given weight: a ``sparsecore.CSR`` or a scipy.sparse matrix
+        (out × in, checked) and an optional bias (array or tensor of out_features)."""
+        W = as_csr(W, "W")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = W.shape
+        self._init_recording()
+        self._install(W, device)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            b = torch.as_tensor(np.asarray(bias, dtype=np.float32) if not isinstance(bias, Tensor)
+                                else bias.detach(), dtype=torch.float32)  # fmt: skip
+            if tuple(b.shape) != (W.shape[0],):
+                raise ValueError(f"bias has shape {tuple(b.shape)}, expected ({W.shape[0]},)")
+            self.bias = nn.Parameter(b.clone().to(device))
+        return self
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, sparsity: float, *, init: str = "magnitude", seed=None
+    ) -> SparseLinear:
+        """A SparseLinear from an ``nn.Linear``: its round(density·out·in) largest-|w| entries
+        (``init="magnitude"``, ties to the lower flat index), or a uniformly random pattern
+        holding the dense layer's own values there (``init="random"``); the bias is copied.
+        (The dense weight exists already: this converts a model, it does not avoid it.)"""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if init not in ("magnitude", "random"):
+            raise ValueError(f"init must be 'magnitude' or 'random', got {init!r}")
+        density = _check_sparsity(sparsity, None)
+        w = linear.weight.detach().to("cpu", torch.float32).numpy()
+        m, n = w.shape
+        k = int(round(density * m * n))
+        if init == "magnitude":
+            flat = np.argsort(-np.abs(w).reshape(-1), kind="stable")[:k]
+        else:
+            rng = np.random.default_rng(_seed_from_torch() if seed is None else seed)
+            flat = rng.choice(m * n, size=k, replace=False)
+        flat = np.sort(flat)
+        W = _csr_from_flat(flat, w.reshape(-1)[flat], (m, n))
+        b = None if linear.bias is None else linear.bias.detach().cpu()
+        return cls.from_csr(W, b, device=linear.weight.device)
+
+    def _install(self, W: CSR, device=None):
+        """Register the parameter and buffers of weight W (a host CSR)."""
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        self.values = nn.Parameter(torch.from_numpy(np.array(W.data)).to(dev))
+        self.register_buffer("indptr", torch.from_numpy(np.array(W.indptr)).to(dev))
+        self.register_buffer("indices", torch.from_numpy(np.array(W.indices)).to(dev))
+        for name in ("t_indptr", "t_indices", "t_perm", "row_blocks", "col_blocks"):
+            self.register_buffer(name, None, persistent=False)
+        self._derive()
+
+    def _derive(self):
+        """The transpose structure and thread blocks, from the current pattern (O(nnz + n))."""
+        m, n = self.out_features, self.in_features
+        if self.indptr.device.type == "cpu":
+            ip, ix = self.indptr.numpy(), self.indices.numpy()
+            ti, tx, tp = _transpose(ip, ix, n)
+            parts = dict(
+                t_indptr=ti, t_indices=tx, t_perm=tp,
+                row_blocks=_row_blocks(ip, m), col_blocks=_row_blocks(ti, n),
+            )  # fmt: skip
+            for k, a in parts.items():
+                setattr(self, k, torch.from_numpy(np.ascontiguousarray(a)))
+            return
+        b = _ops.backend_of(self.indptr)
+        ip, ix = _ops.arrays(b, self.indptr, self.indices)
+        with _ops._on_stream(b, self.indptr):
+            ti, tx, tp = _cuda_structure.transpose(ip, ix, n)  # (on the device)
+        dev = self.indptr.device
+        for k, a in dict(t_indptr=ti, t_indices=tx, t_perm=tp).items():
+            setattr(self, k, torch.from_dlpack(a).to(dev))
+        empty = torch.zeros(2, dtype=torch.int64, device=dev)  # (ignored by the GPU launchers)
+        self.row_blocks, self.col_blocks = empty, empty.clone()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def density(self) -> float:
+        size = self.out_features * self.in_features
+        return self.nnz / size if size else 0.0
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight as a ``torch.sparse_csr`` tensor (out × in) sharing the values' memory
+        (detached: the trainable parameter is ``values``)."""
+        return torch.sparse_csr_tensor(
+            self.indptr, self.indices, self.values.detach(), (self.out_features, self.in_features)
+        )
+
+    def to_dense(self) -> Tensor:
+        """The weight as a dense (out_features, in_features) tensor (a copy: out·in floats)."""
+        return self.weight.to_dense()
+
+    def parts(self) -> tuple:
+        """The pattern tensors the ops take, in their order (see ``_ops.PATTERN_PARTS``)."""
+        return tuple(getattr(self, k) for k in _ops.PATTERN_PARTS)
+
+    def pattern(self) -> _ops.Pattern:
+        """The checked pattern (O(1) while unchanged)."""
+        return _ops.pattern(*self.parts())
+
+    def csr(self) -> CSR:
+        """The weight as a ``sparsecore.CSR`` over the layer's own memory (CPU tensors only;
+        the values are shared, writes to them are the layer's)."""
+        if self.values.device.type != "cpu":
+            raise ValueError("csr() views CPU tensors; this layer is on " + str(self.values.device))
+        P = self.pattern()
+        return CSR._trusted(
+            P.indptr.copy(), P.indices.copy(), self.values.detach().numpy(),
+            (self.out_features, self.in_features),
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4g}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.in_features
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != n:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected (*, {n}) (in_features = {n})")
+        if x.device != self.values.device:
+            raise ValueError(
+                f"x is on {x.device}, but this layer's weights are on {self.values.device}"
+            )
+        x = self._float32(x)
+        lead = x.shape[:-1]
+        x2 = x if x.dim() == 2 else _rows(x, n)
+        xT = _ops.contiguous(x2.T)  # a view when x is the transpose of a feature-major tensor
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            yT = torch.ops.sparsecore.linear(*self.parts(), self.values, self.bias, xT)
+        else:
+            yT = _ops.LinearFunction.apply(self.pattern(), self.values, self.bias, xT)
+        self._remember(xT, yT)
+        y = yT.T
+        return y if x.dim() == 2 else y.view(*lead, self.out_features)
+
+    def _float32(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return x
+        if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16):
+            if not _AUTOCAST_SAID:
+                _AUTOCAST_SAID.append(True)
+                warnings.warn(
+                    f"sparsecore.torch: SparseLinear computes in float32 under autocast (got "
+                    f"{x.dtype} input; its output is float32)",
+                    stacklevel=3,
+                )
+            return x.float()
+        raise TypeError(
+            f"SparseLinear takes float32 input, got {x.dtype} (convert with .float(); under "
+            "torch.autocast half inputs are computed in float32)"
+        )
+
+    # ------------------------------------------------------------------ topology
+    def set_pattern(self, indptr, indices, values):
+        """Replace the pattern and values in place (same nnz: the Parameter object stays, and
+        so does an optimizer's reference to it); the arrays must be canonical CSR (checked)."""
+        ip = torch.as_tensor(indptr)
+        ix = torch.as_tensor(indices)
+        v = torch.as_tensor(values)
+        if ix.shape[0] != self.nnz or v.shape[0] != self.nnz:
+            raise ValueError(f"the new pattern holds {ix.shape[0]} entries, this layer {self.nnz}")
+        _ops._check_csr(
+            ip.to("cpu"), ix.to("cpu"), self.out_features, self.in_features, "", canonical=True
+        )
+        with torch.no_grad():
+            self.indptr.copy_(ip)
+            self.indices.copy_(ix)
+            self.values.copy_(v)
+        self._derive()
+
+    # ------------------------------------------------------------------ state_dict
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        keys = {k: prefix + k for k in ("indptr", "indices", "values")}
+        present = {k: state_dict[p] for k, p in keys.items() if p in state_dict}
+        problem = self._check_loaded(present, prefix) if len(present) == 3 else None
+        if problem is None:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                error_msgs,
+            )  # fmt: skip
+        else:  # nothing of this layer's pattern is copied; the rest (bias) loads as usual
+            rest = {k: v for k, v in state_dict.items() if k not in keys.values()}
+            super()._load_from_state_dict(
+                rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            for p in keys.values():
+                if p in missing_keys and p in state_dict:
+                    missing_keys.remove(p)
+            error_msgs.append(problem)
+        self._derive()
+
+    def _check_loaded(self, d: dict, prefix: str) -> str | None:
+        """Why a loaded (untrusted) pattern cannot be this layer's, or None."""
+        m, n = self.out_features, self.in_features
+        ip, ix, v = d["indptr"], d["indices"], d["values"]
+        for k, t in (("indptr", ip), ("indices", ix), ("values", v)):
+            if not isinstance(t, Tensor) or t.dim() != 1:
+                return f"{prefix}{k}: expected a 1-D tensor, got {_ops._describe(t)}"
+        if v.shape[0] != self.nnz or ix.shape[0] != v.shape[0]:
+            return (
+                f"{prefix}values: the checkpoint's layer holds {v.shape[0]} nonzeros "
+                f"({ix.shape[0]} indices), this layer {self.nnz}: nnz must match (build the "
+                f"layer with the checkpoint's sparsity, or from its pattern with from_csr)"
+            )
+        if ip.dtype not in _ops.INDEX_DTYPES or ix.dtype not in _ops.INDEX_DTYPES:
+            return f"{prefix}indptr/indices: expected int32 or int64, got {ip.dtype}, {ix.dtype}"
+        if not v.dtype.is_floating_point:
+            return f"{prefix}values: expected floating-point values, got {v.dtype}"
+        try:
+            _ops._check_csr(ip.to("cpu"), ix.to("cpu"), m, n, f"{prefix}", canonical=True)
+        except ValueError as e:
+            return f"{prefix}: not a valid ({m} × {n}) CSR pattern: {e}"
+        if not bool(torch.isfinite(v).all()):
+            return f"{prefix}values: must be finite, but they hold NaN or inf"
+        return None
+
+
+def _rows(x: Tensor, n: int) -> Tensor:
+    """x (*, n) as (N, n): a view when the leading dims merge, else a (counted) copy."""
+    try:
+        return x.view(-1, n)
+    except RuntimeError:
+        _ops.COUNTS["layout_copies"] += 1
+        return x.reshape(-1, n)
+
+
+def _csr_from_flat(flat: np.ndarray, vals: np.ndarray, shape) -> CSR:
+    """A canonical CSR from sorted distinct flat positions i·n + j and their values."""
+    m, n = shape
+    idx = index_dtype_for(m, n, flat.shape[0])
+    rows = flat // max(n, 1)
+    indptr = np.zeros(m + 1, idx)
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    indices = (flat - rows * n).astype(idx)
+    return CSR(indptr, indices, np.ascontiguousarray(vals, np.float32), shape)
