@@ -51,3 +51,22 @@ def _no_flush_to_zero_leaks():
     if fpmode.flushing():
         fpmode.set_flush(False)
         pytest.fail("the test left flush-to-zero on in the calling thread")
+
+
+TORCH_BUDGET_S = 180  # the PyTorch bridge's tests, all together (.ci/run's budget)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The PyTorch bridge's tests' total time against their budget (a line, not a failure:
+    machines differ; CI's log shows it)."""
+    total = 0.0
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            where = getattr(r, "nodeid", "") or ""
+            if "test_torch" in where.split("::")[0] or "test_bench_torch" in where:
+                total += getattr(r, "duration", 0.0) or 0.0
+    if total:
+        terminalreporter.write_line(
+            f"PyTorch bridge tests: {total:.0f} s (budget {TORCH_BUDGET_S} s)"
+            + ("" if total <= TORCH_BUDGET_S else "  OVER BUDGET")
+        )

@@ -230,9 +230,12 @@ class SparseLinear(SparseModule):
     def weight(self) -> Tensor:
         """The weight as a ``torch.sparse_csr`` tensor (out × in) sharing the values' memory
         (detached: the trainable parameter is ``values``)."""
-        return torch.sparse_csr_tensor(
-            self.indptr, self.indices, self.values.detach(), (self.out_features, self.in_features)
-        )
+        with warnings.catch_warnings():  # ("sparse CSR support is in beta")
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.indptr, self.indices, self.values.detach(),
+                (self.out_features, self.in_features), check_invariants=False,
+            )  # fmt: skip  (the pattern is checked: see _ops.Pattern)
 
     def to_dense(self) -> Tensor:
         """The weight as a dense (out_features, in_features) tensor (a copy: out·in floats)."""
