@@ -520,6 +520,9 @@ def sparse_init(
     seed = [int(s) for s in seed]
     nnz = int(round(density * m * n))
     idx = index_dtype_for(m, n, nnz)
+    if m == 0 or n == 0:  # no entries to draw (a layer with no outputs or no inputs)
+        return CSR._trusted(np.zeros(r1 - r0 + 1, idx), np.zeros(0, idx), np.zeros(0, np.float32),
+                            (r1 - r0, n))  # fmt: skip
     R = INIT_BLOCK_ROWS
     n_blocks = -(-m // R)
     sizes = np.full(n_blocks, R * n, dtype=np.int64)

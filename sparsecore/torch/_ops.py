@@ -151,18 +151,37 @@ def _check_blocks(blocks: Tensor, name: str, rows: int):
         raise ValueError(f"{name} must run from 0 to {rows} without decreasing")
 
 
-def _stamp(tensors) -> tuple:
+def _stamp(tensors) -> tuple | None:
     """What identifies the contents of some tensors: each one's version counter (torch bumps
-    it at every in-place write) and identity (a weak reference: compared with ``is``)."""
+    it at every in-place write) and identity (a weak reference: compared with ``is``). None
+    for inference tensors, which count no versions: their patterns are checked at every call."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple(t._version for t in tensors), tuple(map(weakref.ref, tensors))
 
 
 def _same(stamp, new) -> bool:
     return (
         stamp is not None
+        and new is not None
         and stamp[0] == new[0]
         and all(r() is t() for r, t in zip(stamp[1], new[1], strict=True))
     )
+
+
+class _Cache:
+    """The checked Pattern remembered on an indptr tensor (``indptr.__dict__``). A copy of the
+    tensor (``copy.deepcopy``, pickling, ``torch.save``) gets an empty cache: the copy's
+    pattern is checked again when it is first used."""
+
+    def __init__(self, stamp=None, pattern=None):
+        self.stamp, self.pattern = stamp, pattern
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+    def __deepcopy__(self, memo):
+        return _Cache()
 
 
 PATTERN_PARTS = ("indptr", "indices", "row_blocks", "t_indptr", "t_indices", "t_perm", "col_blocks")
@@ -265,10 +284,11 @@ def pattern(*tensors) -> Pattern:
         raise TypeError(f"indptr must be a tensor, got {type(indptr).__name__}")
     key = _stamp(tensors)
     cached = indptr.__dict__.get("_sparsecore_pattern")
-    if cached is not None and _same(cached[0], key):
-        return cached[1]
+    if cached is not None and _same(cached.stamp, key):
+        return cached.pattern
     P = Pattern(tensors)
-    indptr.__dict__["_sparsecore_pattern"] = (key, P)
+    P.tensors = tuple(tensors)  # (strong references: what the backward saves)
+    indptr.__dict__["_sparsecore_pattern"] = _Cache(key, P)
     return P
 
 
@@ -385,12 +405,15 @@ class LinearFunction(torch.autograd.Function):
     def forward(ctx, P: Pattern, values, bias, xT):
         ctx.P = P
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(values, xT)
+        # the pattern's tensors are saved too: an in-place change of any of them between this
+        # forward and its backward makes the backward raise torch's "modified by an inplace
+        # operation" error instead of reading a pattern that is no longer the one checked
+        ctx.save_for_backward(values, xT, *P.tensors)
         return P.forward(values, bias, xT)
 
     @staticmethod
     def backward(ctx, dyT):
-        values, xT = ctx.saved_tensors
+        values, xT, *_ = ctx.saved_tensors  # (torch checks the saved versions here)
         need = ctx.needs_input_grad
         d_values, d_bias, d_x = _grads(
             ctx.P, values, xT, dyT, need[1], ctx.has_bias and need[2], need[3], ops=False

@@ -233,8 +233,11 @@ class SparseLinear(SparseModule):
         with warnings.catch_warnings():  # ("sparse CSR support is in beta")
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
-                self.indptr, self.indices, self.values.detach(),
-                (self.out_features, self.in_features), check_invariants=False,
+                self.indptr,
+                self.indices,
+                self.values.detach(),
+                (self.out_features, self.in_features),
+                check_invariants=False,
             )  # fmt: skip  (the pattern is checked: see _ops.Pattern)
 
     def to_dense(self) -> Tensor:
@@ -279,8 +282,7 @@ class SparseLinear(SparseModule):
             )
         x = self._float32(x)
         lead = x.shape[:-1]
-        x2 = x if x.dim() == 2 else _rows(x, n)
-        xT = _ops.contiguous(x2.T)  # a view when x is the transpose of a feature-major tensor
+        xT = _ops.contiguous(x.T) if x.dim() == 2 else _feature_major(x, n)
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             yT = torch.ops.sparsecore.linear(*self.parts(), self.values, self.bias, xT)
         else:
@@ -367,19 +369,20 @@ class SparseLinear(SparseModule):
         try:
             _ops._check_csr(ip.to("cpu"), ix.to("cpu"), m, n, f"{prefix}", canonical=True)
         except ValueError as e:
-            return f"{prefix}: not a valid ({m} × {n}) CSR pattern: {e}"
+            return f"{prefix}indptr/indices: not a valid ({m} × {n}) CSR pattern: {e}"
         if not bool(torch.isfinite(v).all()):
             return f"{prefix}values: must be finite, but they hold NaN or inf"
         return None
 
 
-def _rows(x: Tensor, n: int) -> Tensor:
-    """x (*, n) as (N, n): a view when the leading dims merge, else a (counted) copy."""
+def _feature_major(x: Tensor, n: int) -> Tensor:
+    """x (*, n) as the contiguous (n, N) the kernels take: a view when the leading dims merge
+    and the result's rows are contiguous, else one (counted) copy."""
     try:
-        return x.view(-1, n)
-    except RuntimeError:
+        return _ops.contiguous(x.view(-1, n).T)
+    except RuntimeError:  # the leading dims do not merge: one copy straight to (n, N)
         _ops.COUNTS["layout_copies"] += 1
-        return x.reshape(-1, n)
+        return x.movedim(-1, 0).reshape(n, -1).contiguous()
 
 
 def _csr_from_flat(flat: np.ndarray, vals: np.ndarray, shape) -> CSR:

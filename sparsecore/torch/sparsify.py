@@ -141,7 +141,17 @@ def sparsify(
 
 def _densities(sparsity, shapes, distribution, fixed):
     if distribution == "erk":
-        return layer_densities(sparsity, shapes, "erk", fixed)
+        out = layer_densities(sparsity, shapes, "erk", fixed)
+        empty = [
+            l for l, d in enumerate(out) if l not in fixed and d * shapes[l][0] * shapes[l][1] < 0.5
+        ]
+        if empty:
+            raise ValueError(
+                f"sparsity {sparsity} with the layers kept dense leaves no weights for the sparse "
+                f"layer(s) at positions {empty} (ERK gives them density 0): lower the sparsity or "
+                "keep fewer layers dense"
+            )
+        return out
     # uniform: one density for the swapped layers, the kept-dense ones counted in the budget
     sizes = [m * n for m, n in shapes]
     free = [l for l in range(len(shapes)) if l not in fixed]
