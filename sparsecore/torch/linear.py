@@ -65,7 +65,10 @@ class SparseModule(nn.Module):
         self._record: list | None = None  # [[xT, dyT or None], ...] while armed
 
     def arm(self, on: bool):
-        """Record (on) or stop recording (off) each forward's input and output gradient."""
+        """Record (on) or stop recording (off) each forward's input and output gradient; off
+        lets go of what was recorded (the hooks the graph keeps hold empty slots)."""
+        for slot in self._record or ():
+            slot[0] = slot[1] = None
         self._record = [] if on else None
 
     def recorded(self):

@@ -30,9 +30,9 @@ Several processes (``torch.distributed`` initialised, e.g. under DDP): at an upd
 gathers every rank's recorded inputs and output gradients (``all_gather``, in rank order) and
 runs the same update on the global batch, so the grow follows the global batch's gradient, not
 one rank's, and every rank ends with the same topology; a checksum of each layer's pattern is
-compared across ranks after the update (a drift raises at once). DDP: pass
-``broadcast_buffers=False`` (the patterns are equal by construction; the default broadcasts
-every buffer each step).
+compared across ranks after the update (a drift raises at once). DDP: the patterns are equal
+by construction, so its broadcast of every buffer before each forward (the default) is not
+needed: ``broadcast_buffers=False`` (``forward_sync_buffers=False`` in newer torch) saves it.
 """
 
 from __future__ import annotations
@@ -99,12 +99,14 @@ class _OptimizerState:
             return
         p = self.values_of[name]
         state = self.optimizer.state.get(p, {})
-        b = _ops.backend_of(p)
+        src = None if not state else _tensor(src, p.device).to(torch.int64)
         for t in state.values():
             if isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype.is_floating_point:
-                carried = b.remap(src, _ops.arrays(b, t)[0], 0.0)
+                # (torch indexing: any dtype and layout the optimizer keeps, bf16 included)
+                carried = t[src.clamp(min=0)]
+                carried[src < 0] = 0
                 with torch.no_grad():
-                    t.copy_(_tensor(carried, t.device))
+                    t.copy_(carried)
 
     def rebind(self, params):
         pass  # (the Parameters keep their identity: nothing to point at anew)
@@ -267,24 +269,26 @@ class RigL:
 
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        g = self.process_group
+        g = dist.group.WORLD if self.process_group is None else self.process_group
         return g if dist.get_world_size(g) > 1 else None
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         """What an exact resume needs beyond the model's and the optimizer's state_dicts (the
         patterns are in the model's): the step and the settings, checked on load."""
-        s = self.schedule
+        return dict(t=self.t, updates=list(self.updates), **self._settings())
+
+    def _settings(self) -> dict:
+        """The settings that shape the run (a resume must not change them)."""
+        s, u = self.schedule, self.updater
         return dict(
-            t=self.t, method=self.method, delta_t=s.delta_t, alpha=s.alpha, t_end=s.t_end,
-            decay=s.decay, seed=self.updater.seed, updates=list(self.updates),
+            method=self.method, delta_t=s.delta_t, alpha=s.alpha, t_end=s.t_end, decay=s.decay,
+            seed=u.seed, step_on_update=self.step_on_update,
+            grow=getattr(u, "grow_mode", None), candidates=getattr(u, "candidates", None),
         )  # fmt: skip
 
     def load_state_dict(self, d: dict):
-        s = self.schedule
-        mine = dict(method=self.method, delta_t=s.delta_t, alpha=s.alpha, t_end=s.t_end,
-                    decay=s.decay, seed=self.updater.seed)  # fmt: skip
-        for k, v in mine.items():
+        for k, v in self._settings().items():
             if k in d and d[k] != v:
                 raise ValueError(f"the saved RigL state has {k}={d[k]!r}, this scheduler {v!r}")
         t = d.get("t")
@@ -297,13 +301,18 @@ class RigL:
     def report_line(self, report=None) -> str:
         """One line per update, as the engine prints it."""
         r = report or self.last_report
-        if r is None:
+        if r is not None:
+            step, f, layers = r.step, r.drop_fraction, r.per_layer
+        elif self.updates:  # (after a resume: the saved entries)
+            u = self.updates[-1]
+            step, f, layers = u["step"], u["drop_fraction"], u["layers"]
+        else:
             return "no topology update yet"
-        grown = sum(d["grown"] for d in r.per_layer)
-        secs = sum(d["seconds"] for d in r.per_layer)
+        grown = sum(d["grown"] for d in layers)
+        secs = sum(d["seconds"] for d in layers)
         return (
-            f"step {r.step}: topology update, drop fraction {r.drop_fraction:.3f}, "
-            f"{grown} connections regrown over {len(r.per_layer)} layers in {secs * 1e3:.1f} ms"
+            f"step {step}: topology update, drop fraction {f:.3f}, "
+            f"{grown} connections regrown over {len(layers)} layers in {secs * 1e3:.1f} ms"
         )
 
 
