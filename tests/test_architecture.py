@@ -27,6 +27,10 @@ ALLOWED = {
     ("sparsecore/benchmarks/step.py", "sparsecore.rigl.distributions"): LAZY_BENCH,
     ("sparsecore/benchmarks/step.py", "sparsecore.train"): LAZY_BENCH,
     ("sparsecore/benchmarks/suite.py", "sparsecore.benchmarks.step"): LAZY_BENCH,
+    ("sparsecore/benchmarks/suite.py", "sparsecore.benchmarks.torch_step"): LAZY_BENCH,
+    ("sparsecore/benchmarks/torch_step.py", "sparsecore.torch"): (
+        "lazy: the optional [torch] extra, so the torch level's table rebuilds without torch"
+    ),
     ("sparsecore/cli.py", "sparsecore.benchmarks.suite"): LAZY_BENCH,
 }
 

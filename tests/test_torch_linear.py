@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from sparsecore import CSR  # noqa: E402
 from sparsecore.layers import mlp  # noqa: E402
 from sparsecore.torch import SparseLinear, _ops, sparsify, summary  # noqa: E402
 from sparsecore.torch import linear as linear_mod  # noqa: E402
-from sparsecore.torch._ops import PATTERN_PARTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 U32 = 2.0**-24  # float32 unit roundoff
@@ -323,6 +323,45 @@ def test_bad_inputs_are_clear_errors(rng):
         _layer(rng, 4, 6, 0.5).half()(_randn(rng, 3, 6))
 
 
+def _layer_tensors(layer):
+    return [layer.values, layer.indptr, layer.indices] + (
+        [layer.bias] if layer.bias is not None else []
+    )
+
+
+def test_layers_follow_the_default_device_meta(rng):
+    W = CSR(np.array([0, 1, 3], np.int32), np.array([2, 0, 1], np.int32), np.ones(3, np.float32),
+            (2, 3))  # fmt: skip
+    with torch.device("meta"):
+        layers = [
+            SparseLinear(5, 6, density=0.5, seed=0),
+            SparseLinear(5, 6, bias=False, density=0.5, seed=0),
+            SparseLinear.from_csr(W, np.ones(2, np.float32)),
+            SparseLinear.from_csr(W, torch.ones(2)),
+        ]
+        explicit = SparseLinear(5, 6, density=0.5, seed=0, device="cpu")
+    for layer in layers:
+        assert [t.device.type for t in _layer_tensors(layer)] == ["meta"] * len(
+            _layer_tensors(layer)
+        ), layer
+        assert {t.device.type for t in layer.state_dict().values()} == {"meta"}
+    assert {t.device.type for t in _layer_tensors(explicit)} == {"cpu"}
+    layer = layers[0]
+    assert layer.values.shape == (explicit.nnz,) and layer.indices.shape == (explicit.nnz,)
+    assert layer.indptr.shape == (7,) and layer.bias.shape == (6,)
+    assert dict(layer.named_buffers()).keys() == {"indptr", "indices"}
+    # a forward is a clear error, before any kernel runs
+    with pytest.raises(ValueError, match="x is on cpu, but this layer's weights are on meta"):
+        layer(_randn(rng, 3, 5))
+    with pytest.raises(TypeError, match="runs on CPU and CUDA tensors, got a tensor on meta"):
+        layer(torch.empty(3, 5, device="meta"))
+    # the usual meta-init flow: storage on the CPU, then a (checked) state_dict
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(explicit.state_dict())
+    x = _randn(rng, 4, 5)
+    assert torch.equal(layer(x), explicit(x))
+
+
 @pytest.mark.parametrize(
     "kw, exc, match",
     [
@@ -343,10 +382,22 @@ def test_constructor_refuses_bad_arguments(kw, exc, match):
         SparseLinear(**args, seed=0)
 
 
+PARTS = ("indptr", "indices")  # the pattern tensors the ops take, in their order
+
+
 def _parts_and_operands(rng, m=6, n=7, density=0.5):
     layer = _layer(rng, m, n, density)
-    parts = {k: t.clone() for k, t in zip(PATTERN_PARTS, layer.parts(), strict=True)}
+    parts = {k: t.clone() for k, t in zip(PARTS, layer.parts(), strict=True)}
     return layer, parts, layer.values.detach().clone(), layer.bias.detach().clone()
+
+
+def _op_args(op, v, b, xT, dyT):
+    """The operands after the pattern tensors, per op (n_cols = xT's rows)."""
+    return {
+        "linear": (v, b, xT),
+        "linear_dx": (v, dyT, xT.shape[0]),
+        "linear_dw": (dyT, xT, True),
+    }[op]
 
 
 def _set(i, v):
@@ -382,32 +433,24 @@ def _nonmonotone_indptr(t, layer):
     return t
 
 
+def _strided(t, layer):
+    return torch.stack([t, t], 1)[:, 0]
+
+
 MALFORMED = {
-    "indices out of range": (
-        "indices",
-        lambda t, layer: _set(0, layer.in_features)(t, layer),
-        ValueError,
-        r"indices must lie in \[0, 7\)",
-    ),
+    # name: (which part, mutation, exception, message)
+    "indices out of range": ("indices", _set(0, 7), ValueError, r"indices must lie in \[0, 7\)"),
     "negative index": ("indices", _set(-1, -1), ValueError, "indices must lie"),
     "huge index": ("indices", _set(0, 2**30), ValueError, "indices must lie"),
-    "indptr decreasing": ("indptr", _nonmonotone_indptr, ValueError, "nondecreasing"),
-    "indptr not ending at nnz": (
-        "indptr",
-        lambda t, layer: _set(-1, int(t[-1]) - 1)(t, layer),
-        ValueError,
-        "from 0 to nnz",
-    ),
-    "indptr not starting at 0": ("indptr", _set(0, 1), ValueError, "from 0 to nnz"),
-    "indptr too short": (
-        "indptr",
-        lambda t, layer: t[:-1].clone(),
-        ValueError,
-        "indptr|indices|row_blocks",
-    ),
     "unsorted row": ("indices", _first_row_reversed, ValueError, "rise strictly"),
     "duplicate column": ("indices", _first_row_duplicated, ValueError, "rise strictly"),
     "indices too short": ("indices", lambda t, layer: t[:-1].clone(), ValueError, "nnz"),
+    "indices too long": (
+        "indices",
+        lambda t, layer: torch.cat([t, t[-1:]]),
+        ValueError,
+        "from 0 to nnz",
+    ),
     "indices int64 under int32 indptr": (
         "indices",
         lambda t, layer: t.long(),
@@ -420,12 +463,49 @@ MALFORMED = {
         TypeError,
         "indices must be int32 or int64",
     ),
-    "indices 2-D": ("indices", lambda t, layer: t[None].clone(), TypeError, "1-D"),
-    "indices not contiguous": (
+    "indices int16": (
         "indices",
-        lambda t, layer: torch.stack([t, t], 1)[:, 0],
+        lambda t, layer: t.short(),
+        TypeError,
+        "indices must be int32 or int64",
+    ),
+    "indices 2-D": (
+        "indices",
+        lambda t, layer: t[None].clone(),
+        TypeError,
+        "indices must be a 1-D",
+    ),
+    "indices not contiguous": ("indices", _strided, ValueError, "indices must be contiguous"),
+    "indptr decreasing": ("indptr", _nonmonotone_indptr, ValueError, "nondecreasing"),
+    "indptr not ending at nnz": (
+        "indptr",
+        lambda t, layer: _set(-1, int(t[-1]) - 1)(t, layer),
         ValueError,
-        "contiguous",
+        "from 0 to nnz",
+    ),
+    "indptr past nnz": (
+        "indptr",
+        lambda t, layer: _set(-1, int(t[-1]) + 1)(t, layer),
+        ValueError,
+        "from 0 to nnz",
+    ),
+    "indptr not starting at 0": ("indptr", _set(0, 1), ValueError, "from 0 to nnz"),
+    # one row fewer: a valid CSR of 5 rows only when the last row is empty, and then the
+    # operands (bias, dyT: 6 rows) disagree with it
+    "indptr too short": (
+        "indptr",
+        lambda t, layer: t[:-1].clone(),
+        ValueError,
+        "from 0 to nnz|has shape",
+    ),
+    # one empty row more: a valid CSR of 7 rows, which the 6-row operands do not fit
+    "indptr too long": ("indptr", lambda t, layer: torch.cat([t, t[-1:]]), ValueError, "has shape"),
+    "indptr empty": ("indptr", lambda t, layer: t[:0].clone(), ValueError, "n_rows \\+ 1 >= 1"),
+    "indptr int64 over int32 indices": (
+        "indptr",
+        lambda t, layer: t.long(),
+        TypeError,
+        r"indices must have the dtype of indptr \(torch.int64\)",
     ),
     "indptr float": (
         "indptr",
@@ -433,86 +513,8 @@ MALFORMED = {
         TypeError,
         "indptr must be int32 or int64",
     ),
-    "t_perm out of range": (
-        "t_perm",
-        lambda t, layer: _set(0, layer.nnz)(t, layer),
-        ValueError,
-        "t_perm must hold positions",
-    ),
-    "t_perm negative": ("t_perm", _set(-1, -1), ValueError, "t_perm must hold positions"),
-    "t_perm too short": (
-        "t_perm",
-        lambda t, layer: t[:-1].clone(),
-        ValueError,
-        "t_perm has length",
-    ),
-    "t_indices out of range": (
-        "t_indices",
-        lambda t, layer: _set(0, layer.out_features)(t, layer),
-        ValueError,
-        r"t_indices must lie in \[0, 6\)",
-    ),
-    "t_indices too short": (
-        "t_indices",
-        lambda t, layer: t[:-1].clone(),
-        ValueError,
-        "t_indices has length",
-    ),
-    "t_indptr not ending at nnz": (
-        "t_indptr",
-        _set(-1, 0),
-        ValueError,
-        "t_indptr must run from 0 to nnz",
-    ),
-    "t_indptr other dtype": (
-        "t_indptr",
-        lambda t, layer: t.long(),
-        TypeError,
-        "t_indptr must have the dtype of indptr",
-    ),
-    "row_blocks not ending at rows": (
-        "row_blocks",
-        lambda t, layer: _set(-1, layer.out_features - 1)(t, layer),
-        ValueError,
-        "row_blocks must run from 0 to 6",
-    ),
-    "row_blocks past rows": (
-        "row_blocks",
-        lambda t, layer: _set(-1, layer.out_features + 1)(t, layer),
-        ValueError,
-        "row_blocks must run from 0 to 6",
-    ),
-    "row_blocks not starting at 0": ("row_blocks", _set(0, 1), ValueError, "row_blocks must run"),
-    "row_blocks decreasing": (
-        "row_blocks",
-        lambda t, layer: torch.tensor([0, 4, 2, 6]),
-        ValueError,
-        "row_blocks must run",
-    ),
-    "row_blocks int32": (
-        "row_blocks",
-        lambda t, layer: t.int(),
-        ValueError,
-        "row_blocks must be int64",
-    ),
-    "row_blocks one entry": (
-        "row_blocks",
-        lambda t, layer: t[:1].clone(),
-        ValueError,
-        "row_blocks must be int64 boundaries of length >= 2",
-    ),
-    "col_blocks not ending at cols": (
-        "col_blocks",
-        lambda t, layer: _set(-1, layer.in_features - 1)(t, layer),
-        ValueError,
-        "col_blocks must run from 0 to 7",
-    ),
-    "col_blocks past cols": (
-        "col_blocks",
-        lambda t, layer: _set(-1, 99)(t, layer),
-        ValueError,
-        "col_blocks must run from 0 to 7",
-    ),
+    "indptr 2-D": ("indptr", lambda t, layer: t[None].clone(), TypeError, "indptr must be a 1-D"),
+    "indptr not contiguous": ("indptr", _strided, ValueError, "indptr must be contiguous"),
 }
 
 
@@ -520,22 +522,21 @@ MALFORMED = {
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_ops_refuse_malformed_patterns(name, op, rng):
     layer, parts, v, b = _parts_and_operands(rng)
+    assert parts["indptr"].dtype == torch.int32  # (the dtype cases assume it)
     part, mutate, exc, match = MALFORMED[name]
     parts[part] = mutate(parts[part], layer)
-    P = [parts[k] for k in PATTERN_PARTS]
     xT, dyT = _randn(rng, 7, 5), _randn(rng, 6, 5)
-    args = {"linear": (v, b, xT), "linear_dx": (v, dyT), "linear_dw": (dyT, xT, True)}[op]
     with pytest.raises(exc, match=match):
-        getattr(torch.ops.sparsecore, op)(*P, *args)
+        getattr(torch.ops.sparsecore, op)(*parts.values(), *_op_args(op, v, b, xT, dyT))
 
 
 def test_ops_accept_the_unmodified_parts(rng):
     """The malformed cases above start from parts that are valid (else they test nothing)."""
     layer, parts, v, b = _parts_and_operands(rng)
-    P = [parts[k] for k in PATTERN_PARTS]
+    P = list(parts.values())
     xT, dyT = _randn(rng, 7, 5), _randn(rng, 6, 5)
     assert torch.ops.sparsecore.linear(*P, v, b, xT).shape == (6, 5)
-    assert torch.ops.sparsecore.linear_dx(*P, v, dyT).shape == (7, 5)
+    assert torch.ops.sparsecore.linear_dx(*P, v, dyT, 7).shape == (7, 5)
     dw, db = torch.ops.sparsecore.linear_dw(*P, dyT, xT, True)
     assert dw.shape == (layer.nnz,) and db.shape == (6,)
     assert torch.ops.sparsecore.linear_dw(*P, dyT, xT, False)[1].shape == (0,)
@@ -544,13 +545,19 @@ def test_ops_accept_the_unmodified_parts(rng):
     dy, x = dyT.double(), xT.double()
     _assert_within(dw, (dy @ x.T)[rows, cols], (dy.abs() @ x.abs().T)[rows, cols], 5, "dw")
     _assert_within(db, dy.sum(1), dy.abs().sum(1), 5, "db")
-    dx = torch.ops.sparsecore.linear_dx(*P, v, dyT)
+    dx = torch.ops.sparsecore.linear_dx(*P, v, dyT, 7)
     _assert_within(dx, W.T @ dy, W.abs().T @ dy.abs(), 6, "dx")
+    y = torch.ops.sparsecore.linear(*P, v, b, xT)
+    absy = W.abs() @ x.abs() + b.double().abs()[:, None]
+    _assert_within(y, W @ x + b.double()[:, None], absy, 7, "y")
+    # more columns than any index reaches is a valid (wider) matrix: zero rows of dX past 7
+    wide = torch.ops.sparsecore.linear_dx(*P, v, dyT, 9)
+    assert torch.equal(wide[:7], dx) and not bool(wide[7:].any())
 
 
 def test_ops_refuse_malformed_operands(rng):
     layer, parts, v, b = _parts_and_operands(rng)
-    P = [parts[k] for k in PATTERN_PARTS]
+    P = list(parts.values())
     xT, dyT = _randn(rng, 7, 5), _randn(rng, 6, 5)
     ops = torch.ops.sparsecore
     cases = [
@@ -558,55 +565,108 @@ def test_ops_refuse_malformed_operands(rng):
         (lambda: ops.linear(*P, v.double(), b, xT), TypeError, "values must be float32"),
         (lambda: ops.linear(*P, v, b[:-1], xT), ValueError, "bias has shape"),
         (lambda: ops.linear(*P, v, b.double(), xT), TypeError, "bias must be float32"),
-        (
-            lambda: ops.linear(*P, v, b, xT[:-1].contiguous()),
-            ValueError,
-            r"xT has shape \(6, 5\), expected \(7, N\)",
-        ),
+        (lambda: ops.linear(*P, v, b, xT[:0].contiguous()), ValueError, r"indices must lie in"),
         (lambda: ops.linear(*P, v, b, xT.T.contiguous().T), ValueError, "xT must be C-contiguous"),
         (lambda: ops.linear(*P, v, b, xT.double()), TypeError, "xT must be float32"),
-        (lambda: ops.linear(*P, v, b, xT[None].contiguous()), ValueError, "xT has shape"),
-        (lambda: ops.linear_dx(*P, v, dyT[:-1].contiguous()), ValueError, "dyT has shape"),
-        (lambda: ops.linear_dx(*P, v[1:], dyT), ValueError, "values has shape"),
+        (
+            lambda: ops.linear(*P, v, b, xT[..., None].contiguous()),
+            ValueError,
+            "xT (has shape|must be a 2-D)",
+        ),
+        (
+            lambda: ops.linear(*P, v, b, xT[:, 0].contiguous()),
+            ValueError,
+            "xT (has shape|must be a 2-D)",
+        ),
+        (lambda: ops.linear_dx(*P, v, dyT[:-1].contiguous(), 7), ValueError, "dyT has shape"),
+        (lambda: ops.linear_dx(*P, v[1:], dyT, 7), ValueError, "values has shape"),
+        (lambda: ops.linear_dx(*P, v, dyT, 0), ValueError, r"indices must lie in \[0, 0\)"),
+        (lambda: ops.linear_dx(*P, v, dyT, -1), ValueError, "n_cols must be a non-negative"),
         (lambda: ops.linear_dw(*P, dyT, xT[:, :3].contiguous(), True), ValueError, "disagree on N"),
         (
             lambda: ops.linear_dw(*P, dyT.to(torch.float16), xT, True),
             TypeError,
             "dyT must be float32",
         ),
+        (lambda: ops.linear_dw(*P, dyT[:-1].contiguous(), xT, True), ValueError, "dyT has shape"),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
-    with pytest.raises((RuntimeError, TypeError)):  # the schema: 7 parts
-        ops.linear(*P[:-1], v, b, xT)
-    with pytest.raises(TypeError, match="a pattern is 7 tensors"):
-        _ops.pattern(*P[:-1])
-    with pytest.raises(TypeError, match="indptr must be a tensor"):
-        _ops.pattern(P[0].tolist(), *P[1:])
-    with pytest.raises(ValueError, match="t_perm must be a tensor on cpu"):
-        _ops.pattern(*P[:5], P[5].to("meta"), P[6])
+    with pytest.raises((RuntimeError, TypeError)):  # the schema: 2 pattern tensors
+        ops.linear(P[0], v, b, xT)
+    with pytest.raises((RuntimeError, TypeError)):  # the old 7-part signature is gone
+        ops.linear(*P, P[0], P[1], P[0], P[0], P[0], v, b, xT)
+    with pytest.raises(TypeError, match="indptr and indices must be tensors"):
+        _ops.pattern(P[0].tolist(), P[1], 7)
+    with pytest.raises(ValueError, match="indices is on meta, but indptr is on cpu"):
+        _ops.pattern(P[0], P[1].to("meta"), 7)
+    with pytest.raises(TypeError, match="runs on CPU and CUDA tensors, got a tensor on meta"):
+        _ops.pattern(P[0].to("meta"), P[1].to("meta"), 7)
+    assert not hasattr(_ops, "PATTERN_PARTS")
 
 
-@pytest.mark.parametrize("part", ["indices", "indptr", "t_perm", "t_indices", "row_blocks"])
+@pytest.mark.parametrize("op", ["linear", "linear_dw"])
+@pytest.mark.parametrize("shape", [(1, 7, 5), ()])
+def test_ops_name_xT_when_it_is_not_2d(op, shape, rng):
+    layer, parts, v, b = _parts_and_operands(rng)
+    xT, dyT = _randn(rng, *shape), _randn(rng, 6, 5)
+    args = (v, b, xT) if op == "linear" else (dyT, xT, True)
+    with pytest.raises(ValueError, match="xT (has shape|must be a 2-D)"):
+        getattr(torch.ops.sparsecore, op)(*parts.values(), *args)
+
+
+@pytest.mark.parametrize("which", ["indptr", "indices"])
+def test_ops_refuse_a_meta_pattern_tensor_beside_cpu_operands(which, rng):
+    layer, parts, v, b = _parts_and_operands(rng)
+    parts[which] = parts[which].to("meta")
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        torch.ops.sparsecore.linear(*parts.values(), v, b, _randn(rng, 7, 5))
+
+
+@pytest.mark.parametrize("part", ["indices", "indptr"])
 def test_in_place_edit_of_a_pattern_buffer_is_rechecked(part, rng):
     layer = _layer(rng, 6, 7, 0.5)
     x = _randn(rng, 4, 7)
     y = layer(x)  # checks and caches the pattern
     buf = getattr(layer, part)
-    bad = {
-        "indices": 7,
-        "indptr": layer.nnz + 3,
-        "t_perm": layer.nnz,
-        "t_indices": 6,
-        "row_blocks": 99,
-    }
+    bad = {"indices": 7, "indptr": layer.nnz + 3}
     old = int(buf[-1])
     buf[-1] = bad[part]  # an in-place write: bumps the version counter
     with pytest.raises(ValueError, match=part):
         layer(x)
+    with pytest.raises(ValueError, match=part):  # (and again: the bad pattern is not cached)
+        layer.pattern()
     buf[-1] = old  # restored in place: accepted again, same numbers
     assert torch.equal(layer(x), y)
+
+
+def test_the_pattern_is_cached_and_rebuilt_only_on_a_change(rng):
+    layer = _layer(rng, 6, 7, 0.5)
+    P = layer.pattern()
+    assert layer.pattern() is P and _ops.pattern(*layer.parts(), 7) is P
+    ip, ix = P.csr_arrays()
+    assert np.array_equal(ip, layer.indptr.numpy()) and np.array_equal(ix, layer.indices.numpy())
+    assert not np.shares_memory(ix, layer.indices.numpy())  # private copies
+    assert not np.shares_memory(ip, layer.indptr.numpy())
+    with torch.no_grad():
+        layer.indices.add_(0)  # a counted write of the same contents: rebuilt, same numbers
+    Q = layer.pattern()
+    assert Q is not P and np.array_equal(Q.indices, P.indices)
+    assert layer.pattern() is Q
+    assert _ops.pattern(*layer.parts(), 8) is not Q  # another width is another pattern
+    # another indices tensor over the same memory, with the same (shared) version counter: a
+    # shorter view is another pattern, checked (the cache on indptr names its indices tensor)
+    ip, ix = layer.parts()
+    short = ix[:-1]
+    assert short.data_ptr() == ix.data_ptr() and short._version == ix._version
+    for call in (
+        lambda: _ops.pattern(ip, short, 7),
+        lambda: torch.ops.sparsecore.linear(ip, short, layer.values[:-1], None, _randn(rng, 7, 2)),
+    ):
+        assert _ops.pattern(ip, ix, 7).nnz == layer.nnz  # (cached for this width)
+        with pytest.raises(ValueError, match="from 0 to nnz"):
+            call()
 
 
 def _run_child(code: str) -> subprocess.CompletedProcess:
@@ -615,28 +675,191 @@ def _run_child(code: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_pattern_edit_between_forward_and_backward_is_refused():
-    code = (
-        "import torch\n"
-        "from sparsecore.torch import SparseLinear\n"
-        "l = SparseLinear(6, 5, sparsity=0.5, seed=1)\n"
-        "x = torch.randn(4, 6, requires_grad=True)\n"
-        "y = l(x)\n"
-        "with torch.no_grad():\n"
-        "    l.indices[0] = 2**30\n"
-        "try:\n"
-        "    y.sum().backward()\n"
-        "except (ValueError, RuntimeError) as e:\n"
-        "    print('REFUSED', e)\n"
-    )
+def _child_ok(code: str):
+    """Run code in a fresh interpreter (a crash there fails this test, not pytest); it must
+    exit 0 and print OK as its last line."""
     r = _run_child(code)
-    assert r.returncode == 0 and "REFUSED" in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])
+    out = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and out and out[-1] == "OK", (
+        r.returncode,
+        r.stdout[-2000:],
+        r.stderr[-2000:],
+    )
+
+
+def test_pattern_edit_between_forward_and_backward_is_refused():
+    _child_ok(
+        """
+import torch
+from sparsecore.torch import SparseLinear
+
+for part in ("indices", "indptr"):
+    l = SparseLinear(6, 5, sparsity=0.5, seed=1)
+    x = torch.randn(4, 6, requires_grad=True)
+    y = l(x)
+    with torch.no_grad():
+        getattr(l, part)[0] = 2**30
+    try:
+        y.sum().backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e), e
+    else:
+        raise AssertionError(part + ": the backward ran on an edited pattern")
+    assert l.values.grad is None and x.grad is None
+print("OK")
+"""
+    )
+
+
+def test_writes_that_bypass_the_version_counter_never_reach_the_kernels():
+    _child_ok(
+        """
+import torch
+from sparsecore.torch import SparseLinear
+
+torch.manual_seed(0)
+l = SparseLinear(7, 6, sparsity=0.5, seed=3)
+x = torch.randn(5, 7)
+g = torch.randn(5, 6)
+
+
+def run(check_backward=True):
+    l.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_()
+    y = l(xx)
+    (y * g).sum().backward()
+    return y.detach(), xx.grad, l.values.grad.clone(), l.bias.grad.clone()
+
+
+def same(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+ref = run()
+good = l.indices.clone(), l.indptr.clone()
+v0 = l.indices._version, l.indptr._version
+# 1. through .data: no version bump, the kernels keep reading the checked copies
+l.indices.data[0] = 2**30
+l.indices.data[-1] = -(2**30)
+l.indptr.data[-1] = 2**30
+assert (l.indices._version, l.indptr._version) == v0
+assert same(run(), ref)
+# 2. through a NumPy view of the same memory
+l.indices.numpy()[1] = 2**30
+l.indptr.numpy()[1] = -5
+assert same(run(), ref)
+# 3. a forward before such a write and its backward after it
+l.zero_grad(set_to_none=True)
+xx = x.clone().requires_grad_()
+y = l(xx)
+l.indices.data[2] = 2**30
+(y * g).sum().backward()
+assert same((y.detach(), xx.grad, l.values.grad, l.bias.grad), ref)
+# 4. the next counted write makes the buffers' contents (the bad values) the pattern: refused
+with torch.no_grad():
+    l.indices[3] = l.indices[3]
+for _ in range(2):
+    try:
+        l(x)
+    except ValueError as e:
+        assert "must" in str(e), e
+    else:
+        raise AssertionError("a bad pattern was accepted after a counted write")
+# 5. the good contents written back (counted): the same numbers again
+with torch.no_grad():
+    l.indices.copy_(good[0])
+    l.indptr.copy_(good[1])
+assert same(run(), ref)
+print("OK")
+"""
+    )
+
+
+def _other_indices(layer, rng):
+    """Canonical column indices for the layer's indptr other than its own (same nnz)."""
+    ip = layer.indptr.numpy()
+    n = layer.in_features
+    while True:
+        cols = [
+            np.sort(rng.choice(n, int(ip[r + 1] - ip[r]), replace=False))
+            for r in range(layer.out_features)
+        ]
+        ix = torch.from_numpy(np.concatenate(cols).astype(np.int32))
+        if not torch.equal(ix, layer.indices):
+            return ix
+
+
+def test_storage_swaps_and_replaced_buffers_are_picked_up(rng):
+    layer = _layer(rng, 8, 9, 0.5)
+    x = _randn(rng, 4, 9)
+    y0 = layer(x)
+    values = layer.values.detach().clone()
+
+    def expect(indices):
+        W = CSR(layer.indptr.numpy().copy(), indices.numpy().copy(), values.numpy(), (8, 9))
+        return SparseLinear.from_csr(W, layer.bias.detach(), device="cpu")(x)
+
+    # a valid other pattern through a storage swap (.data =): no version bump, new data_ptr
+    ix = _other_indices(layer, rng)
+    version = layer.indices._version
+    layer.indices.data = ix.clone()
+    assert layer.indices._version == version
+    y1 = layer(x)
+    assert torch.equal(y1, expect(ix)) and not torch.equal(y1, y0)
+    assert np.array_equal(layer.pattern().indices, ix.numpy())
+    # an invalid one: refused at the next forward and backward alike
+    bad = ix.clone()
+    bad[0] = 2**30
+    layer.indices.data = bad
+    with pytest.raises(ValueError, match="indices must lie"):
+        layer(x)
+    layer.indices.data = ix.clone()
+    assert torch.equal(layer(x), y1)
+    # a swap of indptr's storage: another valid indptr of the same nnz
+    ip = layer.indptr.clone()
+    ip_bad = ip.clone()
+    ip_bad[-1] = 0
+    layer.indptr.data = ip_bad
+    with pytest.raises(ValueError, match="from 0 to nnz"):
+        layer(x)
+    layer.indptr.data = ip.clone()
+    assert torch.equal(layer(x), y1)
+    # a new buffer object (identity): picked up, even with the other one's version and storage
+    layer.indices = bad.clone()
+    with pytest.raises(ValueError, match="indices must lie"):
+        layer(x)
+    layer.indices = ix.clone()
+    assert torch.equal(layer(x), y1)
+    # the ops directly: the cache on indptr is not used for another indices tensor
+    ipt = layer.indptr
+    torch.ops.sparsecore.linear(ipt, layer.indices, layer.values, None, x.T.contiguous())
+    with pytest.raises(ValueError, match="indices must lie"):
+        torch.ops.sparsecore.linear(ipt, bad, layer.values, None, x.T.contiguous())
+
+
+def test_weight_after_a_bad_index_write_is_an_error_not_a_crash():
+    _child_ok(
+        """
+import torch
+from sparsecore.torch import SparseLinear
+
+l = SparseLinear(6, 5, sparsity=0.5, seed=1)
+with torch.no_grad():
+    l.indices[0] = 2**30
+try:
+    l.weight @ torch.randn(6, 2)
+except (ValueError, RuntimeError, IndexError):
+    pass
+print("OK")
+"""
+    )
 
 
 # ---------------------------------------------------------------------------- 4. torch.library
 def test_opcheck_the_three_ops(rng):
     layer = _layer(rng, 5, 7, 0.5)
     P = layer.parts()
+    assert len(P) == 2 and P[0] is layer.indptr and P[1] is layer.indices
     v = layer.values.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
     xT = _randn(rng, 7, 4).requires_grad_()
@@ -647,7 +870,8 @@ def test_opcheck_the_three_ops(rng):
         (*P, v.detach(), None, xT.detach()),
         test_utils=("test_schema", "test_faketensor"),
     )
-    torch.library.opcheck(torch.ops.sparsecore.linear_dx.default, (*P, v.detach(), dyT))
+    torch.library.opcheck(torch.ops.sparsecore.linear_dx.default, (*P, v.detach(), dyT, 7))
+    torch.library.opcheck(torch.ops.sparsecore.linear_dx.default, (*P, v.detach(), dyT, 10))
     for with_bias in (True, False):
         torch.library.opcheck(
             torch.ops.sparsecore.linear_dw.default, (*P, dyT, xT.detach(), with_bias)
@@ -693,6 +917,26 @@ def test_compile_aot_eager_matches_eager(rng, monkeypatch):
     _assert_same_run(_run_model(model, compiled, x, needs_grad=False), ref_nograd)
     assert spy.calls == 2, "dX of the first layer was computed for an input needing no gradient"
     torch._dynamo.reset()
+
+
+def test_compile_does_not_recompile_for_batch_major_inputs(rng, monkeypatch):
+    """A batch-major input costs the layer a layout copy, counted in eager mode only: a
+    counter bumped while tracing would be a guard failing at every call."""
+    model = nn.Sequential(_layer(rng, 13, 9, 0.5), nn.ReLU(), _layer(rng, 3, 13, 0.6))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    try:
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        for _ in range(5):
+            x = _randn(rng, 6, 9)  # batch-major, the same shape each time
+            c = st.layout_copies()
+            ref = _run_model(model, model, x)  # (eager: counts its copies between the calls)
+            assert st.layout_copies() > c
+            _assert_same_run(_run_model(model, compiled, x), ref)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.slow
@@ -874,6 +1118,34 @@ def test_set_pattern_replaces_in_place(rng, monkeypatch):
     assert torch.equal(layer.to_dense(), before)
 
 
+def test_set_pattern_refuses_non_1d_arrays_before_any_check(rng, monkeypatch):
+    layer = _layer(rng, 40, 50, 0.5)
+    ip, ix, v = layer.indptr.clone(), layer.indices.clone(), layer.values.detach().clone()
+    nnz = layer.nnz
+    before = {k: t.clone() for k, t in layer.state_dict().items()}
+    calls = []
+    check = _ops._check_csr
+    monkeypatch.setattr(_ops, "_check_csr", lambda *a, **k: calls.append(1) or check(*a, **k))
+    cases = {
+        # (nnz, nnz) views, no memory: past the length check, a check of them would be O(nnz²)
+        "indices": (ip, ix[:, None].expand(nnz, nnz), v),
+        "values": (ip, ix, v[:, None].expand(nnz, nnz)),
+        "indptr": (ip[None], ix, v),
+        "indices ": (ip.numpy(), ix.numpy()[:, None], v.numpy()),
+        "indices  ": (ip, ix[0], v),  # 0-D
+    }
+    for name, args in cases.items():
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"{name.strip()} must be 1-D, got shape"):
+            layer.set_pattern(*args)
+        assert time.perf_counter() - t0 < 1.0, name
+    assert not calls
+    for k, t in layer.state_dict().items():
+        assert torch.equal(t, before[k]), k
+    layer.set_pattern(ip, ix, v)  # (the 1-D arrays themselves are fine)
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------------------- 7. state_dict
 def _same_nnz_pair(rng, m=12, n=9, density=0.4):
     src, dst = _layer(rng, m, n, density), _layer(rng, m, n, density)
@@ -884,6 +1156,8 @@ def _same_nnz_pair(rng, m=12, n=9, density=0.4):
 def test_state_dict_has_the_pattern_not_the_derived_buffers(rng):
     layer = _layer(rng, 5, 4, 0.5)
     assert set(layer.state_dict()) == {"values", "bias", "indptr", "indices"}
+    assert set(dict(layer.named_buffers())) == {"indptr", "indices"}
+    assert not any(hasattr(layer, k) for k in ("t_perm", "t_indptr", "row_blocks", "col_blocks"))
     assert set(_layer(rng, 5, 4, 0.5, bias=False).state_dict()) == {"values", "indptr", "indices"}
 
 
@@ -934,6 +1208,57 @@ def test_state_dict_of_another_nnz_is_refused_naming_key_and_counts(rng):
     )
     for k in ("0.values", "0.indptr", "0.indices"):  # (the bias loads, as torch loads the rest)
         assert torch.equal(dst.state_dict()[k], before[k]), k
+
+
+def test_partial_state_dicts_are_refused_naming_the_keys():
+    _child_ok(
+        """
+import torch
+from torch import nn
+from sparsecore.torch import SparseLinear
+
+torch.manual_seed(0)
+src, dst = SparseLinear(9, 12, density=0.4), SparseLinear(9, 12, density=0.4)
+assert src.nnz == dst.nnz and not torch.equal(src.indices, dst.indices)
+x = torch.randn(5, 9)
+y = dst(x)
+before = {k: v.clone() for k, v in dst.state_dict().items()}
+bad = src.indices.clone()
+bad[0] = 2**30
+
+
+def refused(model, sd, strict, given):
+    try:
+        model.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:
+        msg = str(e)
+    else:
+        raise AssertionError(f"{sorted(sd)} loaded")
+    assert f"but only {given} are given" in msg, msg
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items()), sorted(sd)
+    assert torch.equal(dst(x), y)
+    return msg
+
+
+refused(dst, {"indices": src.indices.clone()}, False, ["indices"])
+refused(dst, {"indices": bad}, False, ["indices"])
+refused(dst, {"indptr": src.indptr.clone()}, False, ["indptr"])
+refused(dst, {"indptr": src.indptr.clone(), "values": src.values.detach()}, False,
+        ["indptr", "values"])
+full = dict(src.state_dict(), bias=dst.bias.detach().clone())
+msg = refused(dst, {k: v for k, v in full.items() if k != "values"}, True, ["indices", "indptr"])
+assert "values" in msg.split("are given")[-1] or 'Missing key(s) in state_dict: "values"' in msg
+refused(dst, {k: v for k, v in full.items() if k != "indptr"}, True, ["indices", "values"])
+# under a prefix: the message names the prefixed keys
+seq = nn.Sequential(dst)
+msg = refused(seq, {"0.indices": bad}, False, ["0.indices"])
+assert "0.indptr, 0.indices and 0.values load together" in msg, msg
+# the whole state dict still loads
+dst.load_state_dict(src.state_dict())
+assert torch.equal(dst(x), src(x))
+print("OK")
+"""
+    )
 
 
 def _bad_oob(d, layer):
@@ -1251,13 +1576,76 @@ def test_sparsify_inits_copy_the_bias(init):
 
 
 # ---------------------------------------------------------------------------- copies and pickles
+def _copy(layer, how):
+    return copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_a_used_layer_can_be_deep_copied_and_pickled(how, rng):
+@pytest.mark.parametrize("when", ["forward", "armed forward", "armed backward"])
+def test_a_used_layer_can_be_deep_copied_and_pickled(how, when, rng):
     layer = _layer(rng, 6, 5, 0.5)
-    x = _randn(rng, 3, 5)
+    x = _randn(rng, 3, 5).requires_grad_()  # (the record holds graph tensors)
+    layer.arm(when != "forward")
     y = layer(x)
-    clone = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    if when == "armed backward":
+        y.square().sum().backward()
+    clone = _copy(layer, how)
+    assert clone.recorded() == (None, None)
     assert torch.equal(clone(x), y)
+    # the original still records (the copy took nothing from it)
+    if when == "armed forward":
+        y.square().sum().backward()
+    xT, dyT = layer.recorded()
+    if when == "forward":
+        assert xT is None and dyT is None
+    else:
+        assert torch.equal(xT, x.detach().T) and torch.equal(dyT, 2 * y.detach().T)
+    clone(x).sum().backward()
+    assert clone.recorded() == (None, None)
+    # the copy's pattern is its own: an edit of it leaves the original alone
+    with torch.no_grad():
+        clone.indices[0] = 2**30
+    with pytest.raises(ValueError, match="indices must lie"):
+        clone(x)
+    assert torch.equal(layer(x), y)
+    assert _copy(clone, how).recorded() == (None, None)  # (a copy of a bad pattern is too)
+
+
+def test_two_backward_passes_through_one_armed_forward_sum_their_gradients(rng):
+    """RigL's recording: the output gradient of a forward is the sum of every backward pass
+    through it, as values.grad is. Small integers keep every product and sum exact."""
+    layer = _layer(rng, 9, 11, 0.4)
+
+    def ints(*shape):
+        return torch.from_numpy(rng.integers(-3, 4, shape).astype(np.float32))
+
+    with torch.no_grad():
+        layer.values.copy_(ints(layer.nnz))
+        layer.bias.copy_(ints(9))
+    x, gs = ints(5, 11), [ints(5, 9) for _ in range(3)]
+    layer.arm(True)
+    y = layer(x)
+    (y * gs[0]).sum().backward(retain_graph=True)
+    xT, dyT = layer.recorded()
+    assert torch.equal(dyT, gs[0].T)
+    (y * gs[1]).sum().backward(retain_graph=True)
+    (y * gs[2]).sum().backward()
+    xT, dyT = layer.recorded()
+    assert torch.equal(xT, x.T) and torch.equal(dyT, sum(gs).T)
+    rows, cols = _rows_cols(layer)
+    sddmm = (dyT.double() @ xT.double().T)[rows, cols]
+    assert torch.equal(layer.values.grad.double(), sddmm)
+    assert torch.equal(layer.bias.grad, dyT.sum(1))
+    # a second forward is a second batch (concatenated along N), its own sum
+    x2, g2 = ints(3, 11), ints(3, 9)
+    y2 = layer(x2)
+    (y2 * g2).sum().backward(retain_graph=True)
+    (y2 * g2).sum().backward()
+    xT, dyT = layer.recorded()
+    assert torch.equal(xT, torch.cat([x, x2]).T)
+    assert torch.equal(dyT, torch.cat([sum(gs), 2 * g2]).T)
+    layer.arm(False)
+    assert layer.recorded() == (None, None)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -1,6 +1,6 @@
 """``sparsecore bench``: what sparsity buys on your shapes, measured, in one command.
 
-Three levels, each optional (``--levels``):
+Four levels, each optional (``--levels``):
 
 - ``kernels``: forward (spmm), dX (spmm_t), dW (sddmm) and the fused grow at each density beside
   dense BLAS of the same shape, scipy.sparse CSR and torch.sparse CSR (when torch is installed);
@@ -12,6 +12,10 @@ Three levels, each optional (``--levels``):
   training state beside the measured time and memory.
 - ``scaling``: the step at growing widths with a fixed fan-in (nnz ∝ W, dense size ∝ W²): the
   steps between updates should grow like nnz; the exact grow (∝ W²) is reported apart.
+- ``torch`` (not in the default levels; needs torch): the PyTorch bridge's step (SparseLinear,
+  torch's SGD, sparsecore.torch.RigL) beside the engine's, dense torch, masked-dense RigL and a
+  torch.sparse stand-in for a truly sparse peer, in one process (benchmarks/torch_step.py; the
+  quick preset shrinks the model, ``--preset full`` is 784-4096-4096-10).
 
 Outputs in ``--out``: ``bench.json`` (everything, with the machine), ``bench.md`` (tables),
 PNG plots; ``--results bench/RESULTS.md`` regenerates the part of that file between its markers.
@@ -203,7 +207,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument(
         "--levels",
         default="kernels,step,scaling",
-        help="comma-separated subset of kernels,step,scaling",
+        help="comma-separated subset of kernels,step,scaling,torch (torch: the PyTorch bridge, "
+        "not run by default)",
     )
     p.add_argument(
         "--widths",
@@ -291,7 +296,7 @@ def run(args) -> int:
                 f"({type(e).__name__}: {e})"
             ) from None
     levels = [x for x in args.levels.split(",") if x]
-    _check_list("--levels", levels, ("kernels", "step", "scaling"))
+    _check_list("--levels", levels, ("kernels", "step", "scaling", "torch"))
     baselines = [x for x in args.baselines.split(",") if x]
     _check_list("--baselines", baselines, BASELINES)
     for name, vals, lo, hi in (
@@ -374,12 +379,41 @@ def run(args) -> int:
                 "scaling",
                 progress,
             )
+    if "torch" in levels and (level := torch_level(args, out, preset, progress)) is not None:
+        res["torch"] = level
     (out / "bench.json").write_text(json.dumps(res, indent=1))
     return _report(res, out, args.results)
 
 
+def torch_level(args, out: Path, preset: dict, progress: bool) -> dict | None:
+    """The torch level at the preset's size (``--widths``, ``--sparsities``, ``--batch-sizes``:
+    their first value), or None with a message when torch is not installed."""
+    import sparsecore.benchmarks.torch_step as T
+
+    if not T.available():
+        print(
+            "torch is not installed: the torch level is skipped (pip install 'sparsecore-rigl[torch]')"
+        )
+        return None
+    cfg = dict(
+        T.PRESETS[args.preset], seed=args.seed, delta_t=args.delta_t, torch_threads=args.threads
+    )
+    cfg["data"] = T.prepare_data(out / "data", preset["samples"])
+    if args.widths:
+        cfg["arch"] = [784, args.widths[0], args.widths[0], 10]
+    if args.sparsities:
+        cfg["sparsity"] = args.sparsities[0]
+    if args.batch_sizes:
+        cfg["batch"] = args.batch_sizes[0]
+    return T.run(cfg, progress=print if progress else None)
+
+
 def _report(res, out: Path, results_path) -> int:
     md = markdown(res)
+    if res.get("torch"):
+        import sparsecore.benchmarks.torch_step as torch_step
+
+        md += "\n" + torch_step.markdown(res["torch"])
     (out / "bench.md").write_text(md)
     files = plots(res, out)
     if results_path:

@@ -8,15 +8,23 @@ structure; run only when the input needs a gradient) and ``sparsecore::linear_dw
 the stored entries, dW (nnz,), and the bias gradient in the same pass). No dense m × n tensor is
 made by any of them.
 
-Each op takes the pattern and its derived structures as tensors (``SparseLinear`` holds them as
-buffers), so the ops are pure functions of their inputs, have fake (meta) implementations that
-give the output shapes, and ``torch.compile`` and ``torch.jit.trace`` see them as single ops.
+Each op takes the pattern as two tensors (``indptr``, ``indices``: ``SparseLinear``'s buffers),
+so the ops are pure functions of their inputs, have fake (meta) implementations that give the
+output shapes, and ``torch.compile`` and ``torch.jit.trace`` see them as single ops.
 
-Where they run: CPU tensors are viewed as NumPy arrays (``Tensor.numpy()``, no copy) and go to
-the Numba launchers; CUDA tensors are viewed as CuPy arrays through DLPack (no copy) and go to
-the CUDA launchers on torch's current stream. The launchers trust their operands, so every op
-first checks the O(1) invariants (dtypes, lengths, layout, device): a wrong call is a clear
-TypeError or ValueError naming the argument, never a read out of bounds.
+The pattern the launchers read (which do no bounds checks) is a ``Pattern``: checked in full
+(canonical CSR, every index in range) the first time a pair of tensors is seen with their
+current contents, then held as private copies beside the derived transpose structure and CPU
+thread blocks. It is remembered on the indptr tensor and rebuilt whenever either tensor's
+version counter (bumped by every in-place write), identity or storage changes; a write that
+bypasses the counter (through ``.data``, a NumPy or a DLPack view) cannot reach the launchers,
+since they read the private copies: it takes effect at the next counted change.
+
+Where they run: CPU tensors (values, activations, outputs) are viewed as NumPy arrays
+(``Tensor.numpy()``, no copy) and go to the Numba launchers; CUDA tensors are viewed as CuPy
+arrays through DLPack (no copy) and go to the CUDA launchers on torch's current stream of the
+tensor's device. Every call checks the operands' O(1) invariants (dtypes, shapes, layout,
+device): a wrong call is a clear TypeError or ValueError naming the argument.
 
 Float32 only. Under ``torch.autocast`` the ops' floating inputs are cast to float32
 (``register_autocast``) and the result is float32: sparse products run in float32 here.
@@ -24,10 +32,14 @@ Float32 only. Under ``torch.autocast`` the ops' floating inputs are cast to floa
 
 import weakref
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kernels import backend as _kb
+from kernels.cpu._common import row_blocks as _row_blocks
+from kernels.cpu.structure import transpose as _cpu_transpose
+from kernels.cuda import structure as _cuda_structure
 from kernels.validation import require_gpu
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -55,23 +67,25 @@ def arrays(b, *tensors):
 
 
 class _on_stream:
-    """CuPy work on torch's current CUDA stream of ``t``'s device (nothing on the CPU)."""
+    """CuPy work on ``t``'s CUDA device and torch's current stream there (nothing on the
+    CPU): kernels, CuPy allocations and the launchers' device choice all follow ``t``."""
 
     def __init__(self, b, t: Tensor):
-        self.ctx = None
+        self.ctxs = []
         if b.on_device and t.device.type == "cuda":
             import cupy
 
-            s = torch.cuda.current_stream(t.device)
-            self.ctx = cupy.cuda.ExternalStream(s.cuda_stream, t.device.index)
+            index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+            s = torch.cuda.current_stream(index)
+            self.ctxs = [cupy.cuda.Device(index), cupy.cuda.ExternalStream(s.cuda_stream, index)]
 
     def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
+        for c in self.ctxs:
+            c.__enter__()
 
     def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+        for c in reversed(self.ctxs):
+            c.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------------- O(1) checks
@@ -94,7 +108,7 @@ def _check_float(t: Tensor, name: str, shape: tuple | None, device):
     if t.dtype != torch.float32:
         raise TypeError(
             f"{name} must be float32, got {t.dtype} (sparsecore's kernels compute in float32: "
-            "convert with .float(), or run under torch.autocast, which casts for you)"
+            "convert with .float())"
         )
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, but the layer's weight is on {device}")
@@ -136,46 +150,33 @@ def _check_csr(indptr: Tensor, indices: Tensor, rows: int, cols: int, name: str,
             )
 
 
-def _check_perm(perm: Tensor, name: str, nnz: int):
-    _check_index(perm, name, nnz)
-    if nnz and (int(perm.min()) < 0 or int(perm.max()) >= nnz):
-        raise ValueError(f"{name} must hold positions in [0, {nnz})")
-
-
-def _check_blocks(blocks: Tensor, name: str, rows: int):
-    """The CPU launchers' thread partition: int64 boundaries from 0 to rows, nondecreasing."""
-    _check_index(blocks, name, None)
-    if blocks.dtype != torch.int64 or blocks.shape[0] < 2:
-        raise ValueError(f"{name} must be int64 boundaries of length >= 2")
-    if int(blocks[0]) != 0 or int(blocks[-1]) != rows or bool((blocks.diff() < 0).any()):
-        raise ValueError(f"{name} must run from 0 to {rows} without decreasing")
-
-
-def _stamp(tensors) -> tuple | None:
-    """What identifies the contents of some tensors: each one's version counter (torch bumps
-    it at every in-place write) and identity (a weak reference: compared with ``is``). None
-    for inference tensors, which count no versions: their patterns are checked at every call."""
-    if any(t.is_inference() for t in tensors):
+def _stamp(indptr: Tensor, indices: Tensor, cols: int):
+    """What identifies a pattern's contents: both tensors' version counters (torch bumps them
+    at every in-place write), storages and identities (the latter by weak reference, compared
+    with ``is``). None for inference tensors, which count no versions: checked at every call."""
+    if indptr.is_inference() or indices.is_inference():
         return None
-    return tuple(t._version for t in tensors), tuple(map(weakref.ref, tensors))
-
-
-def _same(stamp, new) -> bool:
     return (
-        stamp is not None
-        and new is not None
-        and stamp[0] == new[0]
-        and all(r() is t() for r, t in zip(stamp[1], new[1], strict=True))
+        (cols, indptr._version, indices._version, indptr.data_ptr(), indices.data_ptr()),
+        weakref.ref(indices),
     )
 
 
 class _Cache:
-    """The checked Pattern remembered on an indptr tensor (``indptr.__dict__``). A copy of the
+    """A checked Pattern remembered on its indptr tensor (``indptr.__dict__``). A copy of the
     tensor (``copy.deepcopy``, pickling, ``torch.save``) gets an empty cache: the copy's
-    pattern is checked again when it is first used."""
+    pattern is checked again when first used. Holds no reference to the tensors (no cycle)."""
 
     def __init__(self, stamp=None, pattern=None):
         self.stamp, self.pattern = stamp, pattern
+
+    def hit(self, indices, stamp) -> bool:
+        return (
+            stamp is not None
+            and self.stamp is not None
+            and self.stamp[0] == stamp[0]
+            and self.stamp[1]() is indices
+        )
 
     def __reduce__(self):
         return (_Cache, ())
@@ -184,73 +185,83 @@ class _Cache:
         return _Cache()
 
 
-PATTERN_PARTS = ("indptr", "indices", "row_blocks", "t_indptr", "t_indices", "t_perm", "col_blocks")
-
-
 class Pattern:
-    """A checked sparsity pattern and its derived structures, as the launchers take them.
+    """A checked sparsity pattern (m × n) as the launchers take it: private copies of indptr
+    and indices, the transpose structure (t_indptr, t_indices, t_perm) and, on the CPU, the
+    row and column thread blocks. Build through ``pattern(indptr, indices, n_cols)``."""
 
-    ``pattern(*tensors)`` builds one the first time these tensors are seen with these
-    contents, after checking them in full (O(nnz)); later calls cost O(1). The launchers read the
-    index tensors without bounds checks, so what they read must have been checked: the Pattern
-    is remembered on the indptr tensor, stamped with the identity and version counter of every
-    part. An in-place write to any part (``copy_``, ``load_state_dict``) bumps its version, and
-    the next call checks again. (Writes through a NumPy or DLPack view bypass the counter, as
-    they would bypass a CSR's read-only flag: that is deliberate, and then on the caller.)
-    """
-
-    def __init__(self, tensors):
-        parts = dict(zip(PATTERN_PARTS, tensors, strict=True))
-        indptr, indices = parts["indptr"], parts["indices"]
-        t_indptr, t_indices, t_perm = parts["t_indptr"], parts["t_indices"], parts["t_perm"]
+    def __init__(self, indptr: Tensor, indices: Tensor, cols: int):
         _check_index(indptr, "indptr", None)
         _check_index(indices, "indices", None, indptr.dtype)
-        _check_index(t_indptr, "t_indptr", None, indptr.dtype)
-        for k, t in parts.items():
-            if not isinstance(t, Tensor) or t.device != indptr.device:
-                raise ValueError(f"{k} must be a tensor on {indptr.device}, got {_describe(t)}")
-        self.rows, self.cols = indptr.shape[0] - 1, t_indptr.shape[0] - 1
-        self.nnz = nnz = indices.shape[0]
+        if indices.device != indptr.device:
+            raise ValueError(f"indices is on {indices.device}, but indptr is on {indptr.device}")
+        if not isinstance(cols, int) or cols < 0:
+            raise ValueError(f"n_cols must be a non-negative int, got {cols!r}")
+        self.rows, self.cols = indptr.shape[0] - 1, cols
+        self.nnz = indices.shape[0]
         self.device = indptr.device
-        if self.rows < 0 or self.cols < 0:
-            raise ValueError("indptr and t_indptr must hold n_rows + 1 and n_cols + 1 entries")
-        _check_csr(indptr, indices, self.rows, self.cols, "", canonical=True)
-        _check_index(t_indices, "t_indices", nnz, indptr.dtype)
-        _check_csr(t_indptr, t_indices, self.cols, self.rows, "t_", canonical=False)
-        _check_perm(t_perm, "t_perm", nnz)
-        self.b = backend_of(indptr)
-        if not self.b.on_device:  # (a device's launchers ignore the thread partition)
-            _check_blocks(parts["row_blocks"], "row_blocks", self.rows)
-            _check_blocks(parts["col_blocks"], "col_blocks", self.cols)
-        (self.indptr, self.indices, self.t_indptr, self.t_indices, self.t_perm) = arrays(
-            self.b, indptr, indices, t_indptr, t_indices, t_perm
-        )
-        blocks = (parts["row_blocks"], parts["col_blocks"])
-        self.row_blocks, self.col_blocks = (
-            (None, None) if self.b.on_device else arrays(self.b, *blocks)
-        )
+        if self.rows < 0:
+            raise ValueError("indptr must hold n_rows + 1 >= 1 entries, got 0")
+        b = self.b = backend_of(indptr)
+        with _on_stream(b, indptr):
+            # private copies first, then the check of what was copied: what the launchers
+            # read is exactly what was checked, whatever later writes reach the tensors
+            ip, ix = (a.copy() for a in arrays(b, indptr, indices))
+            _check_csr(_back(ip, indptr), _back(ix, indices), self.rows, cols, "", canonical=True)
+            self.indptr, self.indices = ip, ix
+            if b.on_device:
+                self.t_indptr, self.t_indices, self.t_perm = _cuda_structure.transpose(ip, ix, cols)
+                self.row_blocks = self.col_blocks = None  # (ignored by the device launchers)
+            else:
+                self.t_indptr, self.t_indices, self.t_perm = _cpu_transpose(ip, ix, cols)
+                self.row_blocks = _row_blocks(ip, self.rows)
+                self.col_blocks = _row_blocks(self.t_indptr, cols)
+            for a, name in ((self.t_perm, "t_perm"), (self.t_indices, "t_indices")):
+                if a.dtype != ip.dtype:
+                    raise RuntimeError(
+                        f"the transpose's {name} has dtype {a.dtype}, not {ip.dtype}"
+                    )
+
+    _t_data = None  # (the CPU spmm_t's gathered values: nnz floats, allocated at first use)
+
+    def csr_arrays(self):
+        """(indptr, indices) the launchers read (private: never to be written)."""
+        return self.indptr, self.indices
 
     # -- the products (tensors in, tensors out; checked shapes, dtypes and devices) ----------
-    def forward(self, values: Tensor, bias, xT: Tensor) -> Tensor:
+    def forward(self, values: Tensor, bias, xT: Tensor, relu: bool = False) -> Tensor:
+        """yT = W·xT + b (then max(·, 0) in the same pass with ``relu``)."""
         _check_float(values, "values", (self.nnz,), self.device)
         if bias is not None:
             _check_float(bias, "bias", (self.rows,), self.device)
         self._operand(xT, "xT", self.cols)
         yT = torch.empty((self.rows, xT.shape[1]), dtype=torch.float32, device=self.device)
         b = self.b
-        v, x, y, bb = arrays(b, values, xT, yT, bias)
         with _on_stream(b, xT):
-            b.spmm(self.indptr, self.indices, v, x, y, self.row_blocks, bias=bb)
+            v, x, y, bb = arrays(b, values, xT, yT, bias)
+            b.spmm(self.indptr, self.indices, v, x, y, self.row_blocks, bias=bb, relu=relu)
         return yT
+
+    def relu_grad(self, dyT: Tensor, yT: Tensor) -> Tensor:
+        """The gradient before a fused ReLU: dyT where yT > 0, else 0 (one pass)."""
+        out = torch.empty_like(dyT)
+        b = self.b
+        with _on_stream(b, dyT):
+            dy, y, o = arrays(b, dyT, yT, out)
+            b.ew.relu_backward(dy, y, o)
+        return out
 
     def dx(self, values: Tensor, dyT: Tensor) -> Tensor:
         _check_float(values, "values", (self.nnz,), self.device)
         self._operand(dyT, "dyT", self.rows)
         dxT = torch.empty((self.cols, dyT.shape[1]), dtype=torch.float32, device=self.device)
         b = self.b
-        v, dy, dx = arrays(b, values, dyT, dxT)
+        if not b.on_device and self._t_data is None:  # the CPU gather's scratch, kept
+            self._t_data = np.empty(self.nnz, np.float32)
         with _on_stream(b, dyT):
-            b.spmm_t(self.t_indptr, self.t_indices, self.t_perm, v, dy, dx, self.col_blocks)
+            v, dy, dx = arrays(b, values, dyT, dxT)
+            b.spmm_t(self.t_indptr, self.t_indices, self.t_perm, v, dy, dx, self.col_blocks,
+                     self._t_data)  # fmt: skip
         return dxT
 
     def dw(self, dyT: Tensor, xT: Tensor, with_bias: bool):
@@ -261,8 +272,8 @@ class Pattern:
         dw = torch.empty(self.nnz, dtype=torch.float32, device=self.device)
         db = torch.empty(self.rows if with_bias else 0, dtype=torch.float32, device=self.device)
         b = self.b
-        dy, x, out, g = arrays(b, dyT, xT, dw, db)
         with _on_stream(b, dyT):
+            dy, x, out, g = arrays(b, dyT, xT, dw, db)
             b.sddmm(self.indptr, self.indices, dy, x, out, self.row_blocks,
                     bias_grad=g if with_bias else None)  # fmt: skip
         return dw, db
@@ -275,72 +286,83 @@ class Pattern:
             )
 
 
-def pattern(*tensors) -> Pattern:
-    """The checked Pattern of these tensors (see Pattern), from the cache when unchanged."""
-    if len(tensors) != len(PATTERN_PARTS):
-        raise TypeError(f"a pattern is {len(PATTERN_PARTS)} tensors {PATTERN_PARTS}")
-    indptr = tensors[0]
-    if not isinstance(indptr, Tensor):
-        raise TypeError(f"indptr must be a tensor, got {type(indptr).__name__}")
-    key = _stamp(tensors)
-    cached = indptr.__dict__.get("_sparsecore_pattern")
-    if cached is not None and _same(cached.stamp, key):
-        return cached.pattern
-    P = Pattern(tensors)
-    P.tensors = tuple(tensors)  # (strong references: what the backward saves)
-    indptr.__dict__["_sparsecore_pattern"] = _Cache(key, P)
+def _back(a, like: Tensor) -> Tensor:
+    """A tensor over a launcher-side array (no copy), on ``like``'s device."""
+    return torch.from_numpy(a) if like.device.type == "cpu" else torch.from_dlpack(a)
+
+
+def pattern(indptr: Tensor, indices: Tensor, cols: int) -> Pattern:
+    """The checked Pattern of (indptr, indices) with ``cols`` columns, from the cache when
+    neither tensor changed (O(1)), else checked and built (O(nnz + cols))."""
+    if not isinstance(indptr, Tensor) or not isinstance(indices, Tensor):
+        raise TypeError(
+            f"indptr and indices must be tensors, got {_describe(indptr)}, {_describe(indices)}"
+        )
+    stamp = _stamp(indptr, indices, cols)
+    cache = indptr.__dict__.get("_sparsecore_pattern")
+    if cache is not None and cache.hit(indices, stamp):
+        return cache.pattern
+    P = Pattern(indptr, indices, cols)
+    indptr.__dict__["_sparsecore_pattern"] = _Cache(stamp, P)
     return P
 
 
 # ---------------------------------------------------------------------------- the ops
-P_ARGS = "indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks"
+def _n_cols(xT, name: str) -> int:
+    """W's column count from a feature-major operand (n, N), checked 2-D first."""
+    if not isinstance(xT, Tensor) or xT.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (features, N) tensor, got {_describe(xT)}")
+    return xT.shape[0]
+
+
+def _same_device(*tensors):
+    """Every tensor on one device (the fake kernels' check: a meta pattern beside real
+    operands would otherwise be dispatched to them and return an unwritten result)."""
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) == 1, lambda: f"the op's tensors are on several devices {devices}")
 
 
 @torch.library.custom_op("sparsecore::linear", mutates_args=())
 def linear(
-    indptr: Tensor, indices: Tensor, row_blocks: Tensor, t_indptr: Tensor, t_indices: Tensor,
-    t_perm: Tensor, col_blocks: Tensor, values: Tensor, bias: Tensor | None, xT: Tensor,
+    indptr: Tensor, indices: Tensor, values: Tensor, bias: Tensor | None, xT: Tensor,
+    relu: bool = False,
 ) -> Tensor:  # fmt: skip
-    """yT (m, N) = W·xT + b for W (m × n) the CSR (indptr, indices, values); the transpose
-    structure (t_*) and thread blocks are those of the pattern (``SparseLinear`` holds them)."""
-    P = pattern(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks)
-    return P.forward(values, bias, xT)
+    """yT (m, N) = W·xT + b for W (m × n) the CSR (indptr, indices, values), n = xT's rows;
+    ``relu``: max(W·xT + b, 0) in the same pass."""
+    return pattern(indptr, indices, _n_cols(xT, "xT")).forward(values, bias, xT, relu)
 
 
 @linear.register_fake
-def _(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks, values, bias, xT):
+def _(indptr, indices, values, bias, xT, relu=False):
+    _same_device(indptr, indices, values, bias, xT)
     torch._check(xT.dim() == 2, lambda: "xT must be 2-D (features, N)")
     torch._check(xT.dtype == torch.float32, lambda: f"xT must be float32, got {xT.dtype}")
     return xT.new_empty((indptr.shape[0] - 1, xT.shape[1]))
 
 
 @torch.library.custom_op("sparsecore::linear_dx", mutates_args=())
-def linear_dx(
-    indptr: Tensor, indices: Tensor, row_blocks: Tensor, t_indptr: Tensor, t_indices: Tensor,
-    t_perm: Tensor, col_blocks: Tensor, values: Tensor, dyT: Tensor,
-) -> Tensor:  # fmt: skip
-    """dxT (n, N) = Wᵀ·dyT through the transpose structure (race-free, no atomics)."""
-    P = pattern(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks)
-    return P.dx(values, dyT)
+def linear_dx(indptr: Tensor, indices: Tensor, values: Tensor, dyT: Tensor, n_cols: int) -> Tensor:
+    """dxT (n_cols, N) = Wᵀ·dyT through the transpose structure (race-free, no atomics)."""
+    return pattern(indptr, indices, n_cols).dx(values, dyT)
 
 
 @linear_dx.register_fake
-def _(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks, values, dyT):
-    return dyT.new_empty((t_indptr.shape[0] - 1, dyT.shape[1]))
+def _(indptr, indices, values, dyT, n_cols):
+    _same_device(indptr, indices, values, dyT)
+    return dyT.new_empty((n_cols, dyT.shape[1]))
 
 
 @torch.library.custom_op("sparsecore::linear_dw", mutates_args=())
 def linear_dw(
-    indptr: Tensor, indices: Tensor, row_blocks: Tensor, t_indptr: Tensor, t_indices: Tensor,
-    t_perm: Tensor, col_blocks: Tensor, dyT: Tensor, xT: Tensor, with_bias: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    indptr: Tensor, indices: Tensor, dyT: Tensor, xT: Tensor, with_bias: bool
+) -> tuple[Tensor, Tensor]:
     """(dW (nnz,) at the stored entries in CSR order, db (m,) or empty): one SDDMM pass."""
-    P = pattern(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks)
-    return P.dw(dyT, xT, with_bias)
+    return pattern(indptr, indices, _n_cols(xT, "xT")).dw(dyT, xT, with_bias)
 
 
 @linear_dw.register_fake
-def _(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks, dyT, xT, with_bias):
+def _(indptr, indices, dyT, xT, with_bias):
+    _same_device(indptr, indices, dyT, xT)
     m = indptr.shape[0] - 1
     return dyT.new_empty((indices.shape[0],)), dyT.new_empty((m if with_bias else 0,))
 
@@ -349,45 +371,56 @@ def _(indptr, indices, row_blocks, t_indptr, t_indices, t_perm, col_blocks, dyT,
 COUNTS = {"layout_copies": 0}  # contiguous copies made by the bridge (the tests read this)
 
 
+def count_copy():
+    """One layout copy more (not counted while torch.compile traces: a counter there would
+    be a guard that fails at every call)."""
+    if not torch.compiler.is_compiling():
+        COUNTS["layout_copies"] += 1
+
+
 def contiguous(t: Tensor) -> Tensor:
     """``t`` as it is when C-contiguous, else a contiguous copy (counted in COUNTS)."""
     if t.is_contiguous():
         return t
-    COUNTS["layout_copies"] += 1
+    count_copy()
     return t.contiguous()
 
 
-def _grads(P_or_parts, values, xT, dyT, need_values, need_bias, need_x, ops: bool):
-    """(d_values, d_bias, d_x) of one layer, each None where not needed; ``ops`` runs them as
-    the registered ops (what torch.compile traces), else straight on the Pattern."""
+def _grads(P, parts, values, xT, dyT, need_values, need_bias, need_x):
+    """(d_values, d_bias, d_x) of one layer, each None where not needed: straight on the
+    Pattern P (eager), or as the registered ops on the pattern tensors ``parts`` (what
+    torch.compile traces) when P is None."""
     dyT = contiguous(dyT)
     d_values = d_bias = d_x = None
     if need_values:
-        if ops:
-            d_values, db = linear_dw(*P_or_parts, dyT, xT, need_bias)
+        if P is None:
+            d_values, db = linear_dw(*parts, dyT, xT, need_bias)
         else:
-            d_values, db = P_or_parts.dw(dyT, xT, need_bias)
+            d_values, db = P.dw(dyT, xT, need_bias)
         d_bias = db if need_bias else None
     elif need_bias:
         d_bias = dyT.sum(dim=1)
     if need_x:
-        d_x = linear_dx(*P_or_parts, values, dyT) if ops else P_or_parts.dx(values, dyT)
+        n = xT.shape[0]
+        d_x = linear_dx(*parts, values, dyT, n) if P is None else P.dx(values, dyT)
     return d_values, d_bias, d_x
 
 
 def _setup(ctx, inputs, output):
-    *parts, values, bias, xT = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(*parts, values, xT)
+    indptr, indices, values, bias, xT, relu = inputs
+    ctx.has_bias, ctx.relu = bias is not None, relu
+    ctx.save_for_backward(indptr, indices, values, xT, output if relu else None)
 
 
 def _backward(ctx, dyT):
-    *parts, values, xT = ctx.saved_tensors
+    indptr, indices, values, xT, yT = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if ctx.relu:  # (through the fused ReLU first)
+        dyT = torch.where(yT > 0, dyT, torch.zeros((), dtype=dyT.dtype, device=dyT.device))
     d_values, d_bias, d_x = _grads(
-        parts, values, xT, dyT, need[7], ctx.has_bias and need[8], need[9], ops=True
+        None, (indptr, indices), values, xT, dyT, need[2], ctx.has_bias and need[3], need[4]
     )
-    return (None,) * 7 + (d_values, d_bias, d_x)
+    return None, None, d_values, d_bias, d_x, None
 
 
 linear.register_autograd(_backward, setup_context=_setup)
@@ -397,25 +430,28 @@ for _device in ("cpu", "cuda"):  # float32 under autocast (bf16/fp16 inputs are 
 
 
 class LinearFunction(torch.autograd.Function):
-    """The eager path of ``SparseLinear``: the same products as the ops, called on a Pattern
-    the layer keeps (about 10 µs per call instead of the dispatcher's ~100). Under
-    ``torch.compile`` or ``torch.jit.trace`` the layer calls the registered ops instead."""
+    """The eager path of ``SparseLinear``: the same products as the ops, called on the layer's
+    Pattern (a few µs per call instead of the dispatcher's ~100). Under ``torch.compile`` or
+    ``torch.jit.trace`` the layer calls the registered ops instead."""
 
     @staticmethod
-    def forward(ctx, P: Pattern, values, bias, xT):
+    def forward(ctx, P: Pattern, values, bias, xT, indptr, indices, relu=False):
         ctx.P = P
-        ctx.has_bias = bias is not None
-        # the pattern's tensors are saved too: an in-place change of any of them between this
+        ctx.has_bias, ctx.relu = bias is not None, relu
+        yT = P.forward(values, bias, xT, relu)
+        # the pattern's tensors are saved too: an in-place change of either between this
         # forward and its backward makes the backward raise torch's "modified by an inplace
-        # operation" error instead of reading a pattern that is no longer the one checked
-        ctx.save_for_backward(values, xT, *P.tensors)
-        return P.forward(values, bias, xT)
+        # operation" error instead of silently using the forward's pattern
+        ctx.save_for_backward(values, xT, indptr, indices, yT if relu else None)
+        return yT
 
     @staticmethod
     def backward(ctx, dyT):
-        values, xT, *_ = ctx.saved_tensors  # (torch checks the saved versions here)
+        values, xT, _, _, yT = ctx.saved_tensors  # (torch checks the saved versions here)
         need = ctx.needs_input_grad
+        if ctx.relu:  # (through the fused ReLU first: one pass)
+            dyT = ctx.P.relu_grad(contiguous(dyT), yT)
         d_values, d_bias, d_x = _grads(
-            ctx.P, values, xT, dyT, need[1], ctx.has_bias and need[2], need[3], ops=False
+            ctx.P, None, values, xT, dyT, need[1], ctx.has_bias and need[2], need[3]
         )
-        return None, d_values, d_bias, d_x
+        return None, d_values, d_bias, d_x, None, None, None

@@ -5,9 +5,9 @@ What it holds (every tensor nnz- or dimension-sized, never out × in):
 - ``values``: the one ``nn.Parameter``, shape (nnz,), the stored weights in CSR order;
 - ``bias``: an ``nn.Parameter`` (out_features,) or None;
 - buffers ``indptr`` (out + 1,) and ``indices`` (nnz,): the pattern (in the state_dict);
-- buffers ``t_indptr``, ``t_indices``, ``t_perm`` and the CPU thread blocks ``row_blocks``,
-  ``col_blocks``: the transpose structure and partitions, derived from the pattern whenever it
-  changes, kept out of the state_dict.
+- the checked pattern the kernels read (``pattern()``, sparsecore/torch/_ops.py's Pattern):
+  private copies of the two buffers with the transpose structure and the CPU thread blocks,
+  built once per pattern (per change of the buffers, per device) and cached.
 
 Layout: the kernels are feature-major (a (features, N) C-contiguous activation, so each nonzero
 reads one contiguous row of the batch). ``forward`` takes ``(*, in_features)`` like
@@ -27,9 +27,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kernels.cpu._common import row_blocks as _row_blocks
-from kernels.cpu.structure import transpose as _transpose
-from kernels.cuda import structure as _cuda_structure
 from kernels.formats import CSR, as_csr
 from kernels.validation import index_dtype_for
 from sparsecore.layers import sparse_init
@@ -81,16 +78,25 @@ class SparseModule(nn.Module):
             return rec[0]
         return torch.cat([x for x, _ in rec], dim=1), torch.cat([dy for _, dy in rec], dim=1)
 
-    def _remember(self, xT: Tensor, yT: Tensor):
+    def _remember(self, xT: Tensor, yT: Tensor, relu: bool = False):
         if self._record is None or not yT.requires_grad:
             return
         slot = [xT, None]
         self._record.append(slot)
 
-        def hook(g, slot=slot):
-            slot[1] = _ops.contiguous(g)
+        def hook(g, slot=slot):  # several backward passes through one forward: their sum
+            if relu:  # (the gradient before a fused ReLU: what dL/dW is made of)
+                g = torch.where(yT > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            slot[1] = _ops.contiguous(g) if slot[1] is None else slot[1] + g
 
         yT.register_hook(hook)
+
+    def __getstate__(self):
+        # (copies and pickles of the module carry no recorded batch: it holds graph tensors)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_record"] = None
+        return state
 
 
 class SparseLinear(SparseModule):
@@ -101,6 +107,8 @@ class SparseLinear(SparseModule):
     row's own number of inputs (``init="sparse"``, the engine's init; ``"dense"`` scales by
     in_features as a dense layer would). The bias starts as ``nn.Linear``'s does. ``seed``
     (an int or ints) fixes the draw; None draws the seed from torch's generator.
+    ``activation="relu"`` applies a ReLU in the same kernel pass (y = max(x·Wᵀ + b, 0); its
+    backward masks the gradient in one pass): what ``sparsify`` makes of ``Linear`` + ``ReLU``.
 
     float32 only; CPU tensors run the Numba kernels, CUDA tensors the CUDA kernels (CuPy).
     """
@@ -115,6 +123,7 @@ class SparseLinear(SparseModule):
         density: float | None = None,
         init: str = "sparse",
         seed=None,
+        activation: str | None = None,
         device=None,
         dtype=None,
     ):
@@ -131,6 +140,7 @@ class SparseLinear(SparseModule):
         seed = _seed_from_torch() if seed is None else seed
         W = sparse_init(in_features, out_features, density, seed, fan_in=init)
         self._init_recording()
+        self.activation = _check_activation(activation)
         self._install(W, device)
         if bias:
             bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
@@ -141,7 +151,7 @@ class SparseLinear(SparseModule):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_csr(cls, W, bias=None, *, device=None) -> SparseLinear:
+    def from_csr(cls, W, bias=None, *, device=None, activation=None) -> SparseLinear:
         """A layer with the given weight: a ``sparsecore.CSR`` or a scipy.sparse matrix
         (out × in, checked) and an optional bias (array or tensor of out_features)."""
         W = as_csr(W, "W")
@@ -149,6 +159,7 @@ class SparseLinear(SparseModule):
         nn.Module.__init__(self)
         self.out_features, self.in_features = W.shape
         self._init_recording()
+        self.activation = _check_activation(activation)
         self._install(W, device)
         if bias is None:
             self.register_parameter("bias", None)
@@ -188,36 +199,10 @@ class SparseLinear(SparseModule):
 
     def _install(self, W: CSR, device=None):
         """Register the parameter and buffers of weight W (a host CSR)."""
-        dev = torch.device("cpu") if device is None else torch.device(device)
+        dev = torch.get_default_device() if device is None else torch.device(device)
         self.values = nn.Parameter(torch.from_numpy(np.array(W.data)).to(dev))
         self.register_buffer("indptr", torch.from_numpy(np.array(W.indptr)).to(dev))
         self.register_buffer("indices", torch.from_numpy(np.array(W.indices)).to(dev))
-        for name in ("t_indptr", "t_indices", "t_perm", "row_blocks", "col_blocks"):
-            self.register_buffer(name, None, persistent=False)
-        self._derive()
-
-    def _derive(self):
-        """The transpose structure and thread blocks, from the current pattern (O(nnz + n))."""
-        m, n = self.out_features, self.in_features
-        if self.indptr.device.type == "cpu":
-            ip, ix = self.indptr.numpy(), self.indices.numpy()
-            ti, tx, tp = _transpose(ip, ix, n)
-            parts = dict(
-                t_indptr=ti, t_indices=tx, t_perm=tp,
-                row_blocks=_row_blocks(ip, m), col_blocks=_row_blocks(ti, n),
-            )  # fmt: skip
-            for k, a in parts.items():
-                setattr(self, k, torch.from_numpy(np.ascontiguousarray(a)))
-            return
-        b = _ops.backend_of(self.indptr)
-        ip, ix = _ops.arrays(b, self.indptr, self.indices)
-        with _ops._on_stream(b, self.indptr):
-            ti, tx, tp = _cuda_structure.transpose(ip, ix, n)  # (on the device)
-        dev = self.indptr.device
-        for k, a in dict(t_indptr=ti, t_indices=tx, t_perm=tp).items():
-            setattr(self, k, torch.from_dlpack(a).to(dev))
-        empty = torch.zeros(2, dtype=torch.int64, device=dev)  # (ignored by the GPU launchers)
-        self.row_blocks, self.col_blocks = empty, empty.clone()
 
     # ------------------------------------------------------------------ views
     @property
@@ -232,28 +217,34 @@ class SparseLinear(SparseModule):
     @property
     def weight(self) -> Tensor:
         """The weight as a ``torch.sparse_csr`` tensor (out × in) sharing the values' memory
-        (detached: the trainable parameter is ``values``)."""
+        (detached: the trainable parameter is ``values``); its index tensors are copies of the
+        checked pattern's (``pattern()``), not the buffers themselves."""
+        P = self.pattern()
+        dev = self.values.device
+        ip, ix = (_ops._back(a.copy(), self.indptr) for a in P.csr_arrays())
         with warnings.catch_warnings():  # ("sparse CSR support is in beta")
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
-                self.indptr,
-                self.indices,
+                ip.to(dev),
+                ix.to(dev),
                 self.values.detach(),
                 (self.out_features, self.in_features),
                 check_invariants=False,
-            )  # fmt: skip  (the pattern is checked: see _ops.Pattern)
+            )  # fmt: skip  (checked: it is the Pattern's)
 
     def to_dense(self) -> Tensor:
         """The weight as a dense (out_features, in_features) tensor (a copy: out·in floats)."""
         return self.weight.to_dense()
 
     def parts(self) -> tuple:
-        """The pattern tensors the ops take, in their order (see ``_ops.PATTERN_PARTS``)."""
-        return tuple(getattr(self, k) for k in _ops.PATTERN_PARTS)
+        """The pattern tensors the ops take: (indptr, indices)."""
+        b = self._buffers
+        return b["indptr"], b["indices"]
 
     def pattern(self) -> _ops.Pattern:
-        """The checked pattern (O(1) while unchanged)."""
-        return _ops.pattern(*self.parts())
+        """The checked pattern the kernels read (O(1) while the buffers are unchanged)."""
+        b = self._buffers
+        return _ops.pattern(b["indptr"], b["indices"], self.in_features)
 
     def csr(self) -> CSR:
         """The weight as a ``sparsecore.CSR`` over the layer's own memory (CPU tensors only;
@@ -262,14 +253,17 @@ class SparseLinear(SparseModule):
             raise ValueError("csr() views CPU tensors; this layer is on " + str(self.values.device))
         P = self.pattern()
         return CSR._trusted(
-            P.indptr.copy(), P.indices.copy(), self.values.detach().numpy(),
+            P.indptr.copy(),
+            P.indices.copy(),
+            self.values.detach().numpy(),
             (self.out_features, self.in_features),
-        )  # fmt: skip
+        )  # fmt: skip  (copies: the CSR marks its arrays read-only)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4g}"
+            + (f", activation={self.activation!r}" if self.activation else "")
         )
 
     # ------------------------------------------------------------------ forward
@@ -286,11 +280,14 @@ class SparseLinear(SparseModule):
         x = self._float32(x)
         lead = x.shape[:-1]
         xT = _ops.contiguous(x.T) if x.dim() == 2 else _feature_major(x, n)
+        indptr, indices = self.parts()
+        relu = self.activation == "relu"
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            yT = torch.ops.sparsecore.linear(*self.parts(), self.values, self.bias, xT)
+            yT = torch.ops.sparsecore.linear(indptr, indices, self.values, self.bias, xT, relu)
         else:
-            yT = _ops.LinearFunction.apply(self.pattern(), self.values, self.bias, xT)
-        self._remember(xT, yT)
+            P = self.pattern()
+            yT = _ops.LinearFunction.apply(P, self.values, self.bias, xT, indptr, indices, relu)
+        self._remember(xT, yT, relu)
         y = yT.T
         return y if x.dim() == 2 else y.view(*lead, self.out_features)
 
@@ -318,6 +315,9 @@ class SparseLinear(SparseModule):
         ip = torch.as_tensor(indptr)
         ix = torch.as_tensor(indices)
         v = torch.as_tensor(values)
+        for name, t in (("indptr", ip), ("indices", ix), ("values", v)):
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
         if ix.shape[0] != self.nnz or v.shape[0] != self.nnz:
             raise ValueError(f"the new pattern holds {ix.shape[0]} entries, this layer {self.nnz}")
         _ops._check_csr(
@@ -327,7 +327,6 @@ class SparseLinear(SparseModule):
             self.indptr.copy_(ip)
             self.indices.copy_(ix)
             self.values.copy_(v)
-        self._derive()
 
     # ------------------------------------------------------------------ state_dict
     def _load_from_state_dict(
@@ -335,7 +334,15 @@ class SparseLinear(SparseModule):
     ):
         keys = {k: prefix + k for k in ("indptr", "indices", "values")}
         present = {k: state_dict[p] for k, p in keys.items() if p in state_dict}
-        problem = self._check_loaded(present, prefix) if len(present) == 3 else None
+        if not present:  # (torch reports the missing keys)
+            problem = None
+        elif len(present) < 3:
+            problem = (
+                f"{prefix}indptr, {prefix}indices and {prefix}values load together (a pattern "
+                f"and its values), but only {sorted(keys[k] for k in present)} are given"
+            )
+        else:
+            problem = self._check_loaded(present, prefix)
         if problem is None:
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -350,7 +357,6 @@ class SparseLinear(SparseModule):
                 if p in missing_keys and p in state_dict:
                     missing_keys.remove(p)
             error_msgs.append(problem)
-        self._derive()
 
     def _check_loaded(self, d: dict, prefix: str) -> str | None:
         """Why a loaded (untrusted) pattern cannot be this layer's, or None."""
@@ -378,13 +384,22 @@ class SparseLinear(SparseModule):
         return None
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
 def _feature_major(x: Tensor, n: int) -> Tensor:
     """x (*, n) as the contiguous (n, N) the kernels take: a view when the leading dims merge
     and the result's rows are contiguous, else one (counted) copy."""
     try:
         return _ops.contiguous(x.view(-1, n).T)
     except RuntimeError:  # the leading dims do not merge: one copy straight to (n, N)
-        _ops.COUNTS["layout_copies"] += 1
+        _ops.count_copy()
         return x.movedim(-1, 0).reshape(n, -1).contiguous()
 
 

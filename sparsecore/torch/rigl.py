@@ -26,6 +26,15 @@ at its output (a forward hook and a tensor hook, armed for that step; other step
 accumulation) are concatenated along the batch, which is exactly the accumulated gradient's
 dY·Xᵀ.
 
+With a ``torch.amp.GradScaler``: ``scaler.scale(loss).backward()``, then
+``if rigl.step(): scaler.step(optimizer); scaler.update()`` (the scaler's ``update`` only after
+its ``step``). A recorded batch holding NaN or inf (an overflowing scaled step) is refused with a
+clear error before anything changes; the ranking of |dY·Xᵀ| does not depend on the scale.
+
+New connections start with every carried state entry at 0: right for SGD's momentum and Adam's
+moments (RigL's rule); an optimizer whose neutral state is not 0 (Rprop's step sizes, Adagrad
+with ``initial_accumulator_value``) gets 0 there too.
+
 Several processes (``torch.distributed`` initialised, e.g. under DDP): at an update every rank
 gathers every rank's recorded inputs and output gradients (``all_gather``, in rank order) and
 runs the same update on the global batch, so the grow follows the global batch's gradient, not
@@ -43,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.backend import _check_scores_fit_float32 as check_scores_fit_float32
 from kernels.formats import CSR, DeviceCSR
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
@@ -67,10 +77,11 @@ class _Layer:
         P = module.pattern()
         v = _ops.arrays(self.dev, values)[0]
         shape = (P.rows, P.cols)
+        ip, ix = P.csr_arrays()  # (the Pattern's private, checked copies: never written)
         if self.dev.on_device:
-            self.W = DeviceCSR(P.indptr, P.indices, v, shape)
-        else:  # (copies of the index arrays: the CSR marks what it holds read-only)
-            self.W = CSR._trusted(P.indptr.copy(), P.indices.copy(), v, shape)
+            self.W = DeviceCSR(ip, ix, v, shape)
+        else:
+            self.W = CSR._trusted(ip, ix, v, shape)
         self.x, self.dy = (None, None) if xT is None else _ops.arrays(self.dev, xT, dyT)
         g = values.grad
         xp = self.dev.xp
@@ -87,26 +98,34 @@ class _Layer:
 
 
 class _OptimizerState:
-    """The engine updater's view of a torch optimizer: ``remap(name, src)`` carries every state
-    tensor shaped like the layer's values in place (new entries 0)."""
+    """The engine updater's view of a torch optimizer: ``remap(name, src)`` notes how a
+    layer's entries moved; ``commit()``, once every layer's update succeeded, carries every
+    state tensor shaped like the layer's values in place (new entries 0)."""
 
     def __init__(self, optimizer, values_of: dict):
         self.optimizer = optimizer
         self.values_of = values_of  # "<layer>.W" -> the layer's values Parameter
+        self.pending = []
 
     def remap(self, name: str, src):
+        self.pending.append((name, src))
+
+    def commit(self):
         if self.optimizer is None:
             return
-        p = self.values_of[name]
-        state = self.optimizer.state.get(p, {})
-        src = None if not state else _tensor(src, p.device).to(torch.int64)
-        for t in state.values():
-            if isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype.is_floating_point:
-                # (torch indexing: any dtype and layout the optimizer keeps, bf16 included)
-                carried = t[src.clamp(min=0)]
-                carried[src < 0] = 0
-                with torch.no_grad():
-                    t.copy_(carried)
+        for name, src in self.pending:
+            p = self.values_of[name]
+            state = self.optimizer.state.get(p, {})
+            if not state:
+                continue
+            where = _tensor(src, p.device).to(torch.int64)
+            for t in state.values():
+                if isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype.is_floating_point:
+                    # (torch indexing: any dtype and layout the optimizer keeps, bf16 included)
+                    carried = t[where.clamp(min=0)]
+                    carried[where < 0] = 0
+                    with torch.no_grad():
+                        t.copy_(carried)
 
     def rebind(self, params):
         pass  # (the Parameters keep their identity: nothing to point at anew)
@@ -203,7 +222,8 @@ class RigL:
         return self.updater.is_update_step(self.t if t is None else t)
 
     def _arm(self):
-        on = self.is_update_step()
+        # (only a gradient grow reads the batch: SET and static record nothing)
+        on = self.is_update_step() and isinstance(self.updater, EngineRigL)
         for _, m in self.layers:
             m.arm(on)
 
@@ -222,28 +242,31 @@ class RigL:
     # ------------------------------------------------------------------ the update
     def update(self):
         """The topology update of step ``t`` (the recorded batch's gradients); returns the
-        engine's UpdateReport."""
+        engine's UpdateReport. Atomic: the recorded batch is checked first, and the new
+        patterns, gradients and optimizer state are installed only once every layer's update
+        is computed."""
         t0 = time.perf_counter()
         group = self._group()
+        needs_batch = isinstance(self.updater, EngineRigL)
+        batches = [m.recorded() if needs_batch else (None, None) for _, m in self.layers]
+        if needs_batch:
+            self._check_batches(batches, group)
         views = []
-        for name, m in self.layers:
-            xT, dyT = m.recorded()
-            if isinstance(self.updater, EngineRigL) and xT is None:
-                raise RuntimeError(
-                    f"RigL needs the input and output gradient of layer {name} at step {self.t}: "
-                    "run forward and backward (with gradients) before rigl.step()"
-                )
+        for (name, m), (xT, dyT) in zip(self.layers, batches, strict=True):
             if group is not None and xT is not None:
                 xT, dyT = _gather_batch(xT, group), _gather_batch(dyT, group)
             views.append(_Layer(name, m, xT, dyT))
+            if needs_batch:  # |dY·Xᵀ| must fit float32 (else the top-k would rank infs)
+                check_scores_fit_float32(views[-1].dev, views[-1].dy, views[-1].x)
         model = _Model(views)
         opt = _OptimizerState(self.optimizer, {f"{v.name}.W": v.module.values for v in views})
         with _ops._on_stream(views[0].dev, views[0].module.values):
             report = self.updater.update(self.t, model, opt)
-        for v in views:
-            if v.changed:
-                self._install(v)
-            v.module.arm(False)
+            for v in views:  # (nothing above changed the layers or the optimizer)
+                if v.changed:
+                    self._install(v)
+                v.module.arm(False)
+            opt.commit()
         if group is not None:
             _check_same_topology(self.layers, group, self.t)
         self.updates.append(
@@ -255,6 +278,40 @@ class RigL:
             )  # fmt: skip
         )
         return report
+
+    def _check_batches(self, batches, group):
+        """Every layer recorded a batch with finite values, on every rank (checked together:
+        one rank raising alone would leave the others waiting in the gather)."""
+        problems = []
+        for (name, _), (xT, dyT) in zip(self.layers, batches, strict=True):
+            if xT is None:
+                problems.append(
+                    f"RigL needs the input and output gradient of layer {name} at step {self.t}: "
+                    "run forward and backward (with gradients) before rigl.step()"
+                )
+            elif not (bool(torch.isfinite(xT).all()) and bool(torch.isfinite(dyT).all())):
+                problems.append(
+                    f"layer {name}'s recorded input or output gradient at step {self.t} holds "
+                    "NaN or inf, so the grow cannot rank |dY·Xᵀ| (with a GradScaler: call "
+                    "rigl.step() only on steps the scaler did not skip)"
+                )
+        if group is not None:
+            import torch.distributed as dist
+
+            bad = torch.tensor([len(problems)], dtype=torch.int64, device=self._device())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+            if int(bad) and not problems:
+                problems.append(
+                    f"another rank could not update at step {self.t} (it raised the reason)"
+                )
+        if problems:
+            raise RuntimeError("; ".join(problems))
+
+    def _device(self):
+        import torch.distributed as dist
+
+        backend = dist.get_backend(self._group())
+        return self.layers[0][1].values.device if backend == "nccl" else torch.device("cpu")
 
     def _install(self, v: _Layer):
         m, W = v.module, v.W

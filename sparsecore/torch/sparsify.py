@@ -15,6 +15,11 @@ What it refuses, with what to do instead:
 - a Linear whose weight is tied to another module's parameter (e.g. an LM head sharing the
   embedding): a sparse layer cannot share a dense parameter; untie it or exclude it.
 
+Speed: in every ``nn.Sequential``, a swapped layer followed by an ``nn.ReLU`` takes the ReLU
+into its own kernel pass (``SparseLinear(activation="relu")``; the ReLU's slot then holds an
+``nn.Identity``): the same results with one pass less over the activation in forward and in
+backward. ``fuse_relu=False`` keeps the ReLU modules.
+
 Values of the new layers (``init``): ``"sparse"`` (default) draws them as the engine does
 (a uniform random pattern, Kaiming-uniform scaled by each row's sparse fan-in; layer l seeded by
 (seed, l) exactly as ``sparsecore.layers.mlp`` seeds its layer l, so an ``nn.Sequential`` MLP
@@ -86,6 +91,7 @@ def sparsify(
     exclude=None,
     init: str = "sparse",
     seed: int = 0,
+    fuse_relu: bool = True,
 ) -> nn.Module:
     """Replace the chosen ``nn.Linear`` layers of ``model`` by SparseLinear, in place; returns
     the model. See the module docstring for the choice, the densities and the refusals."""
@@ -128,15 +134,40 @@ def sparsify(
                 f"layer cannot share a dense weight. Untie it (give {name} its own weight) or "
                 f"keep it dense with exclude={name!r}"
             )
+    for (name, mod), s in zip(layers, swap, strict=True):
+        if s and isinstance(mod.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{name} is an nn.LazyLinear whose shape is not known yet: run one forward "
+                "pass before sparsify (or exclude it)"
+            )
     shapes = [(mod.out_features, mod.in_features) for _, mod in layers]
     fixed = {l: 1.0 for l, s in enumerate(swap) if not s}
     densities = _densities(sparsity, shapes, distribution, fixed)
+    swapped = set()
     for l, ((name, mod), s) in enumerate(zip(layers, swap, strict=True)):
         if not s:
             continue
         new = _build(mod, densities[l], init, [seed, INIT_TAG, l])
         _replace(model, name, new)
+        swapped.add(id(new))
+    if fuse_relu:
+        _fuse_relus(model, swapped)
     return model
+
+
+def _fuse_relus(model: nn.Module, swapped: set):
+    """In every nn.Sequential, a swapped layer followed by an nn.ReLU computes the ReLU in its
+    own kernel pass; the ReLU's place holds an nn.Identity (same results, one pass less over
+    the activation each way)."""
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:], strict=False):
+            first, second = seq._modules[a], seq._modules[b]
+            if id(first) in swapped and first.activation is None and type(second) is nn.ReLU:
+                first.activation = "relu"
+                seq._modules[b] = nn.Identity()
 
 
 def _densities(sparsity, shapes, distribution, fixed):
@@ -180,7 +211,11 @@ def _build(mod: nn.Linear, density: float, init: str, seed) -> SparseLinear:
         else:
             flat = np.sort(np.random.default_rng(seed).choice(m * n, size=k, replace=False))
         W = _csr_from_flat(flat, w[flat], (m, n))
-    return SparseLinear.from_csr(W, bias, device=device)
+    new = SparseLinear.from_csr(W, bias, device=device)
+    new.values.requires_grad_(mod.weight.requires_grad)  # (a frozen layer stays frozen)
+    if new.bias is not None:
+        new.bias.requires_grad_(mod.bias.requires_grad)
+    return new
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):

@@ -1,0 +1,87 @@
+"""SparseLinear's fused ReLU (activation="relu", what sparsify makes of Linear + ReLU): the
+same forward, gradients and RigL recording as the layer followed by an nn.ReLU."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from sparsecore.torch import RigL, SparseLinear, sparsify  # noqa: E402
+
+
+def _twins(rng, n=23, m=31, sparsity=0.6):
+    seed = int(rng.integers(2**31))
+    torch.manual_seed(seed)
+    plain = SparseLinear(n, m, sparsity=sparsity, seed=seed)
+    fused = SparseLinear(n, m, sparsity=sparsity, seed=seed, activation="relu")
+    with torch.no_grad():
+        fused.bias.copy_(plain.bias)
+    return plain, fused
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_relu_equals_linear_then_relu(rng, compiled):
+    plain, fused = _twins(rng)
+    x = torch.from_numpy(rng.standard_normal((9, 23)).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((9, 31)).astype(np.float32))
+    run = fused if not compiled else torch.compile(fused, backend="aot_eager", fullgraph=True)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = torch.relu(plain(xa))
+    yb = run(xb)
+    assert (ya > 0).any() and (ya == 0).any()  # both sides of the ReLU are exercised
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    for a, b in ((xa.grad, xb.grad), (plain.values.grad, fused.values.grad),
+                 (plain.bias.grad, fused.bias.grad)):  # fmt: skip
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_sparsify_fuses_only_a_swapped_layer_followed_by_relu():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 6), nn.ReLU(),
+        nn.Linear(6, 3),
+    )  # fmt: skip
+    sparsify(m, 0.5, exclude="4")
+    kinds = [type(c).__name__ for c in m]
+    assert kinds == ["SparseLinear", "Identity", "SparseLinear", "Tanh", "Linear", "ReLU",
+                     "SparseLinear"]  # fmt: skip
+    assert [getattr(c, "activation", "-") for c in m] == ["relu", "-", None, "-", "-", "-", None]
+    keep = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+    sparsify(keep, 0.5, fuse_relu=False)
+    assert type(keep[1]) is nn.ReLU and keep[0].activation is None
+
+
+def test_fused_and_unfused_rigl_runs_agree(rng):
+    """The recorded gradient of a fused layer is the one before its ReLU: the same topology
+    and weights after every update as with the ReLU modules kept."""
+    seed = int(rng.integers(2**31))
+    x = torch.from_numpy(rng.standard_normal((64, 16)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, 64))
+    runs = []
+    for fuse in (False, True):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 20), nn.ReLU(),
+                          nn.Linear(20, 5))  # fmt: skip
+        sparsify(m, 0.7, seed=seed, fuse_relu=fuse)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        rigl = RigL(m, opt, delta_t=3, alpha=0.4, t_end=20)
+        topo = []
+        for t in range(16):
+            opt.zero_grad()
+            b = slice(4 * t % 48, 4 * t % 48 + 16)
+            nn.functional.cross_entropy(m(x[b]), y[b]).backward()
+            if rigl.step():
+                opt.step()
+            if t % 3 == 0 and t:
+                topo.append([l.indices.clone() for _, l in rigl.layers])
+        runs.append((topo, [l.values.detach().clone() for _, l in rigl.layers]))
+    (ta, wa), (tb, wb) = runs
+    assert len(ta) == 5
+    for a, b in zip(ta, tb, strict=True):
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(v, u, rtol=0, atol=0)
+    for u, v in zip(wa, wb, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
