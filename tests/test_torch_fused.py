@@ -3,6 +3,7 @@ same forward, gradients and RigL recording as the layer followed by an nn.ReLU."
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -85,3 +86,48 @@ def test_fused_and_unfused_rigl_runs_agree(rng):
             torch.testing.assert_close(v, u, rtol=0, atol=0)
     for u, v in zip(wa, wb, strict=True):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
+
+
+def test_recording_a_fused_layer_keeps_nothing_alive_after_the_updates():
+    """The hook of a fused layer needs its output (the ReLU's mask); that reference goes with
+    the update, so no activation outlives it (a cycle through the output's own hook would)."""
+    import gc
+
+    torch.manual_seed(0)
+    m = nn.Sequential(SparseLinear(12, 333, density=0.2, activation="relu"),
+                      SparseLinear(333, 4, density=0.5))  # fmt: skip
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+    rigl = RigL(m, opt, delta_t=1, t_end=100, grow="sampled")
+    x, y = torch.randn(12, 29).T, torch.randint(0, 4, (29,))
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        if rigl.step():
+            opt.step()
+    assert len(rigl.updates) == 5
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == (333, 29)]
+    assert not alive, f"{len(alive)} recorded activations outlived the updates"
+
+
+def test_cpu_products_flush_subnormals_and_restore_the_mode(rng):
+    """The products compute with FTZ/DAZ (a subnormal result is 0), like the engine's training,
+    and leave the calling thread's mode as it was (the conftest fixture fails a test that
+    leaves flush-to-zero on)."""
+    from kernels.cpu import fpmode
+    from sparsecore.torch import _ops
+
+    layer = SparseLinear.from_csr(sp.csr_array(np.array([[1e-20, 0.0], [0.0, 1.0]], np.float32)))
+    x = torch.tensor([[1e-20], [2.0]], dtype=torch.float32).T  # (1, 2): 1e-40 is subnormal
+    with torch.no_grad():
+        y = layer(x)
+    assert y[0, 0].item() == 0.0 and y[0, 1].item() == 2.0
+    assert not fpmode.flushing()
+    old = _ops.FLUSH_DENORMALS
+    try:
+        _ops.FLUSH_DENORMALS = False
+        with torch.no_grad():
+            y = layer(x)
+        assert 0.0 < y[0, 0].item() < 1.2e-38  # IEEE subnormal kept
+    finally:
+        _ops.FLUSH_DENORMALS = old

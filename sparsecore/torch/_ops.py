@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from kernels import backend as _kb
+from kernels.cpu import fpmode as _fp
 from kernels.cpu._common import row_blocks as _row_blocks
 from kernels.cpu.structure import transpose as _cpu_transpose
 from kernels.cuda import structure as _cuda_structure
@@ -64,6 +65,32 @@ def arrays(b, *tensors):
         return [None if t is None else t.detach().numpy() for t in tensors]
     xp = b.xp
     return [None if t is None else xp.from_dlpack(t.detach()) for t in tensors]
+
+
+FLUSH_DENORMALS = True  # the CPU products run with FTZ/DAZ, as the engine's training does
+
+
+class _flushing:
+    """FTZ/DAZ (subnormal floats computed as 0) on the calling thread while a CPU product runs,
+    its own mode restored after: x86 computes on subnormals through a microcode assist 10-100×
+    slower, and training makes them (kernels/cpu/fpmode.py; the engine's Trainer flushes for the
+    whole run). Under Numba's tbb layer the kernel threads take the caller's mode at each call;
+    under omp only the calling thread's share is flushed. ``FLUSH_DENORMALS = False`` keeps
+    IEEE subnormals. About 1 µs per call; nothing on a device."""
+
+    __slots__ = ("old",)
+
+    def __init__(self, b):
+        self.old = None if (b.on_device or not FLUSH_DENORMALS or not _fp.X86) else -1
+
+    def __enter__(self):
+        if self.old is not None:
+            self.old = int(_fp._update_here(_fp.FTZ_DAZ, 0))
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            keep = self.old & _fp.FTZ_DAZ
+            _fp._update_here(keep, _fp.FTZ_DAZ & ~keep)
 
 
 class _on_stream:
@@ -237,7 +264,7 @@ class Pattern:
         self._operand(xT, "xT", self.cols)
         yT = torch.empty((self.rows, xT.shape[1]), dtype=torch.float32, device=self.device)
         b = self.b
-        with _on_stream(b, xT):
+        with _on_stream(b, xT), _flushing(b):
             v, x, y, bb = arrays(b, values, xT, yT, bias)
             b.spmm(self.indptr, self.indices, v, x, y, self.row_blocks, bias=bb, relu=relu)
         return yT
@@ -246,7 +273,7 @@ class Pattern:
         """The gradient before a fused ReLU: dyT where yT > 0, else 0 (one pass)."""
         out = torch.empty_like(dyT)
         b = self.b
-        with _on_stream(b, dyT):
+        with _on_stream(b, dyT), _flushing(b):
             dy, y, o = arrays(b, dyT, yT, out)
             b.ew.relu_backward(dy, y, o)
         return out
@@ -258,7 +285,7 @@ class Pattern:
         b = self.b
         if not b.on_device and self._t_data is None:  # the CPU gather's scratch, kept
             self._t_data = np.empty(self.nnz, np.float32)
-        with _on_stream(b, dyT):
+        with _on_stream(b, dyT), _flushing(b):
             v, dy, dx = arrays(b, values, dyT, dxT)
             b.spmm_t(self.t_indptr, self.t_indices, self.t_perm, v, dy, dx, self.col_blocks,
                      self._t_data)  # fmt: skip
@@ -272,7 +299,7 @@ class Pattern:
         dw = torch.empty(self.nnz, dtype=torch.float32, device=self.device)
         db = torch.empty(self.rows if with_bias else 0, dtype=torch.float32, device=self.device)
         b = self.b
-        with _on_stream(b, dyT):
+        with _on_stream(b, dyT), _flushing(b):
             dy, x, out, g = arrays(b, dyT, xT, dw, db)
             b.sddmm(self.indptr, self.indices, dy, x, out, self.row_blocks,
                     bias_grad=g if with_bias else None)  # fmt: skip

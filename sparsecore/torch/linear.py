@@ -65,13 +65,13 @@ class SparseModule(nn.Module):
         """Record (on) or stop recording (off) each forward's input and output gradient; off
         lets go of what was recorded (the hooks the graph keeps hold empty slots)."""
         for slot in self._record or ():
-            slot[0] = slot[1] = None
+            slot[:] = [None, None, None]
         self._record = [] if on else None
 
     def recorded(self):
         """(xT, dyT) of the recorded batches, concatenated along N: the accumulated batch's
         input and output gradient, feature-major (copies only when several were recorded)."""
-        rec = [(x, dy) for x, dy in (self._record or []) if dy is not None]
+        rec = [(x, dy) for x, dy, _ in (self._record or []) if dy is not None]
         if not rec:
             return None, None
         if len(rec) == 1:
@@ -81,12 +81,15 @@ class SparseModule(nn.Module):
     def _remember(self, xT: Tensor, yT: Tensor, relu: bool = False):
         if self._record is None or not yT.requires_grad:
             return
-        slot = [xT, None]
+        # [input, output gradient, the fused ReLU's output]: the hook, which the graph keeps,
+        # reaches yT only through the slot, which arm(False) empties (no cycle through yT's
+        # own hook, which Python's collector could not see)
+        slot = [xT, None, yT if relu else None]
         self._record.append(slot)
 
         def hook(g, slot=slot):  # several backward passes through one forward: their sum
-            if relu:  # (the gradient before a fused ReLU: what dL/dW is made of)
-                g = torch.where(yT > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            if slot[2] is not None:  # (the gradient before a fused ReLU: what dL/dW is made of)
+                g = torch.where(slot[2] > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
             slot[1] = _ops.contiguous(g) if slot[1] is None else slot[1] + g
 
         yT.register_hook(hook)
