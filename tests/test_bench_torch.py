@@ -179,22 +179,27 @@ def test_the_import_order_decides_torch_pool_spin_count(torch_first):
     first, second = ("torch", "sparsecore") if torch_first else ("sparsecore", "torch")
     code = (
         f"import {first}, {second}, warnings, json\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from sparsecore.torch import threads\n"
+        "at_import = any('imported before sparsecore' in str(x.message) for x in w)\n"
         "warnings.simplefilter('error')\n"
-        "from sparsecore.torch import threads\n"
         "try:\n"
         "    info = threads.configure()\n"
         "    said = False\n"
         "except UserWarning:\n"
         "    info, said = threads.threading_info(), True\n"
-        "print(json.dumps([info['torch_imported_first'], info['torch_gomp_spincount'], said]))"
+        "print(json.dumps([info['torch_imported_first'], info['torch_gomp_spincount'], said, "
+        "at_import]))"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     env.pop("SPARSECORE_THREAD_SETUP", None)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    first_seen, spin, said = json.loads(r.stdout.strip().splitlines()[-1])
+    first_seen, spin, said, at_import = json.loads(r.stdout.strip().splitlines()[-1])
     assert first_seen is torch_first
     if sys.platform.startswith("linux"):
         assert spin == ("default" if torch_first else "10000")
     assert said is (torch_first and threads.torch_openmp_library() is not None)
+    assert at_import is said  # (importing sparsecore.torch says it once, changing nothing)
