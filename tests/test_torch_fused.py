@@ -131,3 +131,33 @@ def test_cpu_products_flush_subnormals_and_restore_the_mode(rng):
         assert 0.0 < y[0, 0].item() < 1.2e-38  # IEEE subnormal kept
     finally:
         _ops.FLUSH_DENORMALS = old
+
+
+def test_layers_given_one_input_share_its_transposed_copy(rng):
+    """q, k and v projections of one batch-major input: one layout copy, not three, and the
+    same outputs and gradients as dense references; an in-place change of the input between
+    the layers makes a fresh copy."""
+    from sparsecore.torch import layout_copies
+
+    seed = int(rng.integers(2**31))
+    torch.manual_seed(seed)
+    q, k, v = (SparseLinear(24, 24, sparsity=0.7, seed=[seed, i]) for i in range(3))
+    x = torch.from_numpy(rng.standard_normal((3, 5, 24)).astype(np.float32)).requires_grad_(True)
+    c0 = layout_copies()
+    out = q(x) + k(x) * v(x)
+    assert layout_copies() - c0 == 1
+    g = torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32))
+    out.backward(g)
+    x2 = x.detach().double().requires_grad_(True)
+
+    def ref(layer):
+        return x2 @ layer.to_dense().double().T + layer.bias.detach().double()
+
+    ((ref(q) + ref(k) * ref(v)) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-4, atol=1e-5)
+    y = torch.from_numpy(rng.standard_normal((6, 24)).astype(np.float32))
+    with torch.no_grad():
+        a = q(y)
+        y.mul_(2.0)  # (a counted in-place change: the next layer must not reuse the copy)
+        b = q(y)
+    torch.testing.assert_close(b, 2 * a - q.bias.detach(), rtol=1e-5, atol=1e-5)

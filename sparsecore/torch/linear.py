@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -282,7 +283,7 @@ class SparseLinear(SparseModule):
             )
         x = self._float32(x)
         lead = x.shape[:-1]
-        xT = _ops.contiguous(x.T) if x.dim() == 2 else _feature_major(x, n)
+        xT = _shared_feature_major(x, n)
         indptr, indices = self.parts()
         relu = self.activation == "relu"
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -394,6 +395,29 @@ def _check_activation(activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
+
+
+_LAST_COPY: list = [None]  # (weakref to x, x's stamp, weakref to its feature-major copy)
+
+
+def _shared_feature_major(x: Tensor, n: int) -> Tensor:
+    """x (*, n) as the contiguous (n, N) the kernels take. When a copy is needed it is kept
+    (weakly) for the next layer given the very same tensor: attention's q, k and v projections
+    of one input share one transposed copy (one copy made, one saved for backward) instead of
+    three. Not while torch.compile traces (it sees plain ops there)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _ops.contiguous(x.T) if x.dim() == 2 else _feature_major(x, n)
+    stamp = (x.data_ptr(), tuple(x.shape), x.stride(), x.device, x.dtype,
+             None if x.is_inference() else x._version)  # fmt: skip
+    last = _LAST_COPY[0]
+    if last is not None and last[0]() is x and last[1] == stamp and stamp[-1] is not None:
+        xT = last[2]()
+        if xT is not None:
+            return xT
+    xT = _ops.contiguous(x.T) if x.dim() == 2 else _feature_major(x, n)
+    if xT.data_ptr() != x.data_ptr():  # (a copy was made: worth sharing)
+        _LAST_COPY[0] = (weakref.ref(x), stamp, weakref.ref(xT))
+    return xT
 
 
 def _feature_major(x: Tensor, n: int) -> Tensor:
