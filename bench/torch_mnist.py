@@ -202,18 +202,7 @@ def run_torch(kind: str, cfg, data, progress: bool, torch_init: bool, flush: boo
     )
     rigl = None
     if bridge:
-        rigl = RigL(
-            model,
-            opt,
-            delta_t=cfg.delta_t,
-            alpha=cfg.alpha,
-            total_steps=total,
-            end_fraction=cfg.t_end,
-            grow=cfg.grow,
-            candidates=cfg.grow_candidates,
-            seed=cfg.seed,
-            step_on_update=cfg.step_on_update,
-        )
+        rigl = RigL.from_config(model, opt, cfg, total)
 
     def lr(t):
         return lr_at(

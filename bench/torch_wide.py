@@ -238,17 +238,7 @@ def main(argv=None):
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
     )
-    rigl = RigL(
-        model,
-        opt,
-        delta_t=cfg.delta_t,
-        alpha=cfg.alpha,
-        total_steps=args.steps,
-        end_fraction=cfg.t_end,
-        grow=cfg.grow,
-        candidates=cfg.grow_candidates,
-        seed=cfg.seed,
-    )
+    rigl = RigL.from_config(model, opt, cfg, args.steps)
     print(
         f"{'-'.join(map(str, ARCH))} at sparsity {cfg.sparsity} ({args.distribution}): "
         + ", ".join(

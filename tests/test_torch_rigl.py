@@ -932,3 +932,27 @@ def test_report(rng):
     assert f"{grown} connections regrown over {len(layers)} layers" in line
     other = eupdater.UpdateReport(step=5, drop_fraction=0.1, per_layer=[])
     assert rigl.report_line(other).startswith("step 5: topology update, drop fraction 0.100")
+
+
+def test_from_config_mirrors_the_engines_settings():
+    from sparsecore.config import TrainConfig
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3))
+    sparsify(m, 0.5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    cfg = TrainConfig(arch=[10, 12, 3], delta_t=7, alpha=0.4, t_end=0.5, grow="sampled",
+                      grow_candidates=3, seed=5, step_on_update=True)  # fmt: skip
+    r = RigL.from_config(m, opt, cfg, total_steps=100)
+    s = r.state_dict()
+    assert (s["delta_t"], s["alpha"], s["t_end"], s["grow"], s["candidates"], s["seed"]) == (
+        7,
+        0.4,
+        50,
+        "sampled",
+        3.0,
+        5,
+    )
+    assert s["step_on_update"] is True and s["method"] == "rigl"
+    with pytest.raises(ValueError, match="dense"):
+        RigL.from_config(m, opt, TrainConfig(arch=[10, 12, 3], method="dense"), 100)

@@ -208,6 +208,20 @@ class RigL:
         self.last_report = None
         self._arm()
 
+    @classmethod
+    def from_config(cls, model: nn.Module, optimizer, cfg, total_steps: int) -> RigL:
+        """The scheduler the engine's loop would run for ``cfg`` (a ``sparsecore.TrainConfig``:
+        method, ΔT, α, T_end as a fraction of ``total_steps``, grow, candidates, tile, seed,
+        step_on_update)."""
+        if cfg.method == "dense":
+            raise ValueError("cfg.method is 'dense': there is no topology to update")
+        return cls(
+            model, optimizer, delta_t=cfg.delta_t, alpha=cfg.alpha, total_steps=total_steps,
+            end_fraction=cfg.t_end, method=cfg.method, grow=cfg.grow,
+            candidates=cfg.grow_candidates, tile_bytes=cfg.grow_tile_bytes, seed=cfg.seed,
+            step_on_update=cfg.step_on_update,
+        )  # fmt: skip
+
     def _check_optimizer(self, optimizer):
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, m in self.layers if id(m.values) not in held]
