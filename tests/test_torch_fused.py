@@ -142,22 +142,87 @@ def test_layers_given_one_input_share_its_transposed_copy(rng):
     seed = int(rng.integers(2**31))
     torch.manual_seed(seed)
     q, k, v = (SparseLinear(24, 24, sparsity=0.7, seed=[seed, i]) for i in range(3))
-    x = torch.from_numpy(rng.standard_normal((3, 5, 24)).astype(np.float32)).requires_grad_(True)
+    leaf = torch.from_numpy(rng.standard_normal((3, 5, 24)).astype(np.float32))
+    leaf.requires_grad_(True)
+    x = leaf * 1.0  # (an op's output, as a LayerNorm's is: the copy is shared)
     c0 = layout_copies()
     out = q(x) + k(x) * v(x)
     assert layout_copies() - c0 == 1
     g = torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32))
     out.backward(g)
-    x2 = x.detach().double().requires_grad_(True)
+    x2 = leaf.detach().double().requires_grad_(True)
 
     def ref(layer):
         return x2 @ layer.to_dense().double().T + layer.bias.detach().double()
 
     ((ref(q) + ref(k) * ref(v)) * g.double()).sum().backward()
-    torch.testing.assert_close(x.grad.double(), x2.grad, rtol=1e-4, atol=1e-5)
-    y = torch.from_numpy(rng.standard_normal((6, 24)).astype(np.float32))
+    torch.testing.assert_close(leaf.grad.double(), x2.grad, rtol=1e-4, atol=1e-5)
+    # an in-place change of the input between the layers: a fresh copy
+    y = torch.from_numpy(rng.standard_normal((6, 24)).astype(np.float32)).requires_grad_(True)
+    h = y * 1.0
+    a = q(h)
     with torch.no_grad():
-        a = q(y)
-        y.mul_(2.0)  # (a counted in-place change: the next layer must not reuse the copy)
-        b = q(y)
-    torch.testing.assert_close(b, 2 * a - q.bias.detach(), rtol=1e-5, atol=1e-5)
+        h.mul_(2.0)
+    b = q(h)
+    torch.testing.assert_close(b, 2 * a - q.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_leaves_are_copied_at_every_call(rng):
+    """A leaf may be refilled behind torch's back (a NumPy staging buffer) or gain
+    requires_grad between two layers: no copy of it is reused."""
+    q, k = (SparseLinear(8, 6, sparsity=0.5, seed=[1, i]) for i in range(2))
+    arr = rng.standard_normal((5, 8)).astype(np.float32)
+    buf = torch.from_numpy(arr)
+    y1 = q(buf)
+    arr[:] = 0.0  # (no version bump: torch cannot see this write)
+    y2 = q(buf)
+    torch.testing.assert_close(y2, q.bias.expand_as(y2))
+    del y1
+    x = torch.from_numpy(rng.standard_normal((5, 8)).astype(np.float32))
+    q(x)
+    x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(k(x).sum(), x)
+    torch.testing.assert_close(gx, k.to_dense().sum(0).expand_as(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_not_fused():
+    class Res(nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Res(nn.Linear(6, 6), nn.ReLU()), nn.Linear(6, 2))
+    sparsify(m, 0.5)
+    assert type(m[0][1]) is nn.ReLU and m[0][0].activation is None
+
+
+def test_dx_from_two_threads_at_once_keeps_each_threads_values(rng):
+    """The transposed product's gather scratch is the Pattern's: a second thread in it at
+    the same time works on its own (else it would read the other's gathered values)."""
+    import sys
+    import threading
+
+    layer = SparseLinear(40, 30, sparsity=0.5, seed=3)
+    P = layer.pattern()
+    dy = torch.from_numpy(rng.standard_normal((30, 7)).astype(np.float32))
+    va, vb = (torch.from_numpy(rng.standard_normal(layer.nnz).astype(np.float32)) for _ in "ab")
+    want = {id(va): P.dx(va, dy), id(vb): P.dx(vb, dy)}
+    wrong = []
+
+    def run(v):
+        for _ in range(300):
+            if not torch.equal(P.dx(v, dy), want[id(v)]):
+                wrong.append(1)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(v,)) for v in (va, vb)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not wrong, f"{len(wrong)} of 600 products read the other thread's values"

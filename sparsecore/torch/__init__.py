@@ -29,7 +29,7 @@ from sparsecore.torch.sparsify import sparsify, summary
 
 # torch imported before sparsecore leaves torch's OpenMP threads spinning at libgomp's default
 # (measured 3.5-4x slower sparse steps on 2 cores): say so once, change nothing
-threads.configure(None, warn=True)
+threads.warn_if_spinning(stacklevel=2)
 
 __all__ = [
     "RigL", "SparseLinear", "SparseModule", "layout_copies", "sparsify", "summary", "threads",

@@ -30,6 +30,7 @@ Float32 only. Under ``torch.autocast`` the ops' floating inputs are cast to floa
 (``register_autocast``) and the result is float32: sparse products run in float32 here.
 """
 
+import threading
 import weakref
 
 import numpy as np
@@ -227,6 +228,7 @@ class Pattern:
         self.rows, self.cols = indptr.shape[0] - 1, cols
         self.nnz = indices.shape[0]
         self.device = indptr.device
+        self._scratch_lock = threading.Lock()
         if self.rows < 0:
             raise ValueError("indptr must hold n_rows + 1 >= 1 entries, got 0")
         b = self.b = backend_of(indptr)
@@ -283,12 +285,22 @@ class Pattern:
         self._operand(dyT, "dyT", self.rows)
         dxT = torch.empty((self.cols, dyT.shape[1]), dtype=torch.float32, device=self.device)
         b = self.b
-        if not b.on_device and self._t_data is None:  # the CPU gather's scratch, kept
-            self._t_data = np.empty(self.nnz, np.float32)
-        with _on_stream(b, dyT), _flushing(b):
-            v, dy, dx = arrays(b, values, dyT, dxT)
-            b.spmm_t(self.t_indptr, self.t_indices, self.t_perm, v, dy, dx, self.col_blocks,
-                     self._t_data)  # fmt: skip
+        # the CPU gather's scratch (nnz floats) is kept; a second thread in dx at the same
+        # time gets its own (the GIL may switch between the gather and the product)
+        mine = not b.on_device and self._scratch_lock.acquire(blocking=False)
+        try:
+            t_data = None
+            if mine:
+                if self._t_data is None:
+                    self._t_data = np.empty(self.nnz, np.float32)
+                t_data = self._t_data
+            with _on_stream(b, dyT), _flushing(b):
+                v, dy, dx = arrays(b, values, dyT, dxT)
+                b.spmm_t(self.t_indptr, self.t_indices, self.t_perm, v, dy, dx, self.col_blocks,
+                         t_data)  # fmt: skip
+        finally:
+            if mine:
+                self._scratch_lock.release()
         return dxT
 
     def dw(self, dyT: Tensor, xT: Tensor, with_bias: bool):

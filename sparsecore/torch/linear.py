@@ -401,16 +401,22 @@ _LAST_COPY: list = [None]  # (weakref to x, x's stamp, weakref to its feature-ma
 
 
 def _shared_feature_major(x: Tensor, n: int) -> Tensor:
-    """x (*, n) as the contiguous (n, N) the kernels take. When a copy is needed it is kept
-    (weakly) for the next layer given the very same tensor: attention's q, k and v projections
-    of one input share one transposed copy (one copy made, one saved for backward) instead of
-    three. Not while torch.compile traces (it sees plain ops there)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """x (*, n) as the contiguous (n, N) the kernels take. When a copy of an op's output (a
+    tensor with a grad_fn, under grad mode) is needed it is kept (weakly) for the next layer
+    given the very same tensor at the same version: attention's q, k and v projections of one
+    LayerNorm output share one transposed copy (one made, one saved for backward) instead of
+    three. Leaves (inputs, NumPy-backed buffers) are copied at every call; nothing is shared
+    while torch.compile traces (it sees plain ops there)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or x.grad_fn is None  # (only an op's output: a leaf may be refilled behind torch's
+        or not torch.is_grad_enabled()  # back, e.g. through NumPy, and carries no graph)
+    ):
         return _ops.contiguous(x.T) if x.dim() == 2 else _feature_major(x, n)
-    stamp = (x.data_ptr(), tuple(x.shape), x.stride(), x.device, x.dtype,
-             None if x.is_inference() else x._version)  # fmt: skip
+    stamp = (x.data_ptr(), tuple(x.shape), x.stride(), x.device, x.dtype, x._version)
     last = _LAST_COPY[0]
-    if last is not None and last[0]() is x and last[1] == stamp and stamp[-1] is not None:
+    if last is not None and last[0]() is x and last[1] == stamp:
         xT = last[2]()
         if xT is not None:
             return xT

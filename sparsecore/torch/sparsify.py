@@ -18,7 +18,9 @@ What it refuses, with what to do instead:
 Speed: in every ``nn.Sequential``, a swapped layer followed by an ``nn.ReLU`` takes the ReLU
 into its own kernel pass (``SparseLinear(activation="relu")``; the ReLU's slot then holds an
 ``nn.Identity``): the same results with one pass less over the activation in forward and in
-backward. ``fuse_relu=False`` keeps the ReLU modules.
+backward. Only plain ``nn.Sequential`` containers are fused (a subclass may have a forward of
+its own). One difference: the fused ReLU maps a NaN pre-activation to 0 where ``nn.ReLU`` keeps
+the NaN (the gradient there is 0 in both). ``fuse_relu=False`` keeps the ReLU modules.
 
 Values of the new layers (``init``): ``"sparse"`` (default) draws them as the engine does
 (a uniform random pattern, Kaiming-uniform scaled by each row's sparse fan-in; layer l seeded by
@@ -160,7 +162,7 @@ def _fuse_relus(model: nn.Module, swapped: set):
     own kernel pass; the ReLU's place holds an nn.Identity (same results, one pass less over
     the activation each way)."""
     for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
+        if type(seq) is not nn.Sequential:  # (a subclass may have a forward of its own)
             continue
         keys = list(seq._modules)
         for a, b in zip(keys, keys[1:], strict=False):

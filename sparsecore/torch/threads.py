@@ -117,6 +117,29 @@ def threading_info() -> dict:
     }
 
 
+def spinning_at_default() -> bool:
+    """torch was imported before sparsecore and its libgomp pool spins at the default (nothing
+    exported): the case the measurements warn about. Starts no thread pool."""
+    spins_default = all(v == "default" for v in torch_spin_setting().values())
+    gomp = (torch_openmp_library() or "").rsplit("/", 1)[-1].startswith("libgomp")
+    return spins_default and gomp and torch_imported_first()
+
+
+def warn_if_spinning(stacklevel: int = 2) -> bool:
+    """Say once (a UserWarning) when torch's pool spins at the default; changes nothing and
+    starts no thread pool (what ``import sparsecore.torch`` calls). Returns whether it did."""
+    if not spinning_at_default():
+        return False
+    warnings.warn(
+        "sparsecore.torch: torch was imported before sparsecore, so torch's OpenMP threads "
+        "busy-wait at libgomp's default between ops and slow the sparse kernels on few "
+        "cores; import sparsecore first, or export GOMP_SPINCOUNT=10000 (or call "
+        "sparsecore.torch.threads.configure())",
+        stacklevel=stacklevel + 1,
+    )
+    return True
+
+
 def configure(torch_threads: int | str | None = "auto", *, warn: bool = True) -> dict:
     """Set torch's intra-op threads for training with sparsecore.torch; returns threading_info().
 
