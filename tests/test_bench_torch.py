@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import sparsecore.benchmarks.torch_step as T  # noqa: E402
-from sparsecore.benchmarks import suite  # noqa: E402
+from sparsecore.benchmarks import step, suite  # noqa: E402
 from sparsecore.torch import threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ TINY = dict(arch=[784, 48, 40, 10], sparsity=0.9, batch=16, rounds=1, every=5, e
 
 @pytest.fixture(scope="module")
 def data_prefix(tmp_path_factory):
-    return T.prepare_data(tmp_path_factory.mktemp("torchbench"), 256)
+    return step.prepare_data(tmp_path_factory.mktemp("torchbench"), 256)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_torch_sparse_stand_in_gradients_match_dense_autograd():
 def test_torch_sparse_random_grow_keeps_a_canonical_pattern(data_prefix):
     c = dict(T.DEFAULTS, **TINY, peer_grow="random", data=data_prefix)
     peer = T.TorchSparse(c)
-    batches = T._batches(c, T.load_data(data_prefix), torch)
+    batches = T._batches(c, step.load_data(data_prefix), torch)
     before = [L.values.shape[0] for L in peer.layers]
     for i in range(c["every"] + 1):  # through one update
         peer.step(batches[i % len(batches)])

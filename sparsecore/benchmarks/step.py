@@ -77,6 +77,23 @@ def prepare_data(folder, samples: int) -> str:
     return str(folder / f"mnist{samples}")
 
 
+def data_for(c: dict, prefix: str = "sparsecore-bench-"):
+    """The configuration's data (``c["data"]``; standalone, None: a private copy made here and
+    removed at exit, its path written back), checked against the model's inputs."""
+    if c["data"] is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, tmp, True)
+        c["data"] = prepare_data(tmp, c["samples"])
+    data = load_data(c["data"])
+    if data.n_features != c["arch"][0]:
+        raise ValueError(f"arch starts with {c['arch'][0]} inputs; the data has {data.n_features}")
+    return data
+
+
 def load_data(prefix: str):
     """The prepared subset as a Dataset of memory-mapped arrays (batches gather their rows)."""
     from sparsecore.data import Dataset
@@ -359,17 +376,7 @@ def run(config: dict) -> dict:
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
         torch.set_num_threads(numba.get_num_threads())
         torch.set_flush_denormal(True)  # as the engine does (TrainConfig.flush_denormals)
-    if c["data"] is None:  # standalone: a private copy of the data, removed at exit
-        import atexit
-        import shutil
-        import tempfile
-
-        tmp = tempfile.mkdtemp(prefix="sparsecore-bench-")
-        atexit.register(shutil.rmtree, tmp, True)
-        c["data"] = prepare_data(tmp, c["samples"])
-    data = load_data(c["data"])
-    if data.n_features != c["arch"][0]:
-        raise ValueError(f"arch starts with {c['arch'][0]} inputs; the data has {data.n_features}")
+    data = data_for(c)
     impl = {"torch-masked": run_torch_masked, "torch-sparse": run_torch_sparse}.get(c["impl"])
     fn = (lambda cc: impl(cc, data, torch)) if impl else (lambda cc: run_engine(cc, data))
     # a tiny model first: loads the compiled kernels and the libraries' code, so the baseline

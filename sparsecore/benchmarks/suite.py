@@ -398,7 +398,9 @@ def torch_level(args, out: Path, preset: dict, progress: bool) -> dict | None:
     cfg = dict(
         T.PRESETS[args.preset], seed=args.seed, delta_t=args.delta_t, torch_threads=args.threads
     )
-    cfg["data"] = T.prepare_data(out / "data", preset["samples"])
+    from sparsecore.benchmarks.step import prepare_data
+
+    cfg["data"] = prepare_data(out / "data", preset["samples"])
     if args.widths:
         cfg["arch"] = [784, args.widths[0], args.widths[0], 10]
     if args.sparsities:

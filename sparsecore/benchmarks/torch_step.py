@@ -58,7 +58,12 @@ import time
 
 import numpy as np
 
-from sparsecore.benchmarks.step import _classify, _summary, check_forward, load_data, prepare_data
+from sparsecore.benchmarks.step import (
+    _classify,
+    _summary,
+    check_forward,
+    data_for,
+)
 from sparsecore.layers import INIT_TAG, sparse_init
 from sparsecore.rigl.distributions import layer_densities
 from sparsecore.rigl.schedule import UpdateSchedule
@@ -700,17 +705,7 @@ def run(config: dict, progress=None) -> dict:
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # (torch.sparse is "beta")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(int(c["torch_threads"] or numba.get_num_threads()))
-    if c["data"] is None:
-        import atexit
-        import shutil
-        import tempfile
-
-        tmp = tempfile.mkdtemp(prefix="sparsecore-bench-torch-")
-        atexit.register(shutil.rmtree, tmp, True)
-        c["data"] = prepare_data(tmp, c["samples"])
-    data = load_data(c["data"])
-    if data.n_features != c["arch"][0]:
-        raise ValueError(f"arch starts with {c['arch'][0]} inputs; the data has {data.n_features}")
+    data = data_for(c, "sparsecore-bench-torch-")
     say = progress or (lambda msg: None)
     batches = _batches(c, data, torch)
     order = [i for i in IMPLS if i in c["impls"]]
