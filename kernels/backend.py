@@ -296,7 +296,7 @@ def topk_grow_on(b: Backend, W, dY, X, k, keep=None, layout="feature", tile_byte
     k = V.check_int(k, "k", low=0, high=m * n - n_present)
     if tile_bytes is not None:
         tile_bytes = V.check_int(tile_bytes, "tile_bytes", low=4)
-    _check_scores_fit_float32(b, dY, X)
+    check_scores_fit_float32(b, dY, X)
     if dY.shape[1] == 0:  # batch 0: every score is 0, ties go to the lower i·n + j
         return first_absent(xp, W, keep, k)
     rows, cols, scores = b.grow(W.indptr, W.indices, keep, dY, X, k, tile_bytes=tile_bytes)
@@ -305,7 +305,7 @@ def topk_grow_on(b: Backend, W, dY, X, k, keep=None, layout="feature", tile_byte
     return rows, cols, scores
 
 
-def _check_scores_fit_float32(b: Backend, dY, X):
+def check_scores_fit_float32(b: Backend, dY, X):
     """|G[i, j]| <= ||dY_i||·||X_j|| (Cauchy-Schwarz): if that bound fits float32 with room for
     rounding, no score can overflow to inf (or to NaN via inf - inf). O((m + n)·B)."""
     if not dY.size or not X.size:

@@ -44,13 +44,25 @@ CUDA_THREADS_PER_BLOCK = 256
 # of 4 and the operands are 16-byte aligned; False forces the scalar kernel (tests cover both).
 CUDA_SPMM_FLOAT4 = True
 
-# sddmm runs one block per row with up to this many warps (one per nonzero of a mean row).
+# sddmm runs a block per row with up to this many warps (one per nonzero of a mean row), at most
+# CUDA_SDDMM_MAX_BLOCKS blocks striding over the rows (the grid's x limit is 2**31 - 1; 65535
+# blocks are hundreds of waves on any current GPU).
 CUDA_SDDMM_MAX_WARPS = 8
+CUDA_SDDMM_MAX_BLOCKS = 65535
 
-# Bytes of the gradient tile of the GPU topk_grow (one cuBLAS sgemm per tile). 16 MiB is 256
-# full rows at n = 16384: large enough for sgemm to run near its peak, 1.6% of that layer's
-# dense gradient (1 GiB).
+# Gradient tile of the GPU topk_grow (one cuBLAS sgemm per tile). Without a tile_bytes argument
+# the launcher takes CUDA_TOPK_TILE_FREE_FRACTION of the device memory free at the call, within
+# [CUDA_TOPK_TILE_BYTES, CUDA_TOPK_TILE_MAX_BYTES]: fewer, larger tiles mean fewer sgemm calls
+# and host syncs. CUDA_TOPK_TILE_BYTES (16 MiB: 256 full rows at n = 16384, 1.6% of that layer's
+# 1 GiB dense gradient) is also the tile the memory plan counts, and the one a training run on
+# the device passes when it has a memory budget (sparsecore/train.py), so that the plan holds.
 CUDA_TOPK_TILE_BYTES = 16 << 20
+CUDA_TOPK_TILE_FREE_FRACTION = 0.25
+CUDA_TOPK_TILE_MAX_BYTES = 1 << 30
+
+# The GPU topk_grow streams this many tiles at most between two host syncs: the candidate
+# counter stays on the device, and a tile is recomputed only when the buffer overflowed in it.
+CUDA_TOPK_MAX_TILES_PER_SYNC = 32
 
 # Candidate buffer of the GPU topk_grow, in multiples of k (> 1). A full buffer is cut back to
 # the best k by an exact radix select; cuts are cheap on the GPU, so the buffer is kept small.

@@ -242,7 +242,7 @@ class TrainConfig:
     flush_denormals: bool = setting(
         True,
         "keep subnormal floats (by default the kernel threads flush them to zero: x86 computes "
-        "on them 10-100x slower)",
+        "on them 10-100x slower; the GPU kernels always flush, as CuPy compiles them)",
         resume=RESULT,
         absent=False,
     )

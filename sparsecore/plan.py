@@ -143,6 +143,10 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
                 elif grow == "sampled":
                     scratch = sampled_grow_bytes(m, n, nnz - k, k, grow_candidates)
                 elif gpu:  # kernels/cuda/grow.py: tile + buffer + a cut's scratch + histogram
+                    # (the tile counted is the floor: without a tile and a budget the launcher
+                    # sizes it from the device's free memory, CUDA_TOPK_TILE_FREE_FRACTION of
+                    # it up to CUDA_TOPK_TILE_MAX_BYTES; with a budget the trainer passes this
+                    # tile, so the plan holds)
                     tr, tc = tile_shape(m, n, grow_tile_bytes or config.CUDA_TOPK_TILE_BYTES)
                     cap = max(k + 1, int(config.CUDA_TOPK_BUFFER_FACTOR * k))
                     f = np.dtype(flat_dtype(m, n)).itemsize

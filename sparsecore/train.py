@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels import config as kernels_config
 from kernels._threads import check_fork_safe
 from kernels.cpu import fpmode
 from kernels.validation import memory_limit
@@ -40,16 +41,13 @@ from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.parallel import SINGLE
 from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan
 from sparsecore.rigl.schedule import UpdateSchedule
+from sparsecore.rigl.selection import TrainingDiverged
 from sparsecore.rigl.updater import UPDATERS
 
 EPOCH_TAG = 0xE90C  # an epoch's order is seeded by (seed, EPOCH_TAG, epoch)
 # A training set up to this many bytes is put on the device once; a larger one is uploaded
 # batch by batch.
 DEVICE_DATA_BYTES = 4 << 30
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite; the last good checkpoint is kept."""
 
 
 class MemoryBudgetExceeded(ValueError):
@@ -196,12 +194,11 @@ class Trainer:
         # the one object this trainer asks about other processes: a single process unless
         # given MPI's (then data-parallel, or the sharded layers' side)
         self.par = world.bind(self)
+        tile = self.plan.get("grow_tile_bytes")
+        if tile is None and cfg.device == "cuda" and cfg.max_memory is not None:
+            tile = kernels_config.CUDA_TOPK_TILE_BYTES  # the plan's tile (else: from free memory)
         grow_kw = (
-            dict(
-                grow=cfg.grow,
-                candidates=cfg.grow_candidates,
-                tile_bytes=self.plan.get("grow_tile_bytes"),
-            )
+            dict(grow=cfg.grow, candidates=cfg.grow_candidates, tile_bytes=tile)
             if cfg.method == "rigl"
             else {}
         )

@@ -102,30 +102,89 @@ def _ptx_entries(ptx):
     return entries
 
 
+# What cupy.RawModule really compiles with: our options, then CuPy's own (-ftz=true), which win.
+CUPY_OPTIONS = (*_module.OPTIONS, *_module.CUPY_APPENDED_OPTIONS)
+
+
+def _nvcc_ptx(arch, path, options=CUPY_OPTIONS):
+    res = subprocess.run(
+        [NVCC, f"-arch={arch}", "-ptx", *options, "-Werror", "all-warnings", "-o", "-", path],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, f"nvcc {arch} {path}:\n{res.stderr}"
+    return res.stdout
+
+
 @pytest.fixture(scope="module")
-def ptx():
+def ptx_text():
     if NVCC is None:
         pytest.skip("nvcc is not on PATH")
-    out = {}
+    return {
+        (arch, src): _nvcc_ptx(arch, _module.source_path(src))
+        for arch in ("sm_80", "sm_90")
+        for src in SOURCES
+    }
+
+
+@pytest.fixture(scope="module")
+def ptx(ptx_text):
+    return {key: _ptx_entries(text) for key, text in ptx_text.items()}
+
+
+def _float_instructions(ptx):
+    """PTX instructions that compute on or compare floats (loads, stores and moves excluded:
+    they copy bits, which flush-to-zero never changes)."""
+    ops = re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.M)
+    return sorted(
+        {
+            o
+            for o in ops
+            if re.search(r"\.f(16|32|64)\b", o)
+            and not o.startswith(("ld.", "st.", "mov.", "cvta", "atom.", "red."))
+        }
+    )
+
+
+def test_grow_selects_with_integer_instructions_under_cupys_flush_to_zero(ptx_text):
+    """CuPy compiles with -ftz=true: a float compare or fabsf in the grow would rank subnormal
+    scores as 0. grow.cu has no float instruction at all, so its ranking is the bits'."""
     for arch in ("sm_80", "sm_90"):
-        for src in SOURCES:
-            res = subprocess.run(
-                [
-                    NVCC,
-                    f"-arch={arch}",
-                    "-ptx",
-                    "-Werror",
-                    "all-warnings",
-                    "-o",
-                    "-",
-                    _module.source_path(src),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            assert res.returncode == 0, f"nvcc {arch} {src}:\n{res.stderr}"
-            out[(arch, src)] = _ptx_entries(res.stdout)
-    return out
+        assert _float_instructions(ptx_text[(arch, "grow.cu")]) == []
+        # the products do compute in float, and under CuPy's options they do flush
+        assert any(".ftz" in op for op in _float_instructions(ptx_text[(arch, "spmm.cu")]))
+
+
+def test_the_float_instruction_finder_sees_fabsf_and_compares(tmp_path):
+    """A negative control: the check above would fail for the grow's former float scoring."""
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    src = tmp_path / "old.cu"
+    src.write_text(
+        'extern "C" __global__ void f(const float* g, float thr, int* out)\n'
+        "{ out[threadIdx.x] = fabsf(g[threadIdx.x]) > thr; }\n"
+    )
+    ops = _float_instructions(_nvcc_ptx("sm_90", str(src)))
+    assert any(op.startswith("abs.ftz.f32") for op in ops), ops
+    assert any(op.startswith("setp.") and ".ftz" in op for op in ops), ops
+
+
+def test_kernels_that_run_in_place_declare_no_restrict():
+    """relu(y, y) and relu_backward(dy, y, dy) alias an input with the output: a __restrict__
+    on either would be undefined behaviour."""
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    text = subprocess.run(
+        [NVCC, "-E", "-x", "cu", _module.source_path("elementwise.cu")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for name in ("sparsecore_relu", "sparsecore_relu_backward"):
+        params = re.search(rf"void\s+{name}\s*\(([^)]*)\)", text).group(1)
+        assert "__restrict__" not in params, f"{name}({params})"
+    sgd = re.search(r"void\s+sparsecore_sgd\s*\(([^)]*)\)", text).group(1)
+    assert "__restrict__" in sgd  # the search itself reads the signatures
 
 
 def test_every_source_compiles_and_is_prefixed(ptx):
@@ -179,12 +238,13 @@ def _nvrtc():
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("src", SOURCES)
 def test_nvrtc_compiles_with_the_launcher_options(src, arch):
-    """What cupy.RawModule does on a device, minus the device: NVRTC with _module.OPTIONS."""
+    """What cupy.RawModule does on a device, minus the device: NVRTC with _module.OPTIONS and
+    the options CuPy appends."""
     nvrtc = _nvrtc()
     prog = nvrtc.createProgram(_module.read_source(src), src, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [*_module.OPTIONS, f"-arch={arch}"])
+            nvrtc.compileProgram(prog, [*CUPY_OPTIONS, f"-arch={arch}"])
         except Exception as e:
             pytest.fail(f"NVRTC rejected {src}: {e}\n{nvrtc.getProgramLog(prog)}")
         ptx = nvrtc.getPTX(prog)

@@ -55,8 +55,10 @@ def _emu_spmm(plan, rng):
 
 def _emu_sddmm(plan, rng):
     indptr, indices, dy, x, out, bias_grad, has_bias, m, B = plan.args
-    assert plan.grid[0] == m and plan.block[0] % 32 == 0
-    for i in range(int(m)):
+    assert plan.grid[0] == min(int(m), kernels.config.CUDA_SDDMM_MAX_BLOCKS)
+    assert plan.block[0] % 32 == 0
+    blocks = int(plan.grid[0])
+    for i in sorted(range(int(m)), key=lambda i: i % blocks):  # block i % grid, grid-stride
         s, e = int(indptr[i]), int(indptr[i + 1])
         out[s:e] = x[indices[s:e]].astype(np.float64) @ dy[i]
         if has_bias:
@@ -75,40 +77,47 @@ def _emu_mask(plan, rng):
                 flat[r * tc + col] = np.nan
 
 
+def _key(a):
+    """grow.cu's score key: the bits of a float32 with the sign cleared, as int64."""
+    return (np.asarray(a, np.float32).view(np.int32) & 0x7FFFFFFF).astype(np.int64)
+
+
 def _union(args):
     g, n_tile, tc, n_cols, flat0, bs, bf, n_buf = args[:8]
+    assert g.dtype == np.float32 and bs.dtype == np.int32  # keys in the buffer
     e = np.arange(int(n_tile), dtype=np.int64)
-    s_t = np.abs(g.reshape(-1)[: int(n_tile)])
+    k_t = _key(g.reshape(-1)[: int(n_tile)])
     f_t = flat0 + (e // tc) * n_cols + e % tc
-    s = np.concatenate((s_t, bs[: int(n_buf)])).astype(np.float32)
+    key = np.concatenate((k_t, bs[: int(n_buf)].astype(np.int64)))
     flat = np.concatenate((f_t, bf[: int(n_buf)].astype(np.int64))).astype(np.uint64)
     thr = args[8]
-    with np.errstate(invalid="ignore"):
-        counted = np.concatenate((s_t > thr, np.ones(int(n_buf), bool)))
-    return s, flat, counted
+    assert isinstance(thr, np.int32)  # a key, compared as an integer
+    counted = np.concatenate(((k_t > thr) & (k_t <= cu_grow.INF_KEY), np.ones(int(n_buf), bool)))
+    return key, flat, counted
 
 
 def _emu_hist(plan, rng):
-    s, flat, counted = _union(plan.args)
+    key, flat, counted = _union(plan.args)
     _, smask, sval, fmask, fval, key_is_flat, shift, bins = plan.args[8:]
     assert plan.block[0] % 32 == 0
-    bits = s.view(np.uint32)
-    sel = counted & ((bits & smask) == sval) & ((flat & fmask) == fval)
-    key = (flat[sel] >> np.uint64(shift)) if key_is_flat else (bits[sel] >> np.uint32(shift))
-    np.add.at(bins, (key & 0xFFFF).astype(np.int64), 1)
+    bits = key.astype(np.uint64)
+    sel = counted & ((bits & np.uint64(smask)) == sval) & ((flat & fmask) == fval)
+    digit = (flat[sel] >> np.uint64(shift)) if key_is_flat else (bits[sel] >> np.uint64(shift))
+    np.add.at(bins, (digit & np.uint64(0xFFFF)).astype(np.int64), 1)
 
 
 def _emu_select(plan, rng):
-    s, flat, counted = _union(plan.args)
+    key, flat, counted = _union(plan.args)
     _, use_tie, v, fstar, out_s, out_f, counter, out_cap = plan.args[8:]
+    assert out_s.dtype == np.int32 and isinstance(v, np.int32)
     chosen = counted.copy()
     if use_tie:
-        chosen &= (s > v) | ((s == v) & (flat <= fstar))
+        chosen &= (key > v) | ((key == v) & (flat <= fstar))
     idx = rng.permutation(np.flatnonzero(chosen))  # atomics: any order
     start = int(counter[0])
     slots = start + np.arange(idx.shape[0])
     ok = slots < out_cap
-    out_s[slots[ok]] = s[idx[ok]]
+    out_s[slots[ok]] = key[idx[ok]]
     out_f[slots[ok]] = flat[idx[ok]].astype(out_f.dtype)
     counter[0] += idx.shape[0]
 
@@ -419,3 +428,236 @@ def test_merge_counts_conflicts_like_the_cpu(rng):
     cols = np.array([0], W.indices.dtype)  # (0, 0) is stored and kept
     assert cu_merge.merge(W.indptr, W.indices, keep, g_indptr, cols)[3] == 1
     assert cpu_merge.merge(W.indptr, W.indices, keep, g_indptr, cols)[3] == 1
+
+
+# ------------------------------------------------- review fixes (GPU readiness, issue 17)
+
+
+def _subnormal_case(rng, m=40, n=60):
+    """dY, X of exact dyadic values whose products are subnormal float32 for some rows: the
+    scores 2^-130·(small integer) lie below the smallest normal (2^-126) and are exact, so the
+    float64 reference and any float32 sum agree on every score bit."""
+    dY = rng.integers(-2, 3, size=(m, 2)).astype(np.float32)
+    X = rng.integers(-2, 3, size=(n, 2)).astype(np.float32)
+    tiny = rng.random(m) < 0.6
+    dY[tiny] *= np.float32(2.0**-70)
+    X[rng.random(n) < 0.7] *= np.float32(2.0**-60)
+    return dY, X
+
+
+def test_grow_ranks_subnormal_scores_exactly(rng, emulated):
+    W = kernels.CSR.random((40, 60), 0.1, seed=int(rng.integers(1 << 30)))
+    dY, X = _subnormal_case(rng)
+    S = (dY.astype(np.float64) @ X.T.astype(np.float64)).astype(np.float32)
+    sub = (S != 0) & (np.abs(S) < np.finfo(np.float32).tiny)
+    assert sub.sum() > 100  # the case really holds subnormal scores, and zeros besides
+    absent = 40 * 60 - W.nnz
+    for k in (1, 50, int(sub.sum()), absent // 2, absent):
+        _exact(W, dY, X, k, tile_bytes=60 * 4 * 3, buffer_factor=1.01)
+    rows, cols, scores = cu_grow.topk_grow(W.indptr, W.indices, None, dY, X, 200)
+    assert np.all(scores[np.abs(scores) < np.finfo(np.float32).tiny] >= 0)
+    assert (scores > 0).sum() >= min(200, int(((S != 0) & ~_present(W)).sum()))
+
+
+def _present(W):
+    return R.pattern(W.indptr, W.indices, W.shape, None)
+
+
+def test_grow_score_keys_order_like_magnitudes():
+    v = np.array([0.0, -0.0, 1e-45, -1e-40, 1.1754942e-38, 1.17549435e-38, 1.0, -3.0, np.inf])
+    keys = _key(v.astype(np.float32))
+    assert keys[0] == keys[1] == 0
+    assert list(np.argsort(keys[1:], kind="stable") + 1) == list(range(1, 9))
+    assert keys[-1] == cu_grow.INF_KEY and _key(np.float32(np.nan)) > cu_grow.INF_KEY
+
+
+def test_grow_keeps_the_count_on_the_device_between_tiles(rng, emulated, monkeypatch):
+    """Many tiles, few host syncs: the counter is read once per run of tiles (1, 2, 4, ...),
+    not once per tile, and the answer stays exact."""
+    reads = []
+    real = cu_grow.to_host
+    monkeypatch.setattr(cu_grow, "to_host", lambda a: reads.append(a.shape) or real(a))
+    W = kernels.CSR.random((256, 50), 0.05, seed=int(rng.integers(1 << 30)))
+    dY, X = _ints(rng, 256, 50, 3)
+    tile = 50 * 4 * 2  # 2 rows a tile: 128 tiles
+    _exact(W, dY, X, 400, tile_bytes=tile, buffer_factor=4.0)
+    masks = [p for p in emulated if "mask" in p.kernel]
+    assert len(masks) >= 128
+    assert len(reads) < 128 // 3, f"{len(reads)} host reads for 128 tiles"
+
+
+def test_grow_recomputes_a_tile_that_overflowed_inside_a_run(rng, emulated):
+    """An overflow in a tile that a later tile of the same run overwrote: that tile is
+    recomputed (one more sgemm and mask) and the cut is over the buffer ∪ its candidates."""
+    W = kernels.CSR.random((300, 40), 0.05, seed=int(rng.integers(1 << 30)))
+    dY = rng.standard_normal((300, 4)).astype(np.float32)
+    X = rng.standard_normal((40, 4)).astype(np.float32)
+    dY[200:] *= 50  # late rows score higher: the buffer overflows again after a quiet stretch
+    n_tiles = 300 // 3
+    for k in (20, 200, 900):
+        emulated.clear()
+        rows, cols, _ = cu_grow.topk_grow(
+            W.indptr, W.indices, None, dY, X, k, tile_bytes=40 * 4 * 3, buffer_factor=1.5
+        )
+        rr, cc, _ = R.topk_grow(W.indptr, W.indices, W.shape, dY, X, k)
+        np.testing.assert_array_equal(rows, rr)
+        np.testing.assert_array_equal(cols, cc)
+        masks = sum("mask" in p.kernel for p in emulated)
+        assert masks > n_tiles, "no tile was recomputed: the path under test did not run"
+
+
+def test_grow_tile_is_sized_from_free_device_memory(monkeypatch):
+    cfg = kernels.config
+    assert cu_grow.auto_tile_bytes(np) == cfg.CUDA_TOPK_TILE_BYTES  # NumPy: the floor
+
+    class Pool:
+        def __init__(self, free):
+            self.free = free
+
+        def free_bytes(self):
+            return self.free
+
+    def fake(free, pooled):
+        class Device:
+            mem_info = (free, 10 * free + 1)
+
+        class Cuda:
+            pass
+
+        class Cupy:
+            cuda = Cuda()
+
+            @staticmethod
+            def get_default_memory_pool():
+                return Pool(pooled)
+
+        Cupy.cuda.Device = Device
+        return Cupy
+
+    gib = 1 << 30
+    assert cu_grow.auto_tile_bytes(fake(2 * gib, 2 * gib)) == cfg.CUDA_TOPK_TILE_MAX_BYTES
+    assert cu_grow.auto_tile_bytes(fake(256 << 20, 0)) == 64 << 20  # a quarter of what is free
+    assert cu_grow.auto_tile_bytes(fake(1 << 20, 0)) == cfg.CUDA_TOPK_TILE_BYTES  # the floor
+    monkeypatch.setattr(cfg, "CUDA_TOPK_TILE_FREE_FRACTION", 0.5)
+    assert cu_grow.auto_tile_bytes(fake(100 << 20, 28 << 20)) == 64 << 20
+
+
+def test_sddmm_grid_strides_over_rows(rng, emulated, monkeypatch):
+    monkeypatch.setattr(kernels.config, "CUDA_SDDMM_MAX_BLOCKS", 3)
+    W = cases.make("odd_37x53", rng)
+    dY = rng.standard_normal((37, 5)).astype(np.float32)
+    X = rng.standard_normal((53, 5)).astype(np.float32)
+    out = np.full(W.nnz, np.nan, np.float32)
+    bias = np.full(37, np.nan, np.float32)
+    cu_sddmm.sddmm(W.indptr, W.indices, dY, X, out, bias_grad=bias)
+    assert emulated[-1].grid == (3, 1, 1)
+    ref = R.sddmm(W.indptr, W.indices, W.shape, dY, X)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bias, dY.sum(1), rtol=1e-5, atol=1e-5)
+    big = cu_sddmm.plan(
+        np.zeros(5, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros((4, 2), np.float32),
+        np.zeros((4, 2), np.float32),
+        np.zeros(0, np.float32),
+    )
+    assert big.grid[0] == 3
+
+
+def test_launch_plans_refuse_non_contiguous_operands(rng):
+    from kernels.cuda import elementwise as cu_ew
+
+    W = cases.make("odd_37x53", rng)
+    x = rng.standard_normal((53, 16)).astype(np.float32)
+    y = np.empty((37, 8), np.float32)
+    with pytest.raises(ValueError, match=r"spmm: x must be C-contiguous"):
+        cu_spmm.plan(W.indptr, W.indices, W.data, x[:, ::2], y)
+    with pytest.raises(ValueError, match=r"spmm: out must be C-contiguous"):
+        cu_spmm.plan(W.indptr, W.indices, W.data, x[:, :8].copy(), np.empty((8, 37), np.float32).T)
+    with pytest.raises(ValueError, match=r"sddmm: dy must be C-contiguous"):
+        cu_sddmm.plan(
+            W.indptr, W.indices, y.T.copy().T, x[:, :8].copy(), np.empty(W.nnz, np.float32)
+        )
+    a = rng.standard_normal((6, 10)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"elementwise: array must be C-contiguous"):
+        cu_ew.relu(a[:, ::2], a[:, ::2])
+    view = a[:, ::2]
+    before = view.copy()
+    with pytest.raises(ValueError):  # before: the kernel wrote into a copy, the result was lost
+        cu_ew.relu_plan(view, view)
+    np.testing.assert_array_equal(view, before)
+
+
+def test_relu_in_place_through_the_launcher(rng, emulated):
+    from kernels.cuda import elementwise as cu_ew
+
+    a = rng.standard_normal((6, 10)).astype(np.float32)
+    want = np.maximum(a, 0)
+    assert cu_ew.relu(a, a) is a
+    np.testing.assert_array_equal(a, want)
+
+
+def test_kernel_functions_are_cached_per_device_and_name(monkeypatch):
+    """RawModule.get_function builds a new object on every call: launch() must not."""
+    import sys
+    import types
+
+    made, device = [], [0]
+
+    class Module:
+        def __init__(self, code, options):
+            self.options = options
+
+        def get_function(self, name):
+            made.append(name)
+            calls = []
+
+            def fn(grid, block, args, shared_mem=0):
+                calls.append((grid, block))
+
+            fn.calls = calls
+            return fn
+
+    fake = types.SimpleNamespace(
+        RawModule=Module,
+        cuda=types.SimpleNamespace(
+            Device=lambda: types.SimpleNamespace(id=device[0]),
+            runtime=types.SimpleNamespace(getDevice=lambda: device[0]),
+        ),
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_module, "_modules", {})
+    monkeypatch.setattr(_module, "_functions", {})
+    a = np.ones((2, 3), np.float32)
+    from kernels.cuda import elementwise as cu_ew
+
+    for _ in range(5):
+        _module.launch(cu_ew.relu_plan(a, a))
+    _module.launch(cu_ew.relu_backward_plan(a, a, a))
+    assert made == ["sparsecore_relu", "sparsecore_relu_backward"]
+    f = _module.get_function("elementwise.cu", "sparsecore_relu")
+    assert len(f.calls) == 5
+    device[0] = 1  # another device: its own module and function
+    _module.launch(cu_ew.relu_plan(a, a))
+    assert made == ["sparsecore_relu", "sparsecore_relu_backward", "sparsecore_relu"]
+
+
+def _drop_reference(data, k):
+    """Positions of the k smallest |w| (float64 magnitudes, ties to the lower position)."""
+    order = np.lexsort((np.arange(data.shape[0]), np.abs(data.astype(np.float64))))
+    return np.sort(order[:k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_drop_ranks_subnormals_and_signed_zeros(dtype, rng):
+    from kernels.cpu import fpmode
+
+    tiny = np.finfo(dtype).tiny
+    data = rng.choice(np.array([0.0, -0.0, tiny / 4, -tiny / 8, tiny / 2, 1.0, -2.0]), 300)
+    data = (data * rng.integers(1, 4, 300)).astype(dtype)
+    for k in (0, 1, 40, 150, 299, 300):
+        want = _drop_reference(data, k)
+        np.testing.assert_array_equal(cpu_drop.magnitude_drop(data, k), want)
+        np.testing.assert_array_equal(cu_drop.magnitude_drop(data, k), want)
+        with fpmode.flush_denormals():  # DAZ: a float compare would tie subnormals with 0
+            np.testing.assert_array_equal(cpu_drop.magnitude_drop(data, k), want)

@@ -374,3 +374,29 @@ def test_cli_device_run_reports_its_state(emulated_cuda, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "training state held:" in out and "test accuracy:" in out
+
+
+def test_a_device_run_with_a_memory_budget_grows_with_the_planned_tile(emulated_cuda):
+    """Without a tile the GPU grow sizes its tile from free device memory; a run given
+    max_memory passes the tile its memory plan counted instead, so the plan holds."""
+    from kernels import config as kcfg
+
+    data = _synthetic()
+    free = Trainer(_cfg(device="cuda", max_steps=2, method="rigl", delta_t=4), data)
+    assert free.updater.tile_bytes is None
+    budget = Trainer(
+        _cfg(device="cuda", max_steps=2, method="rigl", delta_t=4, max_memory=1 << 34), data
+    )
+    assert budget.updater.tile_bytes == kcfg.CUDA_TOPK_TILE_BYTES
+    given = Trainer(
+        _cfg(
+            device="cuda",
+            max_steps=2,
+            method="rigl",
+            delta_t=4,
+            max_memory=1 << 34,
+            grow_tile_bytes=4096,
+        ),
+        data,
+    )
+    assert given.updater.tile_bytes == 4096

@@ -229,3 +229,40 @@ def test_rigl_grow_options_are_checked():
         RigL(UpdateSchedule(t_end=10), grow="approx")
     with pytest.raises(ValueError, match="candidates .* must be >= 1"):
         RigL(UpdateSchedule(t_end=10), grow="sampled", candidates=0.5)
+
+
+@pytest.mark.parametrize("bad", ["dy", "x"])
+def test_exact_grow_on_a_non_finite_gradient_says_the_run_diverged(bad, rng):
+    """The updater calls the trusted grow launcher: its result is checked where it returns
+    (exactly k connections, finite scores), not later as "nnz changed"."""
+    from sparsecore.rigl.selection import TrainingDiverged
+
+    model = small_model(rng, (30, 40, 20, 5), 0.3)
+    x = rng.standard_normal((30, 16)).astype(np.float32)
+    y = rng.integers(0, 5, 16)
+    _, d, _ = SoftmaxCrossEntropy()(model.forward(x), y)
+    model.backward(d)
+    layer = model.sparse_layers()[1]
+    getattr(layer, bad)[3, :] = np.nan
+    upd = RigL(UpdateSchedule(t_end=1000, delta_t=10, alpha=0.3), seed=0)
+    name = {"dy": "dY", "x": "X"}[bad]
+    with pytest.raises(TrainingDiverged, match=rf"layer {layer.name}: {name} holds NaN or inf"):
+        upd.update(10, model)
+
+
+def test_exact_grow_that_comes_back_short_is_refused(rng, monkeypatch):
+    model = small_model(rng, (30, 40, 20, 5), 0.3)
+    x = rng.standard_normal((30, 16)).astype(np.float32)
+    _, d, _ = SoftmaxCrossEntropy()(model.forward(x), rng.integers(0, 5, 16))
+    model.backward(d)
+    dev = model.sparse_layers()[0].dev
+    real = dev.grow
+
+    def short(*a, **kw):
+        rows, cols, scores = real(*a, **kw)
+        return rows[1:], cols[1:], scores[1:]
+
+    monkeypatch.setattr(dev, "grow", short)
+    upd = RigL(UpdateSchedule(t_end=1000, delta_t=10, alpha=0.3), seed=0)
+    with pytest.raises(RuntimeError, match=r"found \d+ connections, expected \d+ with finite"):
+        upd.update(10, model)

@@ -17,8 +17,15 @@ from typing import NamedTuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # NVRTC options of every module. The architecture is added by CuPy for the current device.
-# No fast-math: the grow kernels rely on NaN comparing false, and the products are plain FMAs.
+# No fast-math: the products are plain FMAs. CuPy appends CUPY_APPENDED_OPTIONS after these
+# (cupy/cuda/compiler.py, for every RawModule; NVRTC keeps the last of conflicting options), so
+# every kernel here runs with flush-to-zero: subnormal inputs and results of float instructions
+# become 0. The grow and the drop rank scores by their bits (integer instructions only), so
+# their selection does not depend on it; the products, sddmm and the elementwise passes flush,
+# as the CPU training does under its default flush_denormals. tests/test_cuda_build.py compiles
+# with OPTIONS + CUPY_APPENDED_OPTIONS and checks that grow.cu has no float instruction.
 OPTIONS = ("--std=c++17",)
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 
 _modules: dict = {}
 
@@ -55,8 +62,21 @@ def get_module(name: str, options: tuple = OPTIONS):
     return mod
 
 
-def get_function(name: str, kernel: str):
-    return get_module(name).get_function(kernel)
+_functions: dict = {}
+
+
+def get_function(name: str, kernel: str, options: tuple = OPTIONS):
+    """The kernel ``kernel`` of kernels/cuda/<name> on the current device, cached per (device,
+    source, options, kernel): RawModule.get_function builds a new Function object on every call
+    (device queries, a memo lookup, cuModuleGetFunction), which would make a small layer's
+    launches host-bound."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), name, tuple(options), kernel)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = get_module(name, options).get_function(kernel)
+    return fn
 
 
 def launch(plan: Launch) -> None:
@@ -66,6 +86,18 @@ def launch(plan: Launch) -> None:
     get_function(plan.source, plan.kernel)(
         plan.grid, plan.block, plan.args, shared_mem=plan.shared_mem
     )
+
+
+def require_contiguous(kernel: str, **arrays):
+    """ValueError unless every given array (None skipped) is C-contiguous: the kernels index
+    their buffers as dense rows, so a strided view would be read wrongly, and a flattened
+    copy of one (reshape(-1) copies) would take the kernel's writes and lose them."""
+    for name, a in arrays.items():
+        if a is not None and not a.flags.c_contiguous:
+            raise ValueError(
+                f"{kernel}: {name} must be C-contiguous, got shape {tuple(a.shape)} with strides "
+                f"{tuple(a.strides)} (pass a contiguous array, e.g. ascontiguousarray)"
+            )
 
 
 def index_suffix(dtype) -> str:

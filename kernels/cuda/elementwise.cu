@@ -14,7 +14,9 @@
 //                           rounded to float32 on the host, as the CPU optimizer does)
 // Buffers:  every array float32, n elements, contiguous (2-D activations are passed flat);
 //           out may alias x or dy (each element is read once, then written by the same
-//           thread); p, v, m updated in place.                                    [in/out]
+//           thread): relu(y, y) runs in place, so the two ReLU kernels declare no pointer
+//           __restrict__ (an aliased restrict pointer is undefined behaviour); p, v, m are
+//           updated in place.                                                       [in/out]
 //           n         int64    elements
 // Cost:     one pass: 8 bytes (relu), 12 (relu_backward), 16 (sgd), 24 (momentum),
 //           32 (adam) of memory traffic per element, a few flops.
@@ -23,12 +25,16 @@
 //           pass, no atomics.
 // Rounding: float32 throughout, the same operation order as the CPU twins (no fast-math), so
 //           the updates agree with them to float32 rounding (FMA contraction may differ).
+//           CuPy compiles every kernel with -ftz=true (appended after our options; NVRTC keeps
+//           the last), so these kernels flush subnormal inputs and results to zero, as the CPU
+//           training does under flush_denormals (its default); the CPU with
+//           flush_denormals=False keeps them, and may then differ by subnormal amounts.
 
 #define GRID_STRIDE(e, n) \
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (n); \
          e += (long long)blockDim.x * gridDim.x)
 
-extern "C" __global__ void sparsecore_relu(const float* __restrict__ x, float* out, long long n)
+extern "C" __global__ void sparsecore_relu(const float* x, float* out, long long n)
 {
     GRID_STRIDE(e, n)
     {
@@ -37,8 +43,8 @@ extern "C" __global__ void sparsecore_relu(const float* __restrict__ x, float* o
     }
 }
 
-extern "C" __global__ void sparsecore_relu_backward(const float* dy, const float* __restrict__ y,
-                                                    float* out, long long n)
+extern "C" __global__ void sparsecore_relu_backward(const float* dy, const float* y, float* out,
+                                                    long long n)
 {
     GRID_STRIDE(e, n)
     {

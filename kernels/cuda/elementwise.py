@@ -31,6 +31,8 @@ def _plan(kernel: str, n: int, *args) -> Launch:
 
 
 def _flat(a):
+    """The flat view of a C-contiguous array (never a copy: the kernel writes through it)."""
+    _module.require_contiguous("elementwise", array=a)
     return a.reshape(-1)
 
 

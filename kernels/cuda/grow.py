@@ -7,25 +7,34 @@ float32. Trusts its inputs (k <= number of absent entries, canonical pattern, fi
 
 Algorithm (device memory O(tile + k), never the m × n gradient):
   1. Tiles in ascending flat order (full rows, or one row in column blocks: cpu/grow.tile_shape,
-     so tiles cover disjoint, increasing flat ranges). Per tile: cuBLAS sgemm (cupy.matmul)
-     into the tile buffer; sparsecore_grow_mask sets the present connections to NaN;
-     sparsecore_grow_select appends every |G| > thr to the candidate buffer (cap entries,
-     unordered: slots come from an atomic counter) and counts them.
-  2. If the tile's candidates do not fit, the buffer is cut: over the union (buffer ∪ the
-     tile's candidates), an exact radix select (sparsecore_grow_hist, two 16-bit digits of the
-     score's bits) finds v = the k-th largest score, n_gt entries above it and n_eq equal to it;
+     so tiles cover disjoint, increasing flat ranges; tile_bytes None: auto_tile_bytes, from the
+     device's free memory). Per tile: cuBLAS sgemm (cupy.matmul) into the tile buffer;
+     sparsecore_grow_mask sets the present connections to NaN; sparsecore_grow_select appends
+     every score above thr to the candidate buffer (cap entries, unordered: slots come from an
+     atomic counter that stays on the device from tile to tile).
+  2. Host syncs: the tiles are streamed in runs (1, 2, 4, ... up to
+     config.CUDA_TOPK_MAX_TILES_PER_SYNC), the counter copied after each tile on the device and
+     read once per run. When it passed cap in some tile, the tiles before it are in the buffer
+     (the later ones of the run found slots >= cap and wrote nothing), the tile is recomputed
+     if a later one overwrote it, and the buffer is cut: over the union (buffer ∪ the tile's
+     candidates), an exact radix select (sparsecore_grow_hist, two 16-bit digits of the score
+     key) finds v = the k-th largest key, n_gt entries above it and n_eq equal to it;
      T = k - n_gt ties survive, those with the lowest flat indices: a second radix select on
      the flat index of the tied entries finds fstar = the T-th smallest. Then exactly the k
-     entries with s > v, or s == v and flat <= fstar, are selected into a scratch of k entries
-     and copied back, and thr = v: every later tile has larger flat indices, so a later score
-     equal to v loses the tie and '>' is exact.
+     entries with key > v, or key == v and flat <= fstar, are selected into a scratch of k
+     entries and copied back, and thr = v: every later tile has larger flat indices, so a later
+     score equal to v loses the tie and '>' is exact. The stream resumes after that tile with a
+     run of 1.
   3. After the last tile, a cut to k if more remain; the k entries are sorted by flat index.
+Scores are handled only as keys, the bits of |G| as int32 (grow.cu): the selection does not
+depend on the flush-to-zero mode CuPy compiles with (-ftz=true), so subnormal scores rank as on
+the CPU. The scores returned are those bits viewed as float32.
 Choices: the selection is custom (a threshold filter plus radix select) because sorting the
 tile (cupy.sort) would need several tile-sized temporaries; the final sort of k flat indices
 (cupy.argsort, a radix sort) is O(k) memory and run once.
 Memory: tile (tile_bytes) + buffer cap·(4 + f) + during a cut a scratch of k·(4 + f) bytes
-(f = 4, or 8 when m·n >= 2**31) + 65536·8 bytes of histogram; host syncs: one per tile, a few
-per cut (the histograms, 512 KiB each, are scanned on the host).
+(f = 4, or 8 when m·n >= 2**31) + 65536·8 bytes of histogram; host syncs: one per run of tiles,
+a few per cut (the histograms, 512 KiB each, are scanned on the host).
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from kernels.cpu.grow import tile_shape
 from kernels.cuda import _module
 from kernels.cuda._module import Launch, array_module, cdiv, index_suffix, to_host
 
-BELOW_ALL = np.float32(-0.5)  # below every score |G| >= 0
+BELOW_ALL = np.int32(-1)  # a threshold key below every score key (keys are >= 0)
+INF_KEY = 0x7F800000  # the key of +inf (grow.cu: SC_INF_KEY)
 N_BINS = 1 << 16
 ALL_FLATS = np.uint64(np.iinfo(np.uint64).max)
 
@@ -49,12 +59,12 @@ ALL_FLATS = np.uint64(np.iinfo(np.uint64).max)
 class Union(NamedTuple):
     """The elements a hist/select launch looks at: a tile's (above thr) and a buffer's."""
 
-    g: object  # tile (C-contiguous, n_tile floats), or any float32 array if n_tile == 0
+    g: object  # tile (C-contiguous, n_tile floats; any float32 array if n_tile == 0)
     n_tile: int
     tc: int  # columns of the tile
     n_cols: int  # n, for flat = flat0 + (e // tc)·n + e % tc
     flat0: int
-    bs: object  # buffer scores
+    bs: object  # buffer score keys (int32: the bits of |G|)
     bf: object  # buffer flat indices
     n_buf: int
 
@@ -84,6 +94,7 @@ def grid_1d(total: int) -> tuple:
 
 def mask_plan(indptr, indices, keep, g, r0, c0) -> Launch:
     tr, tc = g.shape
+    _module.require_contiguous("grow_mask", indptr=indptr, indices=indices, keep=keep, g=g)
     args = (
         indptr,
         indices,
@@ -102,7 +113,7 @@ def mask_plan(indptr, indices, keep, g, r0, c0) -> Launch:
 def hist_plan(u: Union, thr, smask, sval, fmask, fval, key_is_flat, shift, bins) -> Launch:
     args = (
         *u.args(),
-        np.float32(thr),
+        np.int32(thr),
         np.uint32(smask),
         np.uint32(sval),
         np.uint64(fmask),
@@ -119,9 +130,9 @@ def hist_plan(u: Union, thr, smask, sval, fmask, fval, key_is_flat, shift, bins)
 def select_plan(u: Union, thr, use_tie, v, fstar, out_s, out_f, counter, out_cap) -> Launch:
     args = (
         *u.args(),
-        np.float32(thr),
+        np.int32(thr),
         np.int32(use_tie),
-        np.float32(v),
+        np.int32(v),
         np.uint64(fstar),
         out_s,
         out_f,
@@ -161,7 +172,7 @@ def _hist(u, thr, bins, smask=0, sval=0, fmask=0, fval=0, key_is_flat=0, shift=0
 
 
 def kth_largest(u: Union, thr, k: int, bins) -> tuple[int, int, int]:
-    """(bits of v, n_gt, n_eq): v the k-th largest score of the union (1 <= k <= its size)."""
+    """(v, n_gt, n_eq): v the k-th largest score key of the union (1 <= k <= its size)."""
     hi, above = digit_from_top(_hist(u, thr, bins, shift=16), k)
     counts = _hist(u, thr, bins, smask=0xFFFF0000, sval=hi << 16, shift=0)
     lo, above_lo = digit_from_top(counts, k - above)
@@ -169,7 +180,7 @@ def kth_largest(u: Union, thr, k: int, bins) -> tuple[int, int, int]:
 
 
 def tth_smallest_tie(u: Union, thr, v_bits: int, t: int, n_digits: int, bins) -> int:
-    """The t-th smallest flat index among the union's entries whose score bits equal v_bits."""
+    """The t-th smallest flat index among the union's entries whose score key is v_bits."""
     prefix, mask = 0, 0
     for shift in range(16 * (n_digits - 1), -1, -16):
         counts = _hist(u, thr, bins, 0xFFFFFFFF, v_bits, mask, prefix, key_is_flat=1, shift=shift)
@@ -181,14 +192,15 @@ def tth_smallest_tie(u: Union, thr, v_bits: int, t: int, n_digits: int, bins) ->
 
 
 def _cut(u: Union, thr, k, buf_s, buf_f, counter, bins, n_digits):
-    """Keep exactly the best k of the union in buf[:k]; returns the new threshold v."""
+    """Keep exactly the best k of the union in buf[:k]; returns the new threshold key v.
+    Leaves the device counter at k (the buffer's next free slot)."""
     cupy = array_module(buf_s)
 
     v_bits, n_gt, n_eq = kth_largest(u, thr, k, bins)
     t = k - n_gt
     fstar = ALL_FLATS if t == n_eq else tth_smallest_tie(u, thr, v_bits, t, n_digits, bins)
-    v = np.uint32(v_bits).view(np.float32)
-    new_s = cupy.empty(k, dtype=np.float32)
+    v = np.int32(v_bits)
+    new_s = cupy.empty(k, dtype=np.int32)
     new_f = cupy.empty(k, dtype=buf_f.dtype)
     counter.fill(0)
     _module.launch(select_plan(u, thr, 1, v, fstar, new_s, new_f, counter, k))
@@ -216,9 +228,32 @@ def row_sq_max(a) -> float:
     return float(_reductions["sq"](a, axis=1).max())
 
 
+def auto_tile_bytes(cupy) -> int:
+    """The tile when none is given: config.CUDA_TOPK_TILE_FREE_FRACTION of the device memory
+    free now (the driver's free bytes plus what CuPy's pool holds unused), within
+    [CUDA_TOPK_TILE_BYTES, CUDA_TOPK_TILE_MAX_BYTES]; the floor on NumPy arrays (the emulated
+    tests). Larger tiles mean fewer sgemm calls and fewer host syncs."""
+    floor = int(config.CUDA_TOPK_TILE_BYTES)
+    if cupy is np:
+        return floor
+    free = int(cupy.cuda.Device().mem_info[0]) + int(cupy.get_default_memory_pool().free_bytes())
+    want = int(config.CUDA_TOPK_TILE_FREE_FRACTION * free)
+    return max(floor, min(int(config.CUDA_TOPK_TILE_MAX_BYTES), want))
+
+
+def tiles(m: int, n: int, tr: int, tc: int) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) of every tile, in ascending flat order."""
+    return [
+        (r0, min(m, r0 + tr), c0, min(n, c0 + tc))
+        for r0 in range(0, m, tr)
+        for c0 in range(0, n, tc)
+    ]
+
+
 def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=None):
     """Launcher (trusts its inputs). Returns CuPy (rows, cols, scores) in ascending flat order.
 
+    ``tile_bytes`` None: sized from the device's free memory (auto_tile_bytes).
     (With NumPy arrays and kernels/cuda/_module.launch replaced by an emulator, the same host
     logic runs on the CPU: tests/test_cuda_emulated.py.)
     """
@@ -229,40 +264,48 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     if k == 0 or m * n == 0:  # (k <= absent entries = 0 when m·n = 0)
         e = cupy.empty(0, dtype=idx_dtype)
         return e, e.copy(), cupy.empty(0, dtype=np.float32)
-    tile_bytes = config.CUDA_TOPK_TILE_BYTES if tile_bytes is None else tile_bytes
+    tile_bytes = auto_tile_bytes(cupy) if tile_bytes is None else tile_bytes
     factor = config.CUDA_TOPK_BUFFER_FACTOR if buffer_factor is None else buffer_factor
     cap = max(k + 1, int(factor * k))
-    buf_s = cupy.empty(cap, dtype=np.float32)
+    buf_s = cupy.empty(cap, dtype=np.int32)
     buf_f = cupy.empty(cap, dtype=flat_dtype)
-    counter = cupy.zeros(1, dtype=np.uint64)
+    counter = cupy.zeros(1, dtype=np.uint64)  # the buffer's next free slot, kept on the device
     bins = cupy.empty(N_BINS, dtype=np.uint64)
     n_digits = flat_digits(m, n)
     tr, tc = tile_shape(m, n, tile_bytes)
     tile = cupy.empty(tr * tc, dtype=np.float32)
+    todo = tiles(m, n, tr, tc)
+    snaps = cupy.empty(min(len(todo), config.CUDA_TOPK_MAX_TILES_PER_SYNC), dtype=np.uint64)
+
+    def scored(r0, r1, c0, c1):  # the tile's |G| with the present connections masked
+        g = tile[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+        cupy.matmul(dy[r0:r1], x[c0:c1].T, out=g)
+        _module.launch(mask_plan(indptr, indices, keep, g, r0, c0))
+        return Union(g, g.size, c1 - c0, n, r0 * n + c0, buf_s, buf_f, 0)
+
     thr = BELOW_ALL
-    n_buf = 0
-    for r0 in range(0, m, tr):
-        r1 = min(m, r0 + tr)
-        for c0 in range(0, n, tc):
-            c1 = min(n, c0 + tc)
-            g = tile[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
-            cupy.matmul(dy[r0:r1], x[c0:c1].T, out=g)
-            _module.launch(mask_plan(indptr, indices, keep, g, r0, c0))
-            u = Union(g, g.size, c1 - c0, n, r0 * n + c0, buf_s, buf_f, 0)
-            counter.fill(0)
-            _module.launch(
-                select_plan(u, thr, 0, 0.0, 0, buf_s[n_buf:], buf_f[n_buf:], counter, cap - n_buf)
-            )
-            found = int(to_host(counter)[0])
-            if n_buf + found <= cap:
-                n_buf += found
-                continue
-            # overflow: what the select wrote past n_buf is discarded; cut over buffer ∪ tile
-            u = u._replace(n_buf=n_buf)
-            thr = _cut(u, thr, k, buf_s, buf_f, counter, bins, n_digits)
-            n_buf = k
+    n_buf = 0  # entries of buf known (on the host) to be valid
+    t, run = 0, 1  # next tile; tiles to stream before the next host sync
+    while t < len(todo):
+        batch = todo[t : t + run]
+        for j, box in enumerate(batch):  # the counter runs on over the tiles: no sync
+            u = scored(*box)
+            _module.launch(select_plan(u, thr, 0, 0, 0, buf_s, buf_f, counter, cap))
+            snaps[j : j + 1] = counter
+        seen = to_host(snaps[: len(batch)])  # the one host sync of the batch
+        over = int(np.argmax(seen > cap)) if bool((seen > cap).any()) else -1
+        if over < 0:
+            n_buf, t = int(seen[-1]), t + len(batch)
+            run = min(2 * run, snaps.shape[0])
+            continue
+        # tile t + over overflowed: the tiles before it are in buf[:n_buf] (later tiles of the
+        # batch found slots >= cap and wrote nothing); cut over buffer ∪ that tile's candidates
+        n_buf = int(seen[over - 1]) if over else n_buf
+        u = scored(*batch[over]) if over < len(batch) - 1 else u  # (recomputed if overwritten)
+        thr = _cut(u._replace(n_buf=n_buf), thr, k, buf_s, buf_f, counter, bins, n_digits)
+        n_buf, t, run = k, t + over + 1, 1
     if n_buf > k:
-        u = Union(buf_s, 0, 1, n, 0, buf_s, buf_f, n_buf)
+        u = Union(tile, 0, 1, n, 0, buf_s, buf_f, n_buf)
         _cut(u, thr, k, buf_s, buf_f, counter, bins, n_digits)
         n_buf = k
     flat = buf_f[:n_buf]
@@ -270,4 +313,4 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     flat = flat[order]
     rows = flat // n
     cols = flat - rows * n
-    return rows.astype(idx_dtype), cols.astype(idx_dtype), buf_s[:n_buf][order]
+    return rows.astype(idx_dtype), cols.astype(idx_dtype), buf_s[:n_buf][order].view(np.float32)

@@ -11,8 +11,10 @@
 //           m, B      int64            rows of W, batch
 // Cost:     2·nnz·B flops; per nonzero one coalesced pass over a dY row (cached in L1/L2:
 //           every warp of the block reads the same row) and one X row; nnz stores.
-// Mapping:  one block per row i (grid.x = m), blockDim.x = 32·W threads (W warps, chosen by
-//           sddmm.py:plan() from the mean row length). Warp w takes the row's nonzeros
+// Mapping:  a grid-stride loop over rows: block b takes rows b, b + gridDim.x, ... (grid.x =
+//           min(m, config.CUDA_SDDMM_MAX_BLOCKS): any m of the int64 variant fits the grid);
+//           blockDim.x = 32·W threads (W warps, chosen by sddmm.py:plan() from the mean row
+//           length). Warp w takes the row's nonzeros
 //           p = start + w, start + w + W, ...; its 32 lanes stride over the batch and the dot
 //           product is reduced with warp shuffles (float32, reassociated: equal to a
 //           sequential sum up to rounding). Warp 0 also sums dY[i, :] for the bias gradient.
@@ -33,32 +35,32 @@ __device__ __forceinline__ void sddmm_body(const IDX* __restrict__ indptr,
                                            float* __restrict__ bias_grad, int has_bias,
                                            long long m, long long B)
 {
-    const long long i = blockIdx.x;
-    if (i >= m) return;  // uniform over the block
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
-    const float* __restrict__ dyi = dy + i * B;
-    const long long start = (long long)indptr[i];
-    const long long end = (long long)indptr[i + 1];
-    // p is uniform within a warp, so every lane takes part in the shuffles
-    for (long long p = start + warp; p < end; p += n_warps) {
-        const float* __restrict__ xj = x + (long long)indices[p] * B;
-        float s0 = 0.0f, s1 = 0.0f;
-        long long b = lane;
-        for (; b + 32 < B; b += 64) {
-            s0 += dyi[b] * xj[b];
-            s1 += dyi[b + 32] * xj[b + 32];
+    // i is uniform over the block, p within a warp: every lane takes part in the shuffles
+    for (long long i = blockIdx.x; i < m; i += gridDim.x) {
+        const float* __restrict__ dyi = dy + i * B;
+        const long long start = (long long)indptr[i];
+        const long long end = (long long)indptr[i + 1];
+        for (long long p = start + warp; p < end; p += n_warps) {
+            const float* __restrict__ xj = x + (long long)indices[p] * B;
+            float s0 = 0.0f, s1 = 0.0f;
+            long long b = lane;
+            for (; b + 32 < B; b += 64) {
+                s0 += dyi[b] * xj[b];
+                s1 += dyi[b + 32] * xj[b + 32];
+            }
+            if (b < B) s0 += dyi[b] * xj[b];
+            const float s = warp_sum(s0 + s1);
+            if (lane == 0) out[p] = s;
         }
-        if (b < B) s0 += dyi[b] * xj[b];
-        const float s = warp_sum(s0 + s1);
-        if (lane == 0) out[p] = s;
-    }
-    if (has_bias && warp == 0) {
-        float s = 0.0f;
-        for (long long b = lane; b < B; b += 32) s += dyi[b];
-        s = warp_sum(s);
-        if (lane == 0) bias_grad[i] = s;
+        if (has_bias && warp == 0) {
+            float s = 0.0f;
+            for (long long b = lane; b < B; b += 32) s += dyi[b];
+            s = warp_sum(s);
+            if (lane == 0) bias_grad[i] = s;
+        }
     }
 }
 

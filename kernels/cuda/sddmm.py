@@ -1,6 +1,7 @@
 """dW = (dY·Xᵀ) at W's nonzeros on the GPU: launcher of kernels/cuda/sddmm.cu.
 
-Same arguments as kernels/cpu/sddmm.py (``blocks`` accepted and ignored: one block per row).
+Same arguments as kernels/cpu/sddmm.py (``blocks`` accepted and ignored: a block takes a row at
+a time, in a grid-stride loop over the rows).
 Trusts its inputs: CuPy arrays, float32 C-contiguous dense operands, one index dtype.
 """
 
@@ -26,6 +27,9 @@ def warps_per_row(m: int, nnz: int) -> int:
 def plan(indptr, indices, dy, x, out, bias_grad=None) -> Launch:
     m, batch = dy.shape
     nnz = out.shape[0]
+    _module.require_contiguous(
+        "sddmm", indptr=indptr, indices=indices, dy=dy, x=x, out=out, bias_grad=bias_grad
+    )
     block = (32 * warps_per_row(m, nnz), 1, 1)
     args = (
         indptr,
@@ -39,7 +43,8 @@ def plan(indptr, indices, dy, x, out, bias_grad=None) -> Launch:
         np.int64(batch),
     )
     kernel = f"sparsecore_sddmm_{index_suffix(indices.dtype)}"
-    return Launch("sddmm.cu", kernel, (m, 1, 1), block, args)
+    grid = (min(m, config.CUDA_SDDMM_MAX_BLOCKS), 1, 1)  # the kernel strides over the rows
+    return Launch("sddmm.cu", kernel, grid, block, args)
 
 
 def sddmm(indptr, indices, dy, x, out, blocks=None, bias_grad=None):

@@ -41,6 +41,17 @@ def plan(indptr, indices, data, x, out, bias=None, perm=None, relu=False, gate=N
     """The launch of out = W·x (+ bias), with values data[perm[p]] when perm is given, then the
     fused ReLU (relu) or ReLU-backward gate (gate), as the CPU twin."""
     m, batch = out.shape
+    _module.require_contiguous(
+        "spmm",
+        indptr=indptr,
+        indices=indices,
+        data=data,
+        perm=perm,
+        x=x,
+        bias=bias,
+        gate=gate,
+        out=out,
+    )
     vec = vector_width(batch, x, out, gate)
     bx, by = block_shape(batch // vec)
     grid_y = cdiv(batch // vec, bx)

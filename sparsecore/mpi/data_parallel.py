@@ -9,7 +9,7 @@ from kernels import config
 from kernels.cpu import sampled
 from sparsecore.mpi.ranks import Ranks
 from sparsecore.mpi.runtime import allgather_records, rows_cols, split
-from sparsecore.rigl.selection import Local
+from sparsecore.rigl.selection import Local, exact_grow_checked
 
 
 def __getattr__(name):  # the tunable's old name: read from its home, kernels/config.py
@@ -120,14 +120,8 @@ class DataParallel(Ranks):
         indptr = W.indptr[r0 : r1 + 1] - W.indptr[r0]
         block_keep = keep[lo:hi]
         absent = (r1 - r0) * n - int(np.count_nonzero(block_keep))
-        rows, cols, scores = layer.dev.grow(
-            indptr,
-            W.indices[lo:hi],
-            block_keep,
-            dY,
-            X,
-            min(k, absent),
-            tile_bytes=updater.tile_bytes,
+        rows, cols, scores = exact_grow_checked(
+            layer, indptr, W.indices[lo:hi], block_keep, dY, X, min(k, absent), updater.tile_bytes
         )
         flat = (rows.astype(np.int64) + r0) * n + cols
         return self.merge_top_k(flat, scores, k)

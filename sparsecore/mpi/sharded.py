@@ -13,7 +13,7 @@ from sparsecore.layers import INIT_TAG, SparseLinear, sparse_init
 from sparsecore.mpi.ranks import Ranks
 from sparsecore.mpi.runtime import allgather_records, split
 from sparsecore.mpi.select import RowShard
-from sparsecore.rigl.selection import Local
+from sparsecore.rigl.selection import Local, exact_grow_checked
 
 
 class RowShardedSelection(Local):
@@ -49,8 +49,8 @@ class RowShardedSelection(Local):
         absent = m * n - _sampled.count_kept(W.indptr, keep)
 
         def candidates(want):  # this rank's best `want` absent entries (fused top-k)
-            rows, cols, scores = layer.dev.grow(
-                W.indptr, W.indices, keep, layer.dy, layer.x, want, tile_bytes=updater.tile_bytes
+            rows, cols, scores = exact_grow_checked(
+                layer, W.indptr, W.indices, keep, layer.dy, layer.x, want, updater.tile_bytes
             )
             return rows.astype(np.int64) * n + cols, scores
 

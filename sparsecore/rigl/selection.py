@@ -14,8 +14,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.backend import check_scores_fit_float32
 from kernels.cpu import sampled as _sampled
 from sparsecore.device import to_host
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient stopped being finite; the last good checkpoint is kept.
+    (Defined here, the lowest layer that raises it: sparsecore.train exports it.)"""
+
+
+def exact_grow_checked(layer, indptr, indices, keep, dy, x, k: int, tile_bytes=None):
+    """The fused top-k grow launcher (layer.dev.grow) behind the guards of the public
+    kernels.topk_grow: dY and X finite, no score able to overflow float32 (both O((m + n)·B),
+    against the grow's m·n·B), and exactly k connections with finite scores found. The
+    updaters call the trusted launcher (the inputs are the engine's own), so a diverging run is
+    stopped here, at the grow, with the reason, rather than later as a changed nnz."""
+    xp, name = layer.dev.xp, getattr(layer, "name", "?")
+    bad = [what for what, a in (("dY", dy), ("X", x)) if a.size and not bool(xp.isfinite(a).all())]
+    if bad:
+        raise TrainingDiverged(
+            f"RigL's exact grow of layer {name}: {' and '.join(bad)} "
+            f"{'hold' if len(bad) > 1 else 'holds'} NaN or inf, the run diverged (lower the "
+            "learning rate)"
+        )
+    check_scores_fit_float32(layer.dev, dy, x)
+    rows, cols, scores = layer.dev.grow(indptr, indices, keep, dy, x, k, tile_bytes=tile_bytes)
+    got = int(rows.shape[0])
+    if got != k or (got and not bool(xp.isfinite(scores).all())):
+        raise RuntimeError(  # finite inputs that fit: a broken invariant, never a wrong topology
+            f"RigL's exact grow of layer {name} found {got} connections, expected {k} with "
+            "finite scores"
+        )
+    return rows, cols, scores
 
 
 def _whole(layer):
@@ -55,8 +86,8 @@ class Local:
     def exact_grow(self, updater, layer, k: int, keep, step: int, index: int):
         """(rows, cols) of the k absent connections with the largest |dY·Xᵀ| (fused top-k)."""
         W = _whole(layer).W
-        rows, cols, _ = layer.dev.grow(
-            W.indptr, W.indices, keep, layer.dy, layer.x, k, tile_bytes=updater.tile_bytes
+        rows, cols, _ = exact_grow_checked(
+            layer, W.indptr, W.indices, keep, layer.dy, layer.x, k, updater.tile_bytes
         )
         return rows, cols
 

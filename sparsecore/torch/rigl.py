@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.backend import _check_scores_fit_float32 as check_scores_fit_float32
+from kernels.backend import check_scores_fit_float32
 from kernels.formats import CSR, DeviceCSR
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.updater import UPDATERS
