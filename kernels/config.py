@@ -51,11 +51,13 @@ CUDA_SDDMM_MAX_WARPS = 8
 CUDA_SDDMM_MAX_BLOCKS = 65535
 
 # Gradient tile of the GPU topk_grow (one cuBLAS sgemm per tile). Without a tile_bytes argument
-# the launcher takes CUDA_TOPK_TILE_FREE_FRACTION of the device memory free at the call, within
-# [CUDA_TOPK_TILE_BYTES, CUDA_TOPK_TILE_MAX_BYTES]: fewer, larger tiles mean fewer sgemm calls
-# and host syncs. CUDA_TOPK_TILE_BYTES (16 MiB: 256 full rows at n = 16384, 1.6% of that layer's
-# 1 GiB dense gradient) is also the tile the memory plan counts, and the one a training run on
-# the device passes when it has a memory budget (sparsecore/train.py), so that the plan holds.
+# the launcher takes CUDA_TOPK_TILE_FREE_FRACTION of the device's total memory, within
+# [CUDA_TOPK_TILE_BYTES, CUDA_TOPK_TILE_MAX_BYTES], when that much is free (else the floor):
+# fewer, larger tiles mean fewer sgemm calls and host syncs, and a tile fixed by the GPU model
+# keeps the scores' bits the same from run to run and rank to rank. CUDA_TOPK_TILE_BYTES
+# (16 MiB: 256 full rows at n = 16384, 1.6% of that layer's 1 GiB dense gradient) is also the
+# tile the memory plan counts, and the one a training run on the device passes when it has a
+# memory budget (sparsecore/train.py), so that the plan holds.
 CUDA_TOPK_TILE_BYTES = 16 << 20
 CUDA_TOPK_TILE_FREE_FRACTION = 0.25
 CUDA_TOPK_TILE_MAX_BYTES = 1 << 30

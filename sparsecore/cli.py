@@ -20,7 +20,7 @@ import scipy
 
 import sparsecore
 from kernels.validation import GPUUnavailableError
-from sparsecore import config, cost, mpi
+from sparsecore import config, cost, fallback, mpi
 from sparsecore.config import TrainConfig
 from sparsecore.plan import describe_plan, memory_plan, sharded_layers
 from sparsecore.train import TrainingDiverged, train
@@ -206,6 +206,8 @@ def _launch(args, argv) -> int:
 
 def _report(tr, summary, args):
     print(f"cost: {cost.describe(summary['cost'])}")
+    if tr.cfg.dense_fallback != "off":
+        print(fallback.describe(summary["dense_fallback"]))
     if tr.par.size > 1:
         print(f"communication: {tr.par.describe()}")
     else:

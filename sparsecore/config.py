@@ -237,6 +237,18 @@ class TrainConfig:
         plan=True,
         choices=("cpu", "cuda"),
     )
+    dense_fallback: str = setting(
+        "off",
+        "auto: a sparse layer whose products run faster on dense BLAS at its density, shape and "
+        "batch (timed on this machine when the run starts) computes them through a dense copy "
+        "of its weights (2·m·n·4 bytes more, counted in the memory plan; weights, optimizer "
+        "state, checkpoints and RigL's topology stay sparse); on: every sparse layer does; "
+        "off: none (training state stays nnz-sized)",
+        resume=RESULT,
+        plan=True,
+        choices=("off", "auto", "on"),
+        absent="off",
+    )
     # x86: flush subnormal floats to zero (MXCSR FTZ/DAZ) in the threads that run the kernels;
     # arithmetic on subnormals is 10-100x slower, and training makes them (kernels/cpu/fpmode.py)
     flush_denormals: bool = setting(

@@ -51,6 +51,7 @@ def model_cost(
         m, n = getattr(layer, "full_shape", layer.shape)  # a shard's: the whole layer's
         dense_w = m * n
         first = l == 0
+        dense_compute = getattr(layer, "compute", "sparse") == "dense"
         if isinstance(layer, SparseLinear):
             nnz = layer.total_nnz()
             it = layer.W.indices.itemsize
@@ -60,11 +61,14 @@ def model_cost(
                 + it * (m + 1)  # indices, indptr
                 + it * (2 * nnz + n + 1)
             )  # transpose structure: indices, perm, indptr
+            if dense_compute:  # the dense fallback: a dense copy of W and dW's scratch
+                state += layer.dense_bytes()
         else:
             nnz = dense_w
             state = 4 * dense_w * (2 + n_moments)
         bias = 4 * m * (2 + n_moments)
-        fwd, fwd_d = 2.0 * nnz * batch, 2.0 * dense_w * batch
+        fwd_d = 2.0 * dense_w * batch
+        fwd = fwd_d if dense_compute else 2.0 * nnz * batch  # (BLAS does the zeros too)
         bwd = fwd * (1 if first else 2)
         bwd_d = fwd_d * (1 if first else 2)
         if not isinstance(layer, SparseLinear):
@@ -82,6 +86,10 @@ def model_cost(
                 "shape": [m, n],
                 "nnz": nnz,
                 "density": nnz / dense_w,
+                # a sparse layer's products: the kernels, or BLAS (the dense fallback)
+                "compute": ("dense" if dense_compute else "sparse")
+                if isinstance(layer, SparseLinear)
+                else None,
                 "state_bytes": state + bias,
                 "flops_per_step": fwd + bwd + grow,
             }
@@ -107,6 +115,8 @@ def held_bytes(model, optimizer=None) -> int:
             held += W.indptr.nbytes + W.indices.nbytes + W.data.nbytes + layer.gW.nbytes
             held += sum(a.nbytes for a in W._cache.get("T", ()))  # the transpose, once built
             held += layer._t_data.nbytes if layer._t_data is not None else 0
+            for a in (layer._dense, layer._dense_grad):  # the dense fallback's, if any
+                held += a.nbytes if a is not None else 0
         else:
             held += layer.W.nbytes + layer.gW.nbytes
         held += layer.b.nbytes + layer.gb.nbytes
@@ -122,10 +132,15 @@ def describe(cost: dict) -> str:
     s, sd = c["state_bytes"], c["state_bytes_dense"]
     f, fd = c["flops_per_step"] / 1e6, c["flops_per_step_dense"] / 1e6
     grow = c.get("grow_flops_per_step", 0) / 1e6
+    n_dense = sum(1 for layer in c["layers"] if layer.get("compute") == "dense")
+    fallback = (
+        f"; {n_dense} sparse layer(s) computed on dense BLAS (dense fallback)" if n_dense else ""
+    )
     return (
         f"parameters {p:,} vs dense {pd:,} ({p / pd:.1%}); "
         f"training state {mib(s)} vs dense {mib(sd)} ({s / sd:.1%}); "
         f"FLOPs/step {f:.1f} M vs dense {fd:.1f} M ({f / fd:.1%}, grow amortised {grow:.1f} M)"
+        f"{fallback}"
     )
 
 

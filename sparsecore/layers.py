@@ -6,7 +6,10 @@ from its forward pass (its input; for RigL also the gradient at its output), by 
 
 Shapes: ``SparseLinear(W: m × n)`` maps x (n, B) to y (m, B) = W·x + b. Its weight gradient is
 nnz-sized (SDDMM at the stored entries), aligned with ``W.data``: no dense m × n array is formed
-in forward, backward or the optimizer step.
+in forward, backward or the optimizer step. The one exception is explicit: a layer switched to
+``compute="dense"`` (the dense fallback, sparsecore/fallback.py, for densities where BLAS wins)
+runs its three products on BLAS through a dense copy of W and a dense gradient scratch; its
+weights, gradient, optimizer state and topology stay nnz-sized and sparse.
 
 Devices: every layer holds ``dev`` (sparsecore/device.py: the array module ``xp`` and the
 kernel launchers of one side; the CPU unless moved) and calls its kernels through it, so one
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import config
+from kernels.cpu import densify as _densify
 from kernels.cpu import skinny as _skinny
 from kernels.cuda._csr import DeviceCSR
 from kernels.formats import CSR, random_positions, split_count
@@ -64,6 +68,8 @@ class SparseLinear(Layer):
     """y = W·x + b with W a canonical CSR (m × n) and b dense (m,)."""
 
     shard = None  # a block of rows of a layer split over MPI ranks: its RowShard (sparsecore/mpi)
+    compute = "sparse"  # "dense": the products on BLAS through a dense copy of W (set_compute)
+    _dense = _dense_grad = None  # that copy (m × n, zero off the pattern) and dW's scratch
 
     def __init__(self, W: CSR, bias: np.ndarray | None = None, name: str = "sparse"):
         if not isinstance(W, CSR):
@@ -82,15 +88,64 @@ class SparseLinear(Layer):
     def set_weight(self, W: CSR | DeviceCSR):
         """Install a (new) weight of this layer's side (CSR on the CPU, DeviceCSR on a device),
         e.g. after a topology update; resets its gradient."""
+        if self._dense is not None and getattr(self, "W", None) is not None:
+            self._pattern_op(self.W, "clear")  # the old pattern's entries back to zero
         self.W = W
         xp = self.dev.xp
         self.gW = xp.zeros(W.nnz, np.float32)
         # scratch of the CPU spmm_t, reused every step (the GPU one gathers in place: none)
         self._t_data = None if self.dev.on_device else np.empty(W.nnz, np.float32)
 
+    def set_compute(self, compute: str):
+        """ "sparse" (the kernels) or "dense": forward, dW and dX on BLAS through a dense copy of
+        W (zero off the pattern, its values scattered in each forward, O(nnz)) and a dense dW
+        scratch gathered at the pattern (2·m·n·4 bytes in all). The results are the same
+        products up to float32 rounding; RigL, the optimizer and checkpoints see no
+        difference."""
+        if compute not in ("sparse", "dense"):
+            raise ValueError(f"{self.name}: compute must be 'sparse' or 'dense', got {compute!r}")
+        if compute == "dense" and self.shard is not None:
+            raise ValueError(f"{self.name}: a layer split by rows over MPI ranks computes sparse")
+        self.compute = compute
+        self._dense = self._dense_grad = None
+
+    def dense_bytes(self) -> int:
+        """Bytes the dense compute holds (the copy of W and dW's scratch), or would hold."""
+        m, n = self.W.shape
+        return 2 * 4 * m * n
+
+    def _pattern_op(self, W, op, data=None, out=None):
+        """scatter W's values into self._dense, clear its pattern there, or gather self._dense
+        (or dW's scratch) at the pattern: parallel O(nnz) kernels on the CPU, indexing on a
+        device."""
+        dense = self._dense_grad if op == "gather" else self._dense
+        if not self.dev.on_device:
+            blocks = W.row_blocks()
+            if op == "scatter":
+                return _densify.scatter(W.indptr, W.indices, data, dense, blocks)
+            if op == "clear":
+                return _densify.clear(W.indptr, W.indices, dense, blocks)
+            return _densify.gather(W.indptr, W.indices, dense, out, blocks)
+        rows = W.row_ids()
+        if op == "scatter":
+            dense[rows, W.indices] = data
+        elif op == "clear":
+            dense[rows, W.indices] = 0
+        else:
+            out[...] = dense[rows, W.indices]
+        return dense
+
+    def _dense_weight(self):
+        W, xp = self.W, self.dev.xp
+        if self._dense is None:
+            self._dense = xp.zeros(W.shape, np.float32)
+            self._dense_grad = xp.empty(W.shape, np.float32)
+        return self._pattern_op(W, "scatter", data=W.data)
+
     def to(self, dev) -> SparseLinear:
         dev = _device.get_device(dev)
         if dev is not self.dev:
+            self._dense = self._dense_grad = None  # rebuilt on the new side
             self.dev = dev
             self.b = dev.asarray(self.b)
             self.gb = dev.asarray(self.gb)
@@ -122,6 +177,12 @@ class SparseLinear(Layer):
             )
         self.x = x
         y = dev.xp.empty((W.shape[0], x.shape[1]), np.float32)
+        if self.compute == "dense":
+            dev.xp.matmul(self._dense_weight(), x, out=y)
+            y += self.b[:, None]
+            if relu:
+                dev.ew.relu(y, y)
+            return y
         dev.spmm(W.indptr, W.indices, W.data, x, y, W.row_blocks(), bias=self.b, relu=relu)
         return y
 
@@ -136,6 +197,8 @@ class SparseLinear(Layer):
                 f"forward) = ({W.shape[0]}, {None if self.x is None else self.x.shape[1]})"
             )
         self.dy = dy
+        if self.compute == "dense":
+            return self._dense_backward(dy, need_dx, gate)
         dev.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks(), bias_grad=self.gb)
         if not need_dx:
             return None
@@ -143,6 +206,19 @@ class SparseLinear(Layer):
         t_indptr, t_indices, t_perm = W.transpose_structure()
         dev.spmm_t(t_indptr, t_indices, t_perm, W.data, dy, dx, W.col_blocks(), self._t_data, gate)
         return dx
+
+    def _dense_backward(self, dy, need_dx, gate):
+        """dW, db, dX on BLAS (the forward left the dense copy of W current)."""
+        dev, xp = self.dev, self.dev.xp
+        if self._dense is None:  # a backward without this layer's dense forward
+            self._dense_weight()
+        xp.matmul(dy, self.x.T, out=self._dense_grad)
+        self._pattern_op(self.W, "gather", out=self.gW)
+        xp.sum(dy, axis=1, out=self.gb)
+        if not need_dx:
+            return None
+        dx = xp.matmul(self._dense.T, dy)
+        return dx if gate is None else dev.ew.relu_backward(dx, gate, dx)
 
     def params(self):
         return [

@@ -125,6 +125,13 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
                 gradients=add("gradients", 4 * nnz + (0 if gpu else 4 * nnz)),
                 moments=add("optimizer moments", 4 * nnz * n_mom),
             )
+            # the dense fallback (sparsecore/fallback.py): a dense copy of W and dW's scratch.
+            # "on" holds it for every whole sparse layer; "auto" for those it picks, only
+            # within what the budget leaves after this plan (so the most it may add is shown)
+            if m == m_full and cfg.dense_fallback == "on":
+                row["dense_fallback"] = add("dense fallback (copies of W, dW)", 8 * m * n)
+            elif m == m_full and cfg.dense_fallback == "auto":
+                row["dense_fallback_up_to"] = 8 * m * n
             if method in ("rigl", "set"):
                 k = int(alpha * nnz)
                 # a shard's drop and exact grow first offer its share of the layer's K (with
@@ -144,8 +151,8 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
                     scratch = sampled_grow_bytes(m, n, nnz - k, k, grow_candidates)
                 elif gpu:  # kernels/cuda/grow.py: tile + buffer + a cut's scratch + histogram
                     # (the tile counted is the floor: without a tile and a budget the launcher
-                    # sizes it from the device's free memory, CUDA_TOPK_TILE_FREE_FRACTION of
-                    # it up to CUDA_TOPK_TILE_MAX_BYTES; with a budget the trainer passes this
+                    # sizes it from the device's memory, CUDA_TOPK_TILE_FREE_FRACTION of it up
+                    # to CUDA_TOPK_TILE_MAX_BYTES; with a budget the trainer passes this
                     # tile, so the plan holds)
                     tr, tc = tile_shape(m, n, grow_tile_bytes or config.CUDA_TOPK_TILE_BYTES)
                     cap = max(k + 1, int(config.CUDA_TOPK_BUFFER_FACTOR * k))
@@ -213,6 +220,8 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
         "total_bytes": sum(totals.values()),
         "dense_state_bytes": dense_state,
         "dense_total_bytes": dense_state + dense_acts,
+        "dense_fallback": cfg.dense_fallback,
+        "dense_fallback_up_to_bytes": sum(r.get("dense_fallback_up_to", 0) for r in layers),
     }
 
 
@@ -305,6 +314,11 @@ def describe_plan(plan: dict) -> str:
                 f"    (exact grow tile {_fmt(plan['grow_tile_bytes'])}, fitted to the budget)"
             )
     lines.append(f"  {'total (peak)':32s} {_fmt(plan['total_bytes']):>12s}")
+    if plan.get("dense_fallback") == "auto" and plan.get("dense_fallback_up_to_bytes"):
+        lines.append(
+            f"  (dense fallback auto: up to {_fmt(plan['dense_fallback_up_to_bytes'])} more for "
+            "the layers it moves to BLAS, taken only within the budget)"
+        )
     lines.append(
         f"  {'dense equivalent (peak)':32s} {_fmt(plan['dense_total_bytes']):>12s}  "
         f"(weights, gradients and moments alone: {_fmt(plan['dense_state_bytes'])})"

@@ -30,7 +30,7 @@ from kernels import config as kernels_config
 from kernels._threads import check_fork_safe
 from kernels.cpu import fpmode
 from kernels.validation import memory_limit
-from sparsecore import checkpoint
+from sparsecore import checkpoint, fallback
 from sparsecore import data as data_mod
 from sparsecore.callbacks import Checkpoints, LearningCurve, MetricsFile, Progress, plot_history
 from sparsecore.config import METHODS, TrainConfig
@@ -171,6 +171,13 @@ class Trainer:
             )
         builder = world.layer_builder(cfg, self.sharded)
         self.model = build_model(cfg, builder).to(self.device)  # built on the host
+        # the dense fallback: which layers compute on BLAS (timed here under "auto"), within the
+        # memory the plan leaves under the budget (or this machine's memory)
+        budget = cfg.max_memory
+        if budget is None and cfg.device == "cpu":
+            budget = memory_limit()[0]
+        spare = None if budget is None else max(0, budget - self.plan["total_bytes"])
+        self.fallback = fallback.choose(self.model, cfg.dense_fallback, cfg.batch_size, spare)
         self.loss_fn = SoftmaxCrossEntropy().to(self.device)
         self.opt = make_optimizer(cfg, self.model.params(), self.device)
         self.steps_per_epoch = self.data.x_train.shape[0] // cfg.batch_size
@@ -196,7 +203,7 @@ class Trainer:
         self.par = world.bind(self)
         tile = self.plan.get("grow_tile_bytes")
         if tile is None and cfg.device == "cuda" and cfg.max_memory is not None:
-            tile = kernels_config.CUDA_TOPK_TILE_BYTES  # the plan's tile (else: from free memory)
+            tile = kernels_config.CUDA_TOPK_TILE_BYTES  # the plan's tile (else: from device memory)
         grow_kw = (
             dict(grow=cfg.grow, candidates=cfg.grow_candidates, tile_bytes=tile)
             if cfg.method == "rigl"
@@ -258,7 +265,12 @@ class Trainer:
         self.par.beat()
         report = None
         if update:  # (several ranks: the same update on every rank, then the guard)
-            report = self.par.update(self.updater, self.step, self.model, self.opt)
+            try:
+                report = self.par.update(self.updater, self.step, self.model, self.opt)
+            except TrainingDiverged as e:  # (from the grow: a non-finite or huge gradient)
+                raise TrainingDiverged(
+                    f"{e} at step {self.step} (epoch {self.epoch}){self._last_good()}"
+                ) from e
             if self.cfg.step_on_update:
                 self.opt.step(self.lr())
         else:
@@ -473,6 +485,7 @@ class Trainer:
             "steps": self.step,
             "time_per_step_s": float(np.mean(step_times)) if step_times else None,
             "cost": cost,
+            "dense_fallback": self.fallback,
         }
 
     def plot(self, path: Path):

@@ -165,6 +165,7 @@ def test_the_checkpoint_check_uses_the_declared_roles():
         "grow": "exact",
         "grow_candidates": 10,
         "flush_denormals": False,
+        "dense_fallback": "off",
     }
     roles = {f.metadata["resume"] for f in config.fields()}
     assert roles == {config.STRUCTURE, config.RESULT, config.FREE}

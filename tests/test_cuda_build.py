@@ -59,14 +59,15 @@ def _plans():
         out.append(cu_grow.mask_plan(indptr, indices, None, g, 0, 0))
         out.append(cu_grow.mask_plan(indptr, indices, np.ones(3, np.bool_), g, 0, 0))
     for flat in (np.int32, np.int64):
-        bs, bf = np.empty(4, np.float32), np.empty(4, flat)
+        bs, bf = np.empty(4, np.int32), np.empty(4, flat)  # score keys, flat indices
         u = cu_grow.Union(np.empty((2, 2), np.float32), 4, 2, 2, 0, bs, bf, 4)
         bins = np.empty(cu_grow.N_BINS, np.uint64)
         counter = np.zeros(1, np.uint64)
-        out.append(cu_grow.hist_plan(u, -0.5, 0, 0, 0, 0, 0, 16, bins))
-        out.append(cu_grow.hist_plan(u, -0.5, 0xFFFFFFFF, 7, 0xFFFF, 3, 1, 0, bins))
-        out.append(cu_grow.select_plan(u, -0.5, 0, 0.0, 0, bs, bf, counter, 4))
-        out.append(cu_grow.select_plan(u, 1.0, 1, 2.0, cu_grow.ALL_FLATS, bs, bf, counter, 4))
+        below = cu_grow.BELOW_ALL
+        out.append(cu_grow.hist_plan(u, below, 0, 0, 0, 0, 0, 16, bins))
+        out.append(cu_grow.hist_plan(u, below, 0xFFFFFFFF, 7, 0xFFFF, 3, 1, 0, bins))
+        out.append(cu_grow.select_plan(u, below, 0, 0, 0, bs, bf, counter, 4))
+        out.append(cu_grow.select_plan(u, 5, 1, 9, cu_grow.ALL_FLATS, bs, bf, counter, 4))
     a = np.ones((2, 3), np.float32)
     out.append(cu_ew.relu_plan(a, a))
     out.append(cu_ew.relu_backward_plan(a, a, a))
@@ -135,7 +136,7 @@ def ptx(ptx_text):
 def _float_instructions(ptx):
     """PTX instructions that compute on or compare floats (loads, stores and moves excluded:
     they copy bits, which flush-to-zero never changes)."""
-    ops = re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.M)
+    ops = re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.M)
     return sorted(
         {
             o

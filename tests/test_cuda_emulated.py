@@ -11,6 +11,8 @@ What this cannot check is the CUDA code itself: that needs a device (tests param
 backend run it there).
 """
 
+import types
+
 import numpy as np
 import pytest
 
@@ -446,6 +448,8 @@ def _subnormal_case(rng, m=40, n=60):
 
 
 def test_grow_ranks_subnormal_scores_exactly(rng, emulated):
+    """The host algorithm on integer score keys (thresholds, cuts, ties) with subnormal
+    scores; that the device code itself never flushes them is test_cuda_build's PTX check."""
     W = kernels.CSR.random((40, 60), 0.1, seed=int(rng.integers(1 << 30)))
     dY, X = _subnormal_case(rng)
     S = (dY.astype(np.float64) @ X.T.astype(np.float64)).astype(np.float32)
@@ -461,14 +465,6 @@ def test_grow_ranks_subnormal_scores_exactly(rng, emulated):
 
 def _present(W):
     return R.pattern(W.indptr, W.indices, W.shape, None)
-
-
-def test_grow_score_keys_order_like_magnitudes():
-    v = np.array([0.0, -0.0, 1e-45, -1e-40, 1.1754942e-38, 1.17549435e-38, 1.0, -3.0, np.inf])
-    keys = _key(v.astype(np.float32))
-    assert keys[0] == keys[1] == 0
-    assert list(np.argsort(keys[1:], kind="stable") + 1) == list(range(1, 9))
-    assert keys[-1] == cu_grow.INF_KEY and _key(np.float32(np.nan)) > cu_grow.INF_KEY
 
 
 def test_grow_keeps_the_count_on_the_device_between_tiles(rng, emulated, monkeypatch):
@@ -506,40 +502,40 @@ def test_grow_recomputes_a_tile_that_overflowed_inside_a_run(rng, emulated):
         assert masks > n_tiles, "no tile was recomputed: the path under test did not run"
 
 
-def test_grow_tile_is_sized_from_free_device_memory(monkeypatch):
+def test_grow_tile_is_sized_from_the_device_memory(monkeypatch):
     cfg = kernels.config
     assert cu_grow.auto_tile_bytes(np) == cfg.CUDA_TOPK_TILE_BYTES  # NumPy: the floor
 
-    class Pool:
-        def __init__(self, free):
-            self.free = free
-
-        def free_bytes(self):
-            return self.free
-
-    def fake(free, pooled):
-        class Device:
-            mem_info = (free, 10 * free + 1)
-
-        class Cuda:
-            pass
-
-        class Cupy:
-            cuda = Cuda()
-
-            @staticmethod
-            def get_default_memory_pool():
-                return Pool(pooled)
-
-        Cupy.cuda.Device = Device
-        return Cupy
+    def fake(free, pooled, total):
+        pool = types.SimpleNamespace(free_bytes=lambda: pooled)
+        device = types.SimpleNamespace(mem_info=(free, total))
+        return types.SimpleNamespace(
+            cuda=types.SimpleNamespace(Device=lambda: device),
+            get_default_memory_pool=lambda: pool,
+        )
 
     gib = 1 << 30
-    assert cu_grow.auto_tile_bytes(fake(2 * gib, 2 * gib)) == cfg.CUDA_TOPK_TILE_MAX_BYTES
-    assert cu_grow.auto_tile_bytes(fake(256 << 20, 0)) == 64 << 20  # a quarter of what is free
-    assert cu_grow.auto_tile_bytes(fake(1 << 20, 0)) == cfg.CUDA_TOPK_TILE_BYTES  # the floor
+    # a quarter of the total, capped, when that much is free (the pool's unused blocks count)
+    assert cu_grow.auto_tile_bytes(fake(100 * gib, 0, 140 * gib)) == cfg.CUDA_TOPK_TILE_MAX_BYTES
+    assert cu_grow.auto_tile_bytes(fake(gib, 0, gib)) == gib // 4
+    assert cu_grow.auto_tile_bytes(fake(0, gib, gib)) == gib // 4
+    # not what happens to be free: the same tile whatever the other allocations
+    assert cu_grow.auto_tile_bytes(fake(gib // 2, 0, gib)) == gib // 4
+    # too little free: the floor, never more than what is there
+    assert cu_grow.auto_tile_bytes(fake(gib // 8, 0, gib)) == cfg.CUDA_TOPK_TILE_BYTES
+    assert cu_grow.auto_tile_bytes(fake(gib, 0, 32 << 20)) == cfg.CUDA_TOPK_TILE_BYTES
     monkeypatch.setattr(cfg, "CUDA_TOPK_TILE_FREE_FRACTION", 0.5)
-    assert cu_grow.auto_tile_bytes(fake(100 << 20, 28 << 20)) == 64 << 20
+    assert cu_grow.auto_tile_bytes(fake(gib, 0, gib)) == gib // 2
+
+
+def test_grow_tile_boxes_cover_the_matrix_in_flat_order():
+    for m, n, tr, tc in [(7, 5, 2, 5), (7, 5, 1, 2), (1, 9, 1, 4), (6, 6, 6, 6)]:
+        n_tiles = -(-m // tr) * -(-n // tc)
+        seen = []
+        for t in range(n_tiles):
+            r0, r1, c0, c1 = cu_grow.tile_box(t, m, n, tr, tc)
+            seen += [i * n + j for i in range(r0, r1) for j in range(c0, c1)]
+        assert seen == sorted(seen) == list(range(m * n))
 
 
 def test_sddmm_grid_strides_over_rows(rng, emulated, monkeypatch):
@@ -588,19 +584,9 @@ def test_launch_plans_refuse_non_contiguous_operands(rng):
     np.testing.assert_array_equal(view, before)
 
 
-def test_relu_in_place_through_the_launcher(rng, emulated):
-    from kernels.cuda import elementwise as cu_ew
-
-    a = rng.standard_normal((6, 10)).astype(np.float32)
-    want = np.maximum(a, 0)
-    assert cu_ew.relu(a, a) is a
-    np.testing.assert_array_equal(a, want)
-
-
 def test_kernel_functions_are_cached_per_device_and_name(monkeypatch):
     """RawModule.get_function builds a new object on every call: launch() must not."""
     import sys
-    import types
 
     made, device = [], [0]
 
@@ -661,3 +647,6 @@ def test_drop_ranks_subnormals_and_signed_zeros(dtype, rng):
         np.testing.assert_array_equal(cu_drop.magnitude_drop(data, k), want)
         with fpmode.flush_denormals():  # DAZ: a float compare would tie subnormals with 0
             np.testing.assert_array_equal(cpu_drop.magnitude_drop(data, k), want)
+        swapped = data.astype(data.dtype.newbyteorder(">" if data.dtype.isnative else "<"))
+        for drop in (cpu_drop.magnitude_drop, cu_drop.magnitude_drop):  # the bits of a swapped
+            np.testing.assert_array_equal(drop(swapped, k), want)  # array are not its order

@@ -377,7 +377,7 @@ def test_cli_device_run_reports_its_state(emulated_cuda, tmp_path, capsys):
 
 
 def test_a_device_run_with_a_memory_budget_grows_with_the_planned_tile(emulated_cuda):
-    """Without a tile the GPU grow sizes its tile from free device memory; a run given
+    """Without a tile the GPU grow sizes its tile from the device's memory; a run given
     max_memory passes the tile its memory plan counted instead, so the plan holds."""
     from kernels import config as kcfg
 

@@ -266,3 +266,17 @@ def test_exact_grow_that_comes_back_short_is_refused(rng, monkeypatch):
     upd = RigL(UpdateSchedule(t_end=1000, delta_t=10, alpha=0.3), seed=0)
     with pytest.raises(RuntimeError, match=r"found \d+ connections, expected \d+ with finite"):
         upd.update(10, model)
+
+
+def test_exact_grow_on_a_gradient_that_could_overflow_says_the_run_diverged(rng):
+    from sparsecore.rigl.selection import TrainingDiverged
+
+    model = small_model(rng, (30, 40, 20, 5), 0.3)
+    x = rng.standard_normal((30, 16)).astype(np.float32)
+    _, d, _ = SoftmaxCrossEntropy()(model.forward(x), rng.integers(0, 5, 16))
+    model.backward(d)
+    layer = model.sparse_layers()[1]
+    layer.dy[...] = layer.x[...] = 1e19  # finite, but |dY·Xᵀ| could pass float32 max
+    upd = RigL(UpdateSchedule(t_end=1000, delta_t=10, alpha=0.3), seed=0)
+    with pytest.raises(TrainingDiverged, match=rf"layer {layer.name}: dY·Xᵀ may overflow"):
+        upd.update(10, model)

@@ -16,12 +16,15 @@ _KEY_TYPES = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def magnitude_keys(xp, data):
-    """|data| as ordered integers: the float's bits with the sign cleared (float16, 32, 64;
-    ``xp`` numpy or cupy). Two finite values compare like their magnitudes, in any FP mode.
-    Another dtype (long double) is ranked by its abs() as it is."""
+    """|data| as ordered integers: the float's bits with the sign cleared (float16, 32, 64, in
+    native byte order: a swapped array is converted; ``xp`` numpy or cupy). Two finite values
+    compare like their magnitudes, in any FP mode. Another dtype (long double) is ranked by its
+    abs() as it is."""
     kind = _KEY_TYPES.get(data.dtype.itemsize) if data.dtype.kind == "f" else None
     if kind is None:
         return xp.abs(data)
+    if not data.dtype.isnative:  # the bits of a byte-swapped float are not its order
+        data = data.astype(data.dtype.newbyteorder("="))
     return xp.bitwise_and(data.view(kind), kind(np.iinfo(kind).max))
 
 

@@ -33,7 +33,8 @@
 //
 // sparsecore_grow_hist_{flat32,flat64}: a 65536-bin histogram of a 16-bit digit.
 //   Counted elements: in the union, with (key & smask) == sval and (flat & fmask) == fval.
-//   Digit: (key >> shift) & 0xFFFF, or (flat >> shift) & 0xFFFF when key_is_flat. bins (65536,) uint64, zeroed by the launcher                   [out]
+//   Digit: (key >> shift) & 0xFFFF, or (flat >> shift) & 0xFFFF when key_is_flat.
+//   bins (65536,) uint64, zeroed by the launcher                                      [out]
 //   Used for an exact radix select: the k-th largest score (two 16-bit digits) and, among
 //   the entries tied with it, the T-th smallest flat index (up to four digits).
 //   Warp-aggregated atomics (__match_any_sync: lanes with the same digit add once), so

@@ -8,7 +8,7 @@ float32. Trusts its inputs (k <= number of absent entries, canonical pattern, fi
 Algorithm (device memory O(tile + k), never the m × n gradient):
   1. Tiles in ascending flat order (full rows, or one row in column blocks: cpu/grow.tile_shape,
      so tiles cover disjoint, increasing flat ranges; tile_bytes None: auto_tile_bytes, from the
-     device's free memory). Per tile: cuBLAS sgemm (cupy.matmul) into the tile buffer;
+     device's memory). Per tile: cuBLAS sgemm (cupy.matmul) into the tile buffer;
      sparsecore_grow_mask sets the present connections to NaN; sparsecore_grow_select appends
      every score above thr to the candidate buffer (cap entries, unordered: slots come from an
      atomic counter that stays on the device from tile to tile).
@@ -229,31 +229,37 @@ def row_sq_max(a) -> float:
 
 
 def auto_tile_bytes(cupy) -> int:
-    """The tile when none is given: config.CUDA_TOPK_TILE_FREE_FRACTION of the device memory
-    free now (the driver's free bytes plus what CuPy's pool holds unused), within
-    [CUDA_TOPK_TILE_BYTES, CUDA_TOPK_TILE_MAX_BYTES]; the floor on NumPy arrays (the emulated
-    tests). Larger tiles mean fewer sgemm calls and fewer host syncs."""
+    """The tile when none is given: config.CUDA_TOPK_TILE_FREE_FRACTION of the device's total
+    memory, within [CUDA_TOPK_TILE_BYTES, CUDA_TOPK_TILE_MAX_BYTES], when that much is free now
+    (the driver's free bytes plus what CuPy's pool holds unused), else the floor
+    CUDA_TOPK_TILE_BYTES; the floor on NumPy arrays (the emulated tests). Larger tiles mean
+    fewer sgemm calls and fewer host syncs. Sized from the total rather than the free memory so
+    that the tile, hence cuBLAS's choice of kernel and the bits of every score, is the same
+    from run to run and on every rank of the same GPU model (unless memory runs short)."""
     floor = int(config.CUDA_TOPK_TILE_BYTES)
     if cupy is np:
         return floor
-    free = int(cupy.cuda.Device().mem_info[0]) + int(cupy.get_default_memory_pool().free_bytes())
-    want = int(config.CUDA_TOPK_TILE_FREE_FRACTION * free)
-    return max(floor, min(int(config.CUDA_TOPK_TILE_MAX_BYTES), want))
+    free, total = (int(v) for v in cupy.cuda.Device().mem_info)
+    free += int(cupy.get_default_memory_pool().free_bytes())
+    want = max(floor, min(int(config.CUDA_TOPK_TILE_MAX_BYTES), int(FRACTION() * total)))
+    return want if want <= free else floor
 
 
-def tiles(m: int, n: int, tr: int, tc: int) -> list[tuple[int, int, int, int]]:
-    """(r0, r1, c0, c1) of every tile, in ascending flat order."""
-    return [
-        (r0, min(m, r0 + tr), c0, min(n, c0 + tc))
-        for r0 in range(0, m, tr)
-        for c0 in range(0, n, tc)
-    ]
+def FRACTION() -> float:  # (read at call time, so tests and users can change it)
+    return float(config.CUDA_TOPK_TILE_FREE_FRACTION)
+
+
+def tile_box(t: int, m: int, n: int, tr: int, tc: int) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1) of tile t, tiles numbered in ascending flat order."""
+    per_row = -(-n // tc)
+    r0, c0 = (t // per_row) * tr, (t % per_row) * tc
+    return r0, min(m, r0 + tr), c0, min(n, c0 + tc)
 
 
 def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=None):
     """Launcher (trusts its inputs). Returns CuPy (rows, cols, scores) in ascending flat order.
 
-    ``tile_bytes`` None: sized from the device's free memory (auto_tile_bytes).
+    ``tile_bytes`` None: sized from the device's memory (auto_tile_bytes).
     (With NumPy arrays and kernels/cuda/_module.launch replaced by an emulator, the same host
     logic runs on the CPU: tests/test_cuda_emulated.py.)
     """
@@ -274,8 +280,8 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     n_digits = flat_digits(m, n)
     tr, tc = tile_shape(m, n, tile_bytes)
     tile = cupy.empty(tr * tc, dtype=np.float32)
-    todo = tiles(m, n, tr, tc)
-    snaps = cupy.empty(min(len(todo), config.CUDA_TOPK_MAX_TILES_PER_SYNC), dtype=np.uint64)
+    n_tiles = -(-m // tr) * -(-n // tc)
+    snaps = cupy.empty(max(1, min(n_tiles, int(config.CUDA_TOPK_MAX_TILES_PER_SYNC))), np.uint64)
 
     def scored(r0, r1, c0, c1):  # the tile's |G| with the present connections masked
         g = tile[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
@@ -286,8 +292,8 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     thr = BELOW_ALL
     n_buf = 0  # entries of buf known (on the host) to be valid
     t, run = 0, 1  # next tile; tiles to stream before the next host sync
-    while t < len(todo):
-        batch = todo[t : t + run]
+    while t < n_tiles:
+        batch = [tile_box(j, m, n, tr, tc) for j in range(t, min(n_tiles, t + run))]
         for j, box in enumerate(batch):  # the counter runs on over the tiles: no sync
             u = scored(*box)
             _module.launch(select_plan(u, thr, 0, 0, 0, buf_s, buf_f, counter, cap))
@@ -313,4 +319,11 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     flat = flat[order]
     rows = flat // n
     cols = flat - rows * n
-    return rows.astype(idx_dtype), cols.astype(idx_dtype), buf_s[:n_buf][order].view(np.float32)
+    result = rows.astype(idx_dtype), cols.astype(idx_dtype), buf_s[:n_buf][order].view(np.float32)
+    if cupy is not np and tile.nbytes > config.CUDA_TOPK_TILE_BYTES:
+        # a tile enlarged from the device's memory would stay cached in CuPy's pool, where
+        # torch (or anything else) cannot use it: hand the pool's unused blocks back
+        u = None  # (the last tile view)
+        del tile
+        cupy.get_default_memory_pool().free_all_blocks()
+    return result

@@ -2,7 +2,8 @@
 
 One module for every table and plot, so that a figure is formatted in one place: the kernel
 level (``kernel_markdown``, ``kernel_plots``), the whole ``sparsecore bench`` report
-(``markdown``, ``plots``: the step and scaling levels with the kernel level inside),
+(``markdown``, ``plots``: the step and scaling levels with the kernel level inside; the
+roofline level's tables, ``roofline_markdown``),
 ``write_results`` (the generated part of a Markdown file between its markers) and the GPU
 suite's text table (``print_gpu_tables``). Everything here reads result dictionaries only:
 it runs nothing and can rebuild a report from a saved bench.json.
@@ -204,6 +205,80 @@ def write_results(md: str, path: Path):
     path.write_text(f"{head}{start}\n{md}\n{end}{tail}")
 
 
+# ------------------------------------------------------------------------------ roofline level
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def roofline_markdown(r: dict) -> list[str]:
+    """The roofline level (benchmarks/roofline.py): caches, STREAM, each product against the
+    ceiling that applies to it, the small batches."""
+    c, s = r["caches"], r["stream"]
+    L = ["## Roofline: each product against the ceiling that applies to it\n"]
+    src = "assumed defaults" if c["assumed"] else f"read from {c['source']}"
+    l3 = (
+        f"L3 {_bytes(c['l3'])} per {c['l3_shared']} CPUs ({_bytes(c['llc'])} in all)"
+        if c["l3"]
+        else "no L3"
+    )
+    L.append(
+        f"- Caches ({src}): L1d {_bytes(c['l1d'])} and L2 {_bytes(c['l2'])} per "
+        f"{c['l1d_shared']} / {c['l2_shared']} CPU(s), {l3}; {c['cpus']} CPUs."
+    )
+    L.append(
+        f"- STREAM (Numba, {s['threads']} threads, 3 float64 arrays of {_bytes(s['array_bytes'])}): "
+        f"copy {s['start']['copy_gbps']:.1f} / {s['end']['copy_gbps']:.1f} GB/s, triad "
+        f"{s['start']['triad_gbps']:.1f} / {s['end']['triad_gbps']:.1f} GB/s (medians at the start "
+        f"/ end of the level); the bandwidth bound uses {s['gbps']:.1f} GB/s.\n"
+    )
+    L.append(
+        "L1 ceiling = the same launcher, same output rows, nnz and batch, on a gathered operand "
+        "(X; dY for spmm_t) of k_L1 = ⌊L1d / (8·B)⌋ rows (`*`: nnz capped at m·k_L1, a dense "
+        "pattern). Bandwidth bound = 2·nnz·B / (bytes / GB/s), bytes = operand once + result once "
+        "+ (4 + index bytes) per nonzero; *no reuse*: the operand row of every nonzero from memory. "
+        "Fraction = GFLOP/s over the smaller of the L1 ceiling and the bandwidth bound (the L1 "
+        "fraction paired round by round with its ceiling). Operand in = the smallest cache the "
+        "gathered operand fits in (L1, L2 per core; L3 over the machine).\n"
+    )
+    L.append(
+        "| kernel | m × k | B | nnz | operand | in | GFLOP/s | L1 ceiling GFLOP/s (k_L1, nnz) "
+        "| of L1 | bandwidth bound GFLOP/s (no reuse) | bound | fraction |"
+    )
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in r["products"]:
+        cap = "*" if p["l1_capped"] else ""
+        L.append(
+            f"| {p['kernel']} | {p['m']} × {p['k']} | {p['batch']} | {p['nnz']:,} | "
+            f"{_bytes(p['operand_bytes'])} | {p['operand_in']} | {p['gflops']:.1f} | "
+            f"{p['l1_gflops']:.1f} ({p['l1_k']}, {p['l1_nnz']:,}{cap}) | {p['fraction_l1']:.0%} | "
+            f"{p['bw_gflops']:.0f} ({p['bw_no_reuse_gflops']:.1f}) | {p['bound']} | "
+            f"**{p['fraction']:.0%}** |"
+        )
+    L.append("")
+    if r.get("small_batch"):
+        L.append("### Small batches: spmm beside dense BLAS and scipy\n")
+        L.append(
+            "sparsecore = the launcher on a preallocated output; public = `kernels.spmm(W, X)` "
+            "(checks, new output); dense = `W_dense @ X` (NumPy BLAS); scipy = `csr_matrix @ X` "
+            "(float32). × = how many times faster the launcher is (medians of per-round ratios; "
+            "< 1: slower).\n"
+        )
+        L.append(
+            "| density | B | nnz | sparsecore ms | GFLOP/s | public ms | dense ms | scipy ms "
+            "| × dense | × scipy | public × scipy |"
+        )
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for q in r["small_batch"]:
+            L.append(
+                f"| {q['density']:.0%} | {q['batch']} | {q['nnz']:,} | "
+                f"{q['sparsecore_s'] * 1e3:.3f} | {q['gflops']:.1f} | {q['public_s'] * 1e3:.3f} | "
+                f"{q['dense_s'] * 1e3:.3f} | {q['scipy_s'] * 1e3:.3f} | {q['vs_dense']:.2f} | "
+                f"{q['vs_scipy']:.2f} | {q['public_vs_scipy']:.2f} |"
+            )
+        L.append("")
+    return L
+
+
 # ------------------------------------------------------------------------------ sparsecore bench
 def step_table(results: list[dict]) -> dict:
     """Per width: the dense reference and, per sparsity, each implementation's result."""
@@ -264,6 +339,8 @@ def markdown(res: dict) -> str:
             k["environment"], k["products"], k["grow"], k["interleaved"], res["preset"]
         )
         L += md.splitlines()[4:]  # the machine lines are above already
+    if res.get("roofline"):
+        L += roofline_markdown(res["roofline"])
     return "\n".join(L) + "\n"
 
 

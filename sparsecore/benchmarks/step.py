@@ -52,7 +52,9 @@ DEFAULTS = dict(
     samples=8192,  # MNIST training rows used when data is None (batches cycle through them)
     seed=0,
 )
-IMPLS = ("sparsecore", "dense", "torch-masked", "torch-sparse")
+IMPLS = ("sparsecore", "sparsecore-auto", "dense", "torch-masked", "torch-sparse")
+# sparsecore-auto: the engine with --dense-fallback auto (layers above their break-even density
+# computed on BLAS, sparsecore/fallback.py), the curve beside the sparse-kernels-only one
 TINY_WIDTH = 16  # the warm-up model before the measured one (loads kernels and libraries)
 
 
@@ -163,6 +165,7 @@ def run_engine(c: dict, data) -> dict:
         sparsity=c["sparsity"] if not dense else 0.5,
         distribution=c["distribution"],
         method="dense" if dense else "rigl",
+        dense_fallback="auto" if c["impl"] == "sparsecore-auto" else "off",
         delta_t=every,
         batch_size=c["batch"],
         epochs=10**6,
@@ -187,6 +190,7 @@ def run_engine(c: dict, data) -> dict:
                 flags.append(report is not None)
     cost = model_cost(tr.model, c["batch"], tr.opt)
     out = _summary(_classify(flags), times, c["delta_t"])
+    out["layer_compute"] = [r["compute"] for r in tr.fallback]  # sparse layers: kernels / BLAS
     out.update(
         nnz=int(sum(l["nnz"] for l in cost["layers"])),
         state_bytes=int(cost["state_bytes"]),

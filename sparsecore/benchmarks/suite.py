@@ -1,6 +1,6 @@
 """``sparsecore bench``: what sparsity buys on your shapes, measured, in one command.
 
-Four levels, each optional (``--levels``):
+Five levels, each optional (``--levels``):
 
 - ``kernels``: forward (spmm), dX (spmm_t), dW (sddmm) and the fused grow at each density beside
   dense BLAS of the same shape, scipy.sparse CSR and torch.sparse CSR (when torch is installed);
@@ -16,6 +16,11 @@ Four levels, each optional (``--levels``):
   torch's SGD, sparsecore.torch.RigL) beside the engine's, dense torch, masked-dense RigL and a
   torch.sparse stand-in for a truly sparse peer, in one process (benchmarks/torch_step.py; the
   quick preset shrinks the model, ``--preset full`` is 784-4096-4096-10).
+- ``roofline`` (not in the default levels): each product beside the ceiling that applies to it,
+  measured in the same run: the same launcher on an operand narrow enough for L1 (the loop's own
+  ceiling), a STREAM bandwidth bound from the machine's cache sizes, and spmm at batches 1-8
+  beside dense BLAS and scipy (benchmarks/roofline.py; ``--widths`` sets the square products'
+  sizes, ``--batch-sizes`` and ``--densities`` their batch and density: the first values).
 
 Outputs in ``--out``: ``bench.json`` (everything, with the machine), ``bench.md`` (tables),
 PNG plots; ``--results bench/RESULTS.md`` regenerates the part of that file between its markers.
@@ -37,6 +42,7 @@ from tqdm import tqdm
 
 import sparsecore  # noqa: F401  (thread setup before the libraries below load)
 from sparsecore.benchmarks import kernels as K
+from sparsecore.benchmarks import roofline as R
 from sparsecore.benchmarks.common import environment, try_torch
 
 # the tables and plots moved to report.py; their old names here still resolve
@@ -207,8 +213,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument(
         "--levels",
         default="kernels,step,scaling",
-        help="comma-separated subset of kernels,step,scaling,torch (torch: the PyTorch bridge, "
-        "not run by default)",
+        help="comma-separated subset of kernels,step,scaling,torch,roofline (torch: the PyTorch "
+        "bridge; roofline: each product against its L1 and bandwidth ceilings; neither runs by "
+        "default)",
     )
     p.add_argument(
         "--widths",
@@ -296,7 +303,7 @@ def run(args) -> int:
                 f"({type(e).__name__}: {e})"
             ) from None
     levels = [x for x in args.levels.split(",") if x]
-    _check_list("--levels", levels, ("kernels", "step", "scaling", "torch"))
+    _check_list("--levels", levels, ("kernels", "step", "scaling", "torch", "roofline"))
     baselines = [x for x in args.baselines.split(",") if x]
     _check_list("--baselines", baselines, BASELINES)
     for name, vals, lo, hi in (
@@ -356,6 +363,8 @@ def run(args) -> int:
             interleave=preset["interleave"],
             scipy="scipy" in baselines,
         )
+    if "roofline" in levels:
+        res["roofline"] = roofline_level(args, progress)
     if "step" in levels or "scaling" in levels:
         from sparsecore.benchmarks.step import prepare_data
 
@@ -408,6 +417,19 @@ def torch_level(args, out: Path, preset: dict, progress: bool) -> dict | None:
     if args.batch_sizes:
         cfg["batch"] = args.batch_sizes[0]
     return T.run(cfg, progress=print if progress else None)
+
+
+def roofline_level(args, progress: bool) -> dict:
+    """The roofline level at the preset's shapes; ``--widths`` replaces the square products'
+    sizes, ``--batch-sizes`` / ``--densities`` (their first value) their batch and density."""
+    cfg = dict(R.PRESETS[args.preset])
+    if args.widths:
+        cfg["sizes"] = args.widths
+    if args.batch_sizes:
+        cfg["batch"] = args.batch_sizes[0]
+    if args.densities:
+        cfg["density"] = args.densities[0]
+    return R.run(cfg, np.random.default_rng(args.seed), progress)
 
 
 def _report(res, out: Path, results_path) -> int:

@@ -38,7 +38,13 @@ def exact_grow_checked(layer, indptr, indices, keep, dy, x, k: int, tile_bytes=N
             f"{'hold' if len(bad) > 1 else 'holds'} NaN or inf, the run diverged (lower the "
             "learning rate)"
         )
-    check_scores_fit_float32(layer.dev, dy, x)
+    try:
+        check_scores_fit_float32(layer.dev, dy, x)
+    except OverflowError as e:  # in training, a gradient that large is a diverging run
+        raise TrainingDiverged(
+            f"RigL's exact grow of layer {name}: {str(e).split(';')[0]}, the run diverged "
+            "(lower the learning rate)"
+        ) from None
     rows, cols, scores = layer.dev.grow(indptr, indices, keep, dy, x, k, tile_bytes=tile_bytes)
     got = int(rows.shape[0])
     if got != k or (got and not bool(xp.isfinite(scores).all())):
