@@ -31,6 +31,12 @@ TOPK_MIN_TILE_ROWS = 128
 # 2.6 MiB + the last cut's partition copy (about 1 MiB) = 9% of the dense gradient.
 TOPK_BUFFER_FACTOR = 2.0
 
+# A sparse layer's backward runs as one pass over its nonzeros (kernels/cpu/backward.py: dX
+# and dW together, each dY row loaded once for both) when nnz <= this, else as spmm_t + sddmm.
+# The fused pass writes dW at scattered positions, which pays while dW stays in cache. None:
+# the machine's L2 (over all cores) / 4 bytes, read by kernels/machine.py; 0: never fused.
+FUSED_BACKWARD_MAX_NNZ = None
+
 # Dense layers with at most this many outputs (a classifier) run on kernels/cpu/skinny.py instead
 # of BLAS: with one tiny dimension OpenBLAS's packing dominates (10 × 4096 layer at batch 128:
 # backward with the ReLU gate 0.42 ms against 0.85 ms).

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import config
+from kernels.cpu import backward as _backward
 from kernels.cpu import densify as _densify
 from kernels.cpu import skinny as _skinny
 from kernels.cuda._csr import DeviceCSR
@@ -199,6 +200,14 @@ class SparseLinear(Layer):
         self.dy = dy
         if self.compute == "dense":
             return self._dense_backward(dy, need_dx, gate)
+        if need_dx and not dev.on_device and _backward.fused_pays(W.nnz):
+            # one pass over the nonzeros for dX and dW (kernels/cpu/backward.py)
+            dx = np.empty((W.shape[1], dy.shape[1]), np.float32)
+            t_indptr, t_indices, t_perm = W.transpose_structure()
+            return _backward.backward(
+                t_indptr, t_indices, t_perm, W.data, dy, self.x, self.gW, dx,
+                W.col_blocks(), bias_grad=self.gb, gate=gate,
+            )  # fmt: skip
         dev.sddmm(W.indptr, W.indices, dy, self.x, self.gW, W.row_blocks(), bias_grad=self.gb)
         if not need_dx:
             return None

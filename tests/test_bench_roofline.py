@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernels import machine as M
 from kernels.backend import get_backend
 from sparsecore.benchmarks import roofline as R
 from sparsecore.benchmarks import suite
@@ -32,31 +33,31 @@ def _fake_sysfs(root: Path, entries):
 
 
 def test_sizes_and_cpu_lists_parse():
-    assert R.parse_size("32K") == 32768
-    assert R.parse_size("1024K\n") == 1 << 20
-    assert R.parse_size("32M") == 32 << 20
-    assert R.parse_size("4096") == 4096
-    assert R.parse_cpu_list("0") == 1
-    assert R.parse_cpu_list("0-1\n") == 2
-    assert R.parse_cpu_list("0-3,8-11") == 8
-    assert R.parse_cpu_list("0,2,4") == 3
+    assert M.parse_size("32K") == 32768
+    assert M.parse_size("1024K\n") == 1 << 20
+    assert M.parse_size("32M") == 32 << 20
+    assert M.parse_size("4096") == 4096
+    assert M.parse_cpu_list("0") == 1
+    assert M.parse_cpu_list("0-1\n") == 2
+    assert M.parse_cpu_list("0-3,8-11") == 8
+    assert M.parse_cpu_list("0,2,4") == 3
 
 
 def test_cache_sizes_on_this_machine():
-    c = R.cache_sizes()
+    c = M.cache_sizes()
     assert c.source in ("sysfs", "getconf", "assumed")
     assert c.l1d > 0 and c.llc >= c.l1d
     if c.l2:
         assert c.l2 >= c.l1d
-    assert R.cache_sizes() is c  # read once
-    root = Path(R.SYSFS_CACHE)
+    assert M.cache_sizes() is c  # read once
+    root = Path(M.SYSFS_CACHE)
     if root.is_dir():  # Linux: the first data L1 in sysfs, read here by hand
         assert c.source == "sysfs"
         for d in sorted(root.glob("index*")):
             if (d / "level").read_text().strip() == "1" and (d / "type").read_text().strip() != (
                 "Instruction"
             ):
-                assert c.l1d == R.parse_size((d / "size").read_text())
+                assert c.l1d == M.parse_size((d / "size").read_text())
                 break
 
 
@@ -70,7 +71,7 @@ def test_cache_sizes_from_a_fake_sysfs(tmp_path):
             (3, "Unified", "98304K", "0-7,16-23"),
         ],
     )
-    c = R.cache_sizes(root, getconf=False)
+    c = M.cache_sizes(root, getconf=False)
     assert c.source == "sysfs" and not c.assumed
     assert (c.l1d, c.l2, c.l3) == (48 << 10, 2 << 20, 96 << 20)  # the instruction L1 ignored
     assert (c.l1d_shared, c.l2_shared, c.l3_shared) == (2, 2, 16)
@@ -78,27 +79,27 @@ def test_cache_sizes_from_a_fake_sysfs(tmp_path):
 
 def test_cache_sizes_without_sysfs(tmp_path):
     missing = str(tmp_path / "no-such-dir")
-    c = R.cache_sizes(missing, getconf=False)
+    c = M.cache_sizes(missing, getconf=False)
     assert c.assumed and c.source == "assumed"
-    assert (c.l1d, c.l2, c.l3) == (R.ASSUMED["l1d"], R.ASSUMED["l2"], R.ASSUMED["l3"])
+    assert (c.l1d, c.l2, c.l3) == (M.ASSUMED["l1d"], M.ASSUMED["l2"], M.ASSUMED["l3"])
     assert c.as_dict()["assumed"] is True
     # an index without a readable size and no L1 at all: not enough, the fallback again
     root = _fake_sysfs(tmp_path / "partial", [(1, "Data", "lots", "0"), (2, "Unified", "1M", "0")])
-    assert R.cache_sizes(root, getconf=False).source == "assumed"
-    g = R.cache_sizes(missing, getconf=True)
+    assert M.cache_sizes(root, getconf=False).source == "assumed"
+    g = M.cache_sizes(missing, getconf=True)
     assert g.source in ("getconf", "assumed")
     if shutil.which("getconf") is None:
         assert g.source == "assumed"
 
 
 def test_cache_totals_and_levels():
-    c = R.CacheSizes(l1d=32 << 10, l2=1 << 20, l3=32 << 20, l3_shared=8, cpus=16, source="sysfs")
+    c = M.CacheSizes(l1d=32 << 10, l2=1 << 20, l3=32 << 20, l3_shared=8, cpus=16, source="sysfs")
     assert c.total(1) == 16 * (32 << 10) and c.total(2) == 16 << 20
     assert c.total(3) == 2 * (32 << 20) == c.llc  # two L3 instances of 8 CPUs each
     assert [c.level_of(b) for b in (16 << 10, 512 << 10, 40 << 20, 65 << 20)] == [
         "L1", "L2", "L3", "DRAM",
     ]  # fmt: skip
-    no_l3 = R.CacheSizes(l1d=64 << 10, l2=4 << 20, l3=0, l2_shared=4, cpus=8)
+    no_l3 = M.CacheSizes(l1d=64 << 10, l2=4 << 20, l3=0, l2_shared=4, cpus=8)
     assert no_l3.llc == 2 * (4 << 20) and no_l3.level_of(5 << 20) == "DRAM"
 
 
@@ -206,7 +207,7 @@ def test_the_level_runs_end_to_end(tmp_path, monkeypatch, capsys):
     res = json.loads((out / "bench.json").read_text())
     r = res["roofline"]
     assert set(res) >= {"roofline", "environment"} and "kernels" not in res
-    assert r["caches"]["l1d"] == R.cache_sizes().l1d
+    assert r["caches"]["l1d"] == M.cache_sizes().l1d
     assert r["stream"]["gbps"] > 0
     got = [(p["sweep"], p["kernel"], p["m"], p["k"]) for p in r["products"]]
     assert got == [
@@ -277,7 +278,7 @@ def test_the_markdown_marks_a_capped_ceiling():
         10.0,
     )
     res = dict(
-        caches=R.CacheSizes(l1d=32 << 10, l2=1 << 20, l3=0, cpus=2).as_dict(),
+        caches=M.CacheSizes(l1d=32 << 10, l2=1 << 20, l3=0, cpus=2).as_dict(),
         stream=dict(
             start=dict(copy_gbps=10.0, triad_gbps=9.0),
             end=dict(copy_gbps=10.0, triad_gbps=9.5),
