@@ -35,6 +35,8 @@ def test_step_jobs_respect_the_preset():
         updates=2,
     )
     jobs = suite.step_jobs(cfg, ["sparsecore", "dense", "torch-masked"], 32, 100, "d")
+    auto = suite.step_jobs(cfg, ["sparsecore-auto"], 32, 100, "d")
+    assert sorted((j["arch"][1], j["sparsity"]) for j in auto) == [(64, 0.5), (64, 0.9), (128, 0.9)]
     got = sorted((j["arch"][1], j["impl"], j["sparsity"]) for j in jobs)
     assert got == sorted(
         [
@@ -162,9 +164,18 @@ def test_cli_bench_end_to_end(tmp_path, capsys):
     assert {r["impl"] for r in res["kernels"]["products"]} == {"sparsecore", "scipy"}
     assert {r["density"] for r in res["kernels"]["products"]} == {0.05, 0.3}
     impls = sorted((r["config"]["impl"], r["config"]["sparsity"]) for r in res["step"])
-    assert impls == [("dense", 0.0), ("sparsecore", 0.5), ("sparsecore", 0.9)]
+    assert impls == [
+        ("dense", 0.0),
+        ("sparsecore", 0.5),
+        ("sparsecore", 0.9),
+        ("sparsecore-auto", 0.5),
+        ("sparsecore-auto", 0.9),
+    ]
+    auto = {r["config"]["sparsity"]: r for r in res["step"] if r["config"]["impl"] != "dense"}
+    assert all(set(r["layer_compute"]) <= {"sparse", "dense"} for r in auto.values())
     md = (out / "bench.md").read_text()
     assert "### W = 96" in md and "Break-even density of the training step" in md
+    assert "With `--dense-fallback auto`" in md and "× dense's step time (at" in md
     for png in ("speedup_m96.png", "step_speedup.png", "step_memory.png"):
         assert (out / png).stat().st_size > 1000
     # the report rebuilds from the JSON alone

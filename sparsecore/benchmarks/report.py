@@ -294,16 +294,30 @@ def step_table(results: list[dict]) -> dict:
     return by_w
 
 
-def step_break_even(entry) -> float | None:
+def step_break_even(entry, impl: str = "sparsecore") -> float | None:
     dense = entry["dense"]
     if dense is None:
         return None
     pts = [
-        (1.0 - s, dense["amortised_step_s"] / row["sparsecore"]["amortised_step_s"])
+        (1.0 - s, dense["amortised_step_s"] / row[impl]["amortised_step_s"])
         for s, row in entry["rows"].items()
-        if "sparsecore" in row
+        if impl in row
     ]
     return log_crossing(pts)
+
+
+def fallback_worst(entry) -> tuple[float, float] | None:
+    """(the largest step time of --dense-fallback auto over dense NumPy's, at that sparsity),
+    over the sparsities it ran: "within 5% of dense at any density" is a worst case <= 1.05."""
+    dense = entry["dense"]
+    if dense is None:
+        return None
+    ratios = [
+        (row["sparsecore-auto"]["amortised_step_s"] / dense["amortised_step_s"], s)
+        for s, row in entry["rows"].items()
+        if "sparsecore-auto" in row
+    ]
+    return max(ratios) if ratios else None
 
 
 def fmt_density(be):
@@ -409,6 +423,22 @@ def step_markdown(results, batch, delta_t) -> list[str]:
             f"\nBreak-even density of the training step against dense NumPy at W = {w}: "
             f"{fmt_density(step_break_even(entry))}\n"
         )
+        auto = [(s, row["sparsecore-auto"]) for s, row in sorted(entry["rows"].items())
+                if "sparsecore-auto" in row]  # fmt: skip
+        if auto and dense is not None:
+            cells = ", ".join(
+                f"{s:.0%}: {r['amortised_step_s'] * 1e3:.2f} ms "
+                f"({dense['amortised_step_s'] / r['amortised_step_s']:.2f}× dense; "
+                f"{'/'.join('B' if c == 'dense' else 'S' for c in r.get('layer_compute', []))})"
+                for s, r in auto
+            )
+            worst = fallback_worst(entry)
+            L.append(
+                f"With `--dense-fallback auto` (layers on BLAS where timed faster; S = sparse "
+                f"kernels, B = BLAS, per sparse layer): {cells}. Break-even density "
+                f"{fmt_density(step_break_even(entry, 'sparsecore-auto'))}; at worst "
+                f"{worst[0]:.2f}× dense's step time (at {worst[1]:.0%}).\n"
+            )
     tw = table.get(TARGET["width"])
     row = tw["rows"].get(TARGET["sparsity"]) if tw else None
     if row and "sparsecore" in row and tw["dense"] is not None:

@@ -61,6 +61,7 @@ from sparsecore.benchmarks.report import (  # noqa: F401
 )
 
 BASELINES = ("scipy", "torch", "torch-masked", "torch-sparse")
+AUTO_MAX_SPARSITY = 0.95  # the step level runs --dense-fallback auto up to this sparsity
 
 PRESETS = {
     "quick": dict(
@@ -150,6 +151,10 @@ def step_jobs(cfg: dict, impls, batch: int, delta_t: int, data: str) -> list[dic
                 continue
             if "sparsecore" in impls:
                 jobs.append(dict(common, impl="sparsecore", sparsity=s))
+            if "sparsecore-auto" in impls and s <= AUTO_MAX_SPARSITY:
+                # the dense-fallback curve (above, every layer is below the density at which
+                # sparsecore/fallback.py would time it: the same run as "sparsecore")
+                jobs.append(dict(common, impl="sparsecore-auto", sparsity=s))
             for impl in ("torch-masked", "torch-sparse"):  # baselines: at fewer sparsities
                 if impl in impls and s in cfg["baseline_sparsities"]:
                     jobs.append(dict(common, impl=impl, sparsity=s))
@@ -369,7 +374,7 @@ def run(args) -> int:
         from sparsecore.benchmarks.step import prepare_data
 
         data = prepare_data(out / "data", preset["samples"])
-        impls = ["sparsecore", "dense"] + (
+        impls = ["sparsecore", "sparsecore-auto", "dense"] + (
             [b for b in baselines if b.startswith("torch-")] if torch else []
         )
         if "step" in levels:
