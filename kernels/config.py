@@ -31,6 +31,12 @@ TOPK_MIN_TILE_ROWS = 128
 # 2.6 MiB + the last cut's partition copy (about 1 MiB) = 9% of the dense gradient.
 TOPK_BUFFER_FACTOR = 2.0
 
+# spmm (and spmm_t, through it) at a batch of at most this many columns runs the small-batch
+# kernel (kernels/cpu/spmm.py: the output row in registers); the batch-vector loop above it.
+# At most 4 (the small kernel's registers). Measured on AMD EPYC (2 cores), m = k = 4096:
+# 1.1-1.4x the batch-vector loop at B = 1..4, 0.9x at B = 8.
+SMALL_BATCH_MAX = 4
+
 # A sparse layer's backward runs as one pass over its nonzeros (kernels/cpu/backward.py: dX
 # and dW together, each dY row loaded once for both) when nnz <= this, else as spmm_t + sddmm.
 # The fused pass writes dW at scattered positions, which pays while dW stays in cache. None:

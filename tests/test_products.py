@@ -8,7 +8,7 @@ import kernels
 from kernels import reference as R
 from tests import cases
 
-BATCHES = [1, 3, 17, 128]
+BATCHES = [1, 2, 3, 4, 5, 17, 128]
 
 
 def _ref_args(W):

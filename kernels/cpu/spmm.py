@@ -67,6 +67,52 @@ def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias, relu, ga
                         out[i, b] = 0.0
 
 
+@numba.njit(parallel=True, cache=config.CACHE, boundscheck=False)
+def _spmm_small(indptr, indices, data, x, out, blocks, bias, has_bias, relu, gate, has_gate):
+    """B <= 4: the output row's B values live in registers (s0..s3) for the whole row, instead
+    of a load and store of the output slice per group of nonzeros (a dependency chain through
+    memory that the batch-vector loop hides only when B is large). No fastmath: with it LLVM
+    vectorises the sums over nonzeros with gathers, which are slow on AMD cores; B = 1 keeps
+    four partial sums over the nonzeros instead (ILP)."""
+    nb = x.shape[1]
+    zero = numba.float32(0.0)
+    for t in numba.prange(blocks.shape[0] - 1):
+        for i in range(blocks[t], blocks[t + 1]):
+            s0 = s1 = s2 = s3 = zero
+            p = indptr[i]
+            end = indptr[i + 1]
+            if nb == 1:
+                while p + 4 <= end:
+                    s0 += data[p] * x[indices[p], 0]
+                    s1 += data[p + 1] * x[indices[p + 1], 0]
+                    s2 += data[p + 2] * x[indices[p + 2], 0]
+                    s3 += data[p + 3] * x[indices[p + 3], 0]
+                    p += 4
+                while p < end:
+                    s0 += data[p] * x[indices[p], 0]
+                    p += 1
+                s0 = (s0 + s1) + (s2 + s3)
+            else:
+                while p < end:
+                    c = indices[p]
+                    d = data[p]
+                    s0 += d * x[c, 0]
+                    s1 += d * x[c, 1]
+                    if nb > 2:
+                        s2 += d * x[c, 2]
+                        if nb > 3:
+                            s3 += d * x[c, 3]
+                    p += 1
+            b0 = bias[i] if has_bias else zero
+            for b in range(nb):
+                v = (s0 if b == 0 else s1 if b == 1 else s2 if b == 2 else s3) + b0
+                if relu and not v > 0:
+                    v = zero
+                if has_gate and not gate[i, b] > 0:
+                    v = zero
+                out[i, b] = v
+
+
 _NO_BIAS = np.zeros(1, dtype=np.float32)
 _NO_GATE = np.zeros((1, 1), dtype=np.float32)
 
@@ -78,7 +124,8 @@ def spmm(indptr, indices, data, x, out, blocks=None, bias=None, relu=False, gate
     if out.shape[0] and out.shape[1]:
         has_bias = bias is not None
         has_gate = gate is not None
-        _spmm_kernel(
+        kernel = _spmm_small if out.shape[1] <= min(4, config.SMALL_BATCH_MAX) else _spmm_kernel
+        kernel(
             indptr,
             indices,
             data,
