@@ -6,16 +6,17 @@ Every function takes the sparse weight W (m × n) as one of
   only its O(1) invariants, dtypes and lengths, since its index arrays are read-only and its
   ``data`` setter is checked: see ``sparsecore.CSR``; it caches its transpose structure and
   thread blocks, so repeated calls pay nothing for them),
-- a ``scipy.sparse`` matrix or array of any format and index dtype (converted on every call:
-  O(nnz); wrap it once with ``sparsecore.CSR.from_scipy`` when calling in a loop),
+- a ``scipy.sparse`` matrix or array of any format and index dtype (prepared on the first call,
+  then reused while its pattern is provably unchanged: compared element by element with
+  private copies, values re-read each call; see formats.as_csr_for_call),
 - a tuple ``(indptr, indices, data, shape)`` of NumPy arrays (fully validated on every call),
 
 and dense operands as NumPy arrays. Activations are feature-major by default (``layout="feature"``:
 X is n × B, Y is m × B, so each nonzero touches one contiguous row of length B); with
 ``layout="batch"`` they are batch-major (X is B × n, Y is B × m), at the cost of a transposed copy
-of each dense operand. Dense operands are used as float32 C-contiguous arrays (others are
-converted, a copy). ``out=`` must have exactly the result's shape, dtype float32 and be
-C-contiguous; it is overwritten entirely.
+of each dense operand (none when it is the ``.T`` view of a feature-major array). Dense
+operands are used as float32 C-contiguous arrays (others are converted, a copy). ``out=`` must
+have exactly the result's shape, dtype float32 and be C-contiguous; it is overwritten entirely.
 
 On the GPU the same functions take W as a ``DeviceCSR`` (``CSR.to_device()``), a
 ``cupyx.scipy.sparse`` matrix, or a tuple of CuPy arrays, with CuPy dense operands, and run the
@@ -76,7 +77,7 @@ def spmm_t(W, dY, *, out=None, layout: str = "feature"):
     Maths: ``dX[j, b] = Σ_i W[i, j] dY[i, b]``.
     Shapes: W (m, n); dY (m, B) -> dX (n, B)  [layout="batch": dY (B, m) -> dX (B, n)].
     Cost: 2·nnz·B flops; uses W's transpose structure (built once per pattern, O(nnz + n),
-    cached on a CSR, rebuilt on every call for scipy or raw-array input).
+    cached on a CSR and for an unchanged scipy matrix, rebuilt on every call for a tuple).
     """
     return _b.spmm_t_on(_b.side_of("kernels.spmm_t", W=W, dY=dY, out=out), W, dY, out, layout)
 

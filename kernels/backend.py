@@ -16,6 +16,8 @@ bodies below and the CUDA launchers' host code then run exactly as they would on
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from kernels import validation as V
@@ -34,7 +36,8 @@ from kernels.cuda import merge as cuda_merge
 from kernels.cuda import sddmm as cuda_sddmm
 from kernels.cuda import spmm as cuda_spmm
 from kernels.cuda import spmm_t as cuda_spmm_t
-from kernels.formats import CSR, DeviceCSR, as_csr
+from kernels.formats import CSR, DeviceCSR, as_csr_for_call
+from kernels.layout import transpose
 
 # The launcher modules of each side (importing the CUDA ones never imports CuPy).
 LAUNCHERS = {
@@ -83,11 +86,12 @@ class Backend:
         return DeviceCSR(xp.asarray(W.indptr), xp.asarray(W.indices), xp.asarray(W.data), W.shape)
 
     def sparse(self, W, name: str = "W"):
-        """A caller's sparse weight, checked: a CSR on the host (see formats.as_csr), a
-        DeviceCSR on a device (from a DeviceCSR, a cupyx.scipy.sparse matrix or a tuple of
-        this side's arrays)."""
+        """A caller's sparse weight, checked: a CSR on the host (see formats.as_csr; a scipy
+        matrix reuses its prepared pattern while it is provably unchanged, see
+        formats.as_csr_for_call), a DeviceCSR on a device (from a DeviceCSR, a
+        cupyx.scipy.sparse matrix or a tuple of this side's arrays)."""
         if not self.on_device:
-            return as_csr(W, name)
+            return as_csr_for_call(W, name)
         if isinstance(W, DeviceCSR):
             return W
         if isinstance(W, tuple) and len(W) == 4:
@@ -117,14 +121,20 @@ class Backend:
         return tuple(a for a in parts if isinstance(a, self.xp.ndarray))
 
     def operand(self, a, name: str, n_rows: int, layout: str, *, finite: bool = False):
-        """A dense operand in feature-major float32 C-contiguous form, checked (a transposed
-        copy for layout="batch")."""
+        """A dense operand in feature-major float32 C-contiguous form, checked. For
+        layout="batch": a transposed copy (kernels/layout.py on the CPU), or none when the
+        batch-major array is a transposed view of a feature-major one (``x.T``)."""
         xp = self.xp
         if layout == "batch":
+            a = V.on_side(a, name, xp, "a 2-D NumPy array", convert=True)
+            if a.ndim == 2 and a.shape[1] == n_rows and a.T.flags.c_contiguous:
+                return V.as_operand(a.T, name, n_rows, finite=finite, xp=xp)  # no copy
             a = V.as_operand(a, name, None, finite=finite, xp=xp)
             if a.shape[1] != n_rows:
                 raise ValueError(f"{name} has shape {a.shape}, expected (batch, {n_rows})")
-            return xp.ascontiguousarray(a.T)
+            if self.on_device:
+                return xp.ascontiguousarray(a.T)
+            return transpose(a, scratch(name, (a.shape[1], a.shape[0])))
         return V.as_operand(a, name, n_rows, finite=finite, xp=xp)
 
     def result(self, out, rows: int, batch: int, layout: str, *inputs):
@@ -134,6 +144,8 @@ class Backend:
         if out is not None:
             V.check_out(out, "out", shape, xp=self.xp)
             V.check_no_overlap(out, "out", *inputs, xp=self.xp)
+        if layout == "batch" and not self.on_device:
+            return scratch("result", (rows, batch))  # transposed into the answer by deliver
         if layout == "batch" or out is None:
             return self.xp.empty((rows, batch), dtype=np.float32)
         return out
@@ -142,6 +154,8 @@ class Backend:
         """The feature-major result as the caller asked: as it is, or transposed for "batch"
         (into ``out`` when given)."""
         if layout == "batch":
+            if not self.on_device:
+                return transpose(result_fm, out)
             if out is None:
                 return self.xp.ascontiguousarray(result_fm.T)
             out[...] = result_fm.T
@@ -158,10 +172,50 @@ class Backend:
         """The trusted launcher: out[w] = values[src[w]], or fill where src < 0."""
         return self.merge_kernels.remap(src, values, fill, out=out)
 
+    def free_bytes(self) -> int | None:
+        """Device memory free now (the driver's free bytes plus what CuPy's pool holds unused);
+        None on the CPU (the caller knows the host's limit)."""
+        if not self.on_device or self.xp is np:
+            return None
+        free = int(self.xp.cuda.Device().mem_info[0])
+        return free + int(self.xp.get_default_memory_pool().free_bytes())
+
     def sync(self):
         """Wait for the device's queued work (for timings); nothing on the CPU."""
         if self.on_device and hasattr(self.xp, "cuda"):
             self.xp.cuda.get_current_stream().synchronize()
+
+
+# Scratch of the batch-major path on the CPU: the feature-major copies of the operands and the
+# feature-major result, which never leave the call (the answer is a new array, or out=). Fresh
+# 2 MiB arrays on every call cost more than the transposes themselves where the allocator hands
+# them back to the OS between calls (glibc trims the top of its heap beyond twice its mmap
+# threshold, and every page of the next array faults again: 0.5-2 ms a call measured at
+# m = k = 4096, B = 128 on a 2-core VM). Kept per thread (threads may call at once), by role and
+# shape (the layers of a network differ), at most SCRATCH_MAX_BYTES per thread: the least
+# recently used go first.
+SCRATCH_MAX_BYTES = 64 << 20
+_scratch = threading.local()
+
+
+def scratch(role: str, shape: tuple) -> np.ndarray:
+    """This thread's float32 C-contiguous scratch array for ``role`` (an operand's name, or
+    "result") and ``shape``; it holds whatever the last call left: overwrite it entirely."""
+    nbytes = 4 * shape[0] * shape[1]
+    if nbytes > SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype=np.float32)
+    kept = getattr(_scratch, "arrays", None)
+    if kept is None:
+        kept = _scratch.arrays = {}
+    key = (role, shape)
+    a = kept.pop(key, None)
+    if a is None:
+        a = np.empty(shape, dtype=np.float32)
+        total = nbytes + sum(x.nbytes for x in kept.values())
+        while kept and total > SCRATCH_MAX_BYTES:
+            total -= kept.pop(next(iter(kept))).nbytes
+    kept[key] = a  # the most recently used last
+    return a
 
 
 def to_host(a):

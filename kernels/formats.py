@@ -10,6 +10,11 @@ Derived structures are built on first use and cached until the pattern changes:
   race-free forward-style product, rebuilt in O(nnz + n) after a topology change;
 - the thread blocks (row ranges of about equal nonzeros) of both orientations.
 
+A scipy matrix passed to a kernel call is converted by ``as_csr_for_call``, which keeps its
+canonical CSR between calls while the caller's pattern arrays provably equal private copies of
+them ("scipy input of calls" below): the values are re-read each call, the pattern and its
+derived structures are not rebuilt.
+
 ``DeviceCSR`` is its twin on the GPU: the same canonical arrays as CuPy arrays, validated when
 built and trusted afterwards, with its transpose structure built on the device on first use.
 Build one with ``CSR.to_device()``, ``DeviceCSR.from_host``, ``DeviceCSR.from_cupy_scipy`` or
@@ -19,8 +24,11 @@ Build one with ``CSR.to_device()``, ``DeviceCSR.from_host``, ``DeviceCSR.from_cu
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import threading
+import weakref
 
 import numpy as np
 import scipy.sparse as sp
@@ -208,12 +216,12 @@ class CSR(_Counts):
         if M.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold real numbers, got dtype {M.dtype}")
         V.check_shape2(M.shape, f"{name}.shape")
+        given = tuple(getattr(M, a, None) for a in ("indptr", "indices", "data"))
         if M.format != "csr":
             _check_before_conversion(M, name)  # scipy's tocsr trusts the arrays it converts
             M = _summable(M).tocsr()
         # scipy does not check these by default, and its canonicalisation crashes without them
         V.check_csr_arrays(M.indptr, M.indices, M.data, M.shape, name, full=False)
-        V.check_indptr_monotone(M.indptr, name)
         if M.indices.dtype not in _INDEX_DTYPES or M.indptr.dtype != M.indices.dtype:
             # unsigned or narrow index arrays (set by the caller): scipy's compiled routines
             # take int32/int64 only (a value that wraps in the cast is refused by the range
@@ -222,9 +230,14 @@ class CSR(_Counts):
             M = sp.csr_array(
                 (M.data, M.indices.astype(idx), M.indptr.astype(idx)), shape=M.shape, copy=False
             )
+        elif M.indices is given[1]:
+            # the caller's own index arrays: copied before they are scanned, so that what is
+            # checked below is what the kernels read, whatever the caller writes meanwhile
+            M = sp.csr_array((M.data, M.indices.copy(), M.indptr.copy()), shape=M.shape, copy=False)
+        V.check_indptr_monotone(M.indptr, name)
         M = _summable(M)  # (after the checks above: scipy's astype trusts indptr too)
-        # scipy's has_canonical_format is a flag anyone may set: checked by our own scan
-        if not (M.has_canonical_format and V.is_canonical(M.indptr, M.indices)):
+        # scipy's has_canonical_format is a flag anyone may set: our own scan decides
+        if not V.is_canonical(M.indptr, M.indices):
             M = M.copy()
             M.has_canonical_format = False  # a copy keeps the flag; it must not be believed
             M.sum_duplicates()  # sorts too
@@ -240,14 +253,12 @@ class CSR(_Counts):
                     f"{name}.indices must lie in [0, n_cols = {shape[1]}), found column index {bad}"
                 )
             V.check_finite_values(data, f"{name}.data")
-        # copy what aliases M, so that later changes to M cannot break our invariants
-        if np.shares_memory(indptr, M.indptr):
-            indptr = indptr.copy()
-        if np.shares_memory(indices, M.indices):
-            indices = indices.copy()
-        if np.shares_memory(data, M.data):
-            data = data.copy()
-        return cls._trusted(indptr, indices, data, shape)
+        # copy what aliases the caller's arrays, so that later changes cannot break our invariants
+        mine = [indptr, indices, data]
+        for i, a in enumerate(mine):
+            if any(isinstance(g, np.ndarray) and np.shares_memory(a, g) for g in given):
+                mine[i] = a.copy()
+        return cls._trusted(*mine, shape)
 
     @classmethod
     def random(
@@ -358,6 +369,15 @@ class CSR(_Counts):
     def _with_pattern(self, indptr, indices, data) -> CSR:
         """Internal: the same on a pattern the caller built canonical (merge)."""
         return CSR._trusted(indptr, indices, data, self.shape)
+
+    def _with_values(self, data) -> CSR:
+        """Internal: a CSR on this one's pattern arrays and its cache of derived structures
+        (shared: they depend on the pattern only), holding other values (O(1) checks)."""
+        obj = CSR.__new__(CSR)
+        obj._data = check_values(data, self.nnz, "W.data", self._indptr, self._indices)
+        obj._indptr, obj._indices, obj._shape = self._indptr, self._indices, self._shape
+        obj._cache = self._cache
+        return obj
 
     # ------------------------------------------------------------------ derived structures
     def transpose_structure(self):
@@ -525,6 +545,217 @@ def as_csr(W, name: str = "W") -> CSR:
         f"{name} must be a sparsecore.CSR, a scipy.sparse matrix, or a tuple "
         f"(indptr, indices, data, shape); got {type(W).__name__}"
     )
+
+
+# ---------------------------------------------------------------------------- scipy input of calls
+# A kernel call given a scipy matrix (kernels.spmm(M, X), ...) must treat it as untrusted: the
+# caller may have changed it since the last call. Converting and validating it on every call,
+# and rebuilding the transpose structure and thread blocks, made spmm_t 2.2x slower than on a
+# prepared CSR. So the calls keep, per matrix, the canonical CSR built from it (its pattern
+# arrays and derived structures) with private copies of the caller's pattern arrays as they were
+# then (indptr and indices of a CSR or CSC matrix, row and col of a COO one), and reuse that CSR
+# only while the caller's arrays are provably unchanged:
+#
+# - the matrix is the same live object (a weak reference: not a reused id), of the same type and
+#   shape, and its current pattern arrays have the dtypes and lengths of the copies and equal
+#   them element by element (exact O(nnz) comparisons; no hash, no flag of scipy's is believed).
+#   Arrays replaced by new ones of the same content pass, as they should;
+# - the copies were taken before they were compared with the CSR built by CSR.from_scipy, so what
+#   a later call compares against is exactly what is proven to give that CSR's pattern;
+# - the kernels read only the cached, validated, read-only pattern arrays, never the caller's
+#   (which are only compared), so an index the caller writes later, or while a call runs, cannot
+#   reach a kernel unchecked;
+# - the values are re-read on every call (they change every step): moved into canonical order
+#   where the caller's order differs (a CSC or COO matrix, unsorted columns: a permutation cached
+#   with the pattern), cast to float32 as from_scipy does, and checked finite. Float32
+#   C-contiguous values of a canonical CSR matrix reach the kernels as they are, without a copy.
+#
+# Anything else (a changed or replaced pattern, duplicates, narrow or unsigned index arrays, BSR
+# and the other formats) takes the full path of CSR.from_scipy; when the canonical pattern it
+# returns equals the cached one, element by element, the derived structures are still reused.
+# At most SCIPY_CACHE_SIZE matrices are kept (the most recently used); an entry goes with its
+# matrix. An entry holds the CSR's pattern arrays (for a canonical int32 CSR matrix these are the
+# copies of the caller's arrays), its derived structures, and where the caller's order or dtype
+# differs, the copies of the caller's arrays and the permutation.
+
+SCIPY_CACHE_SIZE = 16
+
+_prepared: dict = {}  # id(M) -> _Prepared, least recently used first
+_prepared_lock = threading.RLock()  # (reentrant: a weakref callback may run inside a locked block)
+
+# the pattern arrays compared on the fast path, by format
+_PATTERN = {"csr": ("indptr", "indices"), "csc": ("indptr", "indices"), "coo": ("row", "col")}
+
+
+class _Prepared:
+    """What the calls keep of one scipy matrix (see above)."""
+
+    __slots__ = ("ref", "kind", "shape", "csr", "pattern", "perm")
+
+    def values_if_unchanged(self, M, name: str):
+        """The float32 values in canonical order for this call, or None if the pattern (or
+        anything else the cached CSR depends on) is not provably what it was. O(nnz)."""
+        if self.pattern is None or type(M) is not self.kind or M.shape != self.shape:
+            return None
+        current = []
+        for attr, saved in self.pattern:
+            a = getattr(M, attr, None)
+            if not (
+                isinstance(a, np.ndarray) and a.dtype == saved.dtype and a.shape == saved.shape
+            ):
+                return None  # (the full path names what is wrong, if anything is)
+            current.append(a)
+        d = getattr(M, "data", None)
+        if not (
+            isinstance(d, np.ndarray) and d.shape == current[1].shape and d.dtype.kind in "fiub"
+        ):
+            return None
+        for a, (_, saved) in zip(current, self.pattern, strict=True):
+            if not np.array_equal(a, saved):
+                return None
+        if self.perm is not None:
+            d = d[self.perm]
+        d = _float32_values(d)
+        V.check_finite_values(d, f"{name}.data")
+        return d
+
+
+def _float32_values(d: np.ndarray) -> np.ndarray:
+    """A scipy matrix's values as from_scipy converts them (integers, bools and float16 by way
+    of float64, see _summable), C-contiguous; float32 ones as they are."""
+    if d.dtype == np.float32:
+        return np.ascontiguousarray(d)
+    if d.dtype.kind != "f" or d.dtype.itemsize < 4:
+        d = d.astype(np.float64)
+    with np.errstate(over="ignore"):  # overflow to inf is reported by the finiteness check
+        return d.astype(np.float32)
+
+
+def _same_pattern(a: CSR, b: CSR) -> bool:
+    return (
+        a.shape == b.shape
+        and a.indptr.dtype == b.indptr.dtype
+        and np.array_equal(a.indptr, b.indptr)
+        and np.array_equal(a.indices, b.indices)
+    )
+
+
+def _forget(key: int, ref):
+    """Weak-reference callback: the matrix is gone, and its entry with it."""
+    with _prepared_lock:
+        e = _prepared.get(key)
+        if e is not None and e.ref is ref:
+            del _prepared[key]
+
+
+def _expand(indptr: np.ndarray, n_lines: int, nnz: int):
+    """The line (row of a CSR, column of a CSC) of every entry of a compressed pattern whose
+    pointers are a copy not validated yet, or None where they are not valid pointers."""
+    if indptr.shape != (n_lines + 1,) or indptr[0] != 0 or indptr[-1] != nnz:
+        return None
+    if n_lines and bool((indptr[1:] < indptr[:-1]).any()):
+        return None
+    return np.repeat(np.arange(n_lines, dtype=indptr.dtype), np.diff(indptr))
+
+
+def _fast_pattern(M, W: CSR):
+    """(pattern, perm) for the fast path of matrix M whose canonical CSR is W, or None.
+
+    pattern: ((attribute, copy of M's array), ...), copied before anything is compared;
+    perm: None where M's values are in W's order already, else the positions in M.data of W's
+    entries. Proven here: the copies give exactly W's pattern (and no entry twice)."""
+    names = _PATTERN.get(M.format)
+    if names is None:
+        return None
+    arrays = [getattr(M, a, None) for a in names]
+    if not all(isinstance(a, np.ndarray) and a.dtype in _INDEX_DTYPES for a in arrays):
+        return None
+    first, second = (a.copy() for a in arrays)
+    nnz = W.nnz
+    if second.shape != (nnz,):
+        return None  # duplicates were summed (or M changed meanwhile)
+    m, n = W.shape
+    if M.format == "csr" and np.array_equal(first, W.indptr) and np.array_equal(second, W.indices):
+        # canonical already, the usual case: W's own arrays where they have the same dtype
+        first = W.indptr if first.dtype == W.indptr.dtype else first
+        second = W.indices if second.dtype == W.indices.dtype else second
+        perm = None
+    else:
+        if M.format == "coo":
+            if first.shape != (nnz,):
+                return None
+            rows, cols = first, second
+        else:
+            lines = _expand(first, m if M.format == "csr" else n, nnz)
+            if lines is None:
+                return None
+            rows, cols = (lines, second) if M.format == "csr" else (second, lines)
+        perm = np.lexsort((cols, rows))  # row-major order; W has no entry twice, nor has M
+        w_rows = np.repeat(np.arange(m, dtype=W.indptr.dtype), np.diff(W.indptr))
+        if not (np.array_equal(rows[perm], w_rows) and np.array_equal(cols[perm], W.indices)):
+            return None
+    for a in (first, second):
+        a.flags.writeable = False
+    return ((names[0], first), (names[1], second)), perm
+
+
+def _prepare(M, W: CSR):
+    """The entry for matrix M whose canonical CSR is W (validated), or None if M cannot be
+    referred to weakly."""
+    key = id(M)
+    try:
+        ref = weakref.ref(M, functools.partial(_forget, key))
+    except TypeError:
+        return None
+    e = _Prepared()
+    e.ref, e.kind, e.shape, e.csr = ref, type(M), W.shape, W
+    fast = _fast_pattern(M, W)
+    e.pattern, e.perm = fast if fast is not None else (None, None)
+    return e
+
+
+def _remember(key: int, e):
+    with _prepared_lock:
+        _prepared.pop(key, None)
+        if e is not None and SCIPY_CACHE_SIZE > 0:
+            _prepared[key] = e
+            while len(_prepared) > SCIPY_CACHE_SIZE:
+                del _prepared[next(iter(_prepared))]
+
+
+def clear_scipy_cache():
+    """Drop what the kernel calls keep of scipy matrices (see SCIPY_CACHE_SIZE)."""
+    with _prepared_lock:
+        _prepared.clear()
+
+
+def _from_scipy_for_call(M, name: str) -> CSR:
+    key = id(M)
+    with _prepared_lock:
+        e = _prepared.pop(key, None)
+        if e is not None and e.ref() is M:
+            _prepared[key] = e  # now the most recently used
+        else:
+            e = None
+    if e is not None:
+        values = e.values_if_unchanged(M, name)
+        if values is not None:
+            return e.csr._with_values(values)
+    W = CSR.from_scipy(M, name=name)  # validated in full, canonical, arrays of its own
+    if e is not None and _same_pattern(W, e.csr):
+        W = e.csr._with_values(W.data)  # same pattern: keep its derived structures
+    _remember(key, _prepare(M, W))
+    return W
+
+
+def as_csr_for_call(W, name: str = "W") -> CSR:
+    """as_csr for one kernel call: a scipy matrix goes through the cache above, so repeated
+    calls on an unchanged matrix reuse its validated pattern and derived structures. The CSR
+    returned may hold the caller's values array itself: it serves the call, not to be kept or
+    written to (keep a ``CSR.from_scipy`` for that)."""
+    if sp.issparse(W) and not V.is_cupy_array(W):
+        return _from_scipy_for_call(W, name)
+    return as_csr(W, name)
 
 
 # ---------------------------------------------------------------------------- DeviceCSR

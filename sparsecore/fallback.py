@@ -59,7 +59,8 @@ def choose(model, mode: str, batch: int, spare_bytes: int | None = None, reps=TI
         raise ValueError(f"dense_fallback must be one of {', '.join(MODES)}, got {mode!r}")
     records = []
     left = spare_bytes
-    for index, layer in enumerate(model.sparse_layers()):
+    weighted = model.weighted()
+    for layer in model.sparse_layers():
         m, n = layer.W.shape
         density = layer.W.nnz / max(m * n, 1)
         rec = dict(layer=layer.name, shape=[m, n], density=density, compute="sparse")
@@ -75,7 +76,8 @@ def choose(model, mode: str, batch: int, spare_bytes: int | None = None, reps=TI
         elif density < DENSE_FALLBACK_MIN_DENSITY:
             rec["why"] = f"density {density:.1%} < {DENSE_FALLBACK_MIN_DENSITY:.0%}"
         else:
-            rec.update(_timed(layer, batch, need_dx=index > 0, reps=reps))
+            # timed as trained: dX only for a layer that is not the model's first
+            rec.update(_timed(layer, batch, need_dx=layer is not weighted[0], reps=reps))
         if rec["compute"] == "dense":
             if left is not None:
                 left -= extra

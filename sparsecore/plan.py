@@ -129,7 +129,7 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
             # "on" holds it for every whole sparse layer; "auto" for those it picks, only
             # within what the budget leaves after this plan (so the most it may add is shown)
             if m == m_full and cfg.dense_fallback == "on":
-                row["dense_fallback"] = add("dense fallback (copies of W, dW)", 8 * m * n)
+                row["dense_fallback"] = add(DENSE_FALLBACK_PIECE, 8 * m * n)
             elif m == m_full and cfg.dense_fallback == "auto":
                 row["dense_fallback_up_to"] = 8 * m * n
             if method in ("rigl", "set"):
@@ -223,6 +223,9 @@ def memory_plan(run, sparsity=None, *, ranks: int = 1, sharded=(), **settings) -
         "dense_fallback": cfg.dense_fallback,
         "dense_fallback_up_to_bytes": sum(r.get("dense_fallback_up_to", 0) for r in layers),
     }
+
+
+DENSE_FALLBACK_PIECE = "dense fallback (copies of W, dW)"  # (sparsecore/train.py reads it)
 
 
 def sharded_layers(cfg, *args) -> list[int]:

@@ -39,7 +39,7 @@ from sparsecore.device import get_device, to_host
 from sparsecore.layers import Sequential, SoftmaxCrossEntropy, mlp
 from sparsecore.optim import SGD, Adam, lr_at
 from sparsecore.parallel import SINGLE
-from sparsecore.plan import describe_plan, fit_grow_tile, memory_plan
+from sparsecore.plan import DENSE_FALLBACK_PIECE, describe_plan, fit_grow_tile, memory_plan
 from sparsecore.rigl.schedule import UpdateSchedule
 from sparsecore.rigl.selection import TrainingDiverged
 from sparsecore.rigl.updater import UPDATERS
@@ -174,9 +174,11 @@ class Trainer:
         # the dense fallback: which layers compute on BLAS (timed here under "auto"), within the
         # memory the plan leaves under the budget (or this machine's memory)
         budget = cfg.max_memory
-        if budget is None and cfg.device == "cpu":
-            budget = memory_limit()[0]
+        if budget is None:
+            budget = memory_limit()[0] if cfg.device == "cpu" else self.device.free_bytes()
         spare = None if budget is None else max(0, budget - self.plan["total_bytes"])
+        if spare is not None:  # under "on" the plan counted the copies already
+            spare += self.plan["pieces"].get(DENSE_FALLBACK_PIECE, 0)
         self.fallback = fallback.choose(self.model, cfg.dense_fallback, cfg.batch_size, spare)
         self.loss_fn = SoftmaxCrossEntropy().to(self.device)
         self.opt = make_optimizer(cfg, self.model.params(), self.device)

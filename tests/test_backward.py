@@ -87,8 +87,11 @@ def test_the_engine_takes_the_fused_pass_by_the_nnz_limit(rng, monkeypatch):
 
 
 def test_fused_pays_reads_the_machine_by_default(monkeypatch):
+    import numba
+
     from kernels.machine import cache_sizes
 
     monkeypatch.setattr(config, "FUSED_BACKWARD_MAX_NNZ", None)
-    limit = cache_sizes().total(2) // 4
+    c = cache_sizes()
+    limit = c.l2 * max(1, numba.get_num_threads() // c.l2_shared) // 4
     assert BW.fused_pays(limit) and not BW.fused_pays(limit + 1) and not BW.fused_pays(0)

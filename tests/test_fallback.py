@@ -189,3 +189,16 @@ def test_cli_reports_the_choice(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: invalid choice
         main([*args, "--dense-fallback", "sometimes", "--out", str(tmp_path / "b")])
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_on_within_a_budget_the_plan_counted_is_not_refused(tmp_path):
+    """Under "on" the plan holds the copies already: a budget of exactly the plan's total
+    makes every layer dense (the copies must not be subtracted a second time)."""
+    cfg = _cfg(tmp_path / "p", dense_fallback="on")
+    plan = memory_plan(cfg)
+    tr = Trainer(_cfg(tmp_path / "p", dense_fallback="on", max_memory=plan["total_bytes"]))
+    assert [r["compute"] for r in tr.fallback] == ["dense", "dense"]
+    auto = memory_plan(_cfg(tmp_path / "q", dense_fallback="auto"))
+    tight = Trainer(_cfg(tmp_path / "q", dense_fallback="auto", max_memory=auto["total_bytes"]))
+    assert [r["compute"] for r in tight.fallback] == ["sparse", "sparse"]  # no room left
+    assert all("exceeds the memory left" in r["why"] for r in tight.fallback)

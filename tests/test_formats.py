@@ -133,3 +133,36 @@ def test_random_pattern_of_a_large_dense_ish_matrix_is_o_nnz():
     per_row = np.diff(W.indptr)
     assert np.all(np.abs(per_row - 500_000) < 5 * np.sqrt(500_000))
     np.testing.assert_array_equal(CSR.random((4, 5_000_000), 0.1, seed=3).indices, W.indices)
+
+
+def test_with_values_shares_the_pattern_and_its_derived_structures():
+    W = CSR.random((30, 40), 0.2, seed=5)
+    t = W.transpose_structure()
+    V2 = W._with_values(np.arange(W.nnz, dtype=np.float32))
+    assert V2.indices is W.indices and V2.indptr is W.indptr
+    assert V2.transpose_structure() is t and V2.row_blocks() is W.row_blocks()
+    np.testing.assert_array_equal(V2.data, np.arange(W.nnz))
+    assert not np.shares_memory(V2.data, W.data)
+    with pytest.raises(ValueError, match="length nnz"):
+        W._with_values(np.zeros(W.nnz + 1, np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        W._with_values(np.zeros(W.nnz))
+
+
+def test_from_scipy_checks_the_arrays_it_keeps(monkeypatch):
+    """A caller writing its index arrays while from_scipy runs (another thread) cannot slip an
+    unchecked index into the CSR: the scans run on the copies the CSR keeps."""
+    from kernels import validation as V
+
+    M = sp.csr_matrix(CSR.random((20, 30), 0.2, seed=1).to_scipy())
+    real = V.check_finite_values
+
+    def meanwhile(data, name):  # runs after the range check
+        M.indices[0] = 10**6
+        M.indptr[1] = 10**6
+        return real(data, name)
+
+    monkeypatch.setattr(V, "check_finite_values", meanwhile)
+    W = CSR.from_scipy(M)
+    assert int(W.indices.max()) < 30
+    assert np.all(np.diff(W.indptr) >= 0) and int(W.indptr[-1]) == W.nnz

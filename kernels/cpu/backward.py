@@ -124,11 +124,12 @@ def backward(t_indptr, t_indices, t_perm, data, dy, x, dw, dx, blocks, bias_grad
 
 def fused_pays(nnz: int) -> bool:
     """Whether the engine should take this pass for a layer of ``nnz`` nonzeros: while dW's
-    scattered writes stay in cache (config.FUSED_BACKWARD_MAX_NNZ; None: L2 over the machine
-    / 4 bytes, from kernels/machine.py). Measured on AMD EPYC (1 MiB L2 per core, 2 cores,
-    B = 128): 1.35-1.7x the two standalone kernels at 50k-170k nonzeros, even at 1.7M, 0.85x
-    at 2.7M."""
+    scattered writes stay in cache (config.FUSED_BACKWARD_MAX_NNZ; None: the L2 of the kernel
+    threads' cores / 4 bytes, from kernels/machine.py). Measured on AMD EPYC (1 MiB L2 per
+    core, 2 cores, B = 128): 1.35-1.7x the two standalone kernels at 50k-170k nonzeros, even at
+    1.7M, 0.85x at 2.7M."""
     limit = config.FUSED_BACKWARD_MAX_NNZ
-    if limit is None:
-        limit = cache_sizes().total(2) // 4
+    if limit is None:  # the L2 of the cores this process runs its kernels on
+        caches = cache_sizes()
+        limit = caches.l2 * max(1, numba.get_num_threads() // max(1, caches.l2_shared)) // 4
     return 0 < nnz <= limit
