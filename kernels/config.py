@@ -117,3 +117,9 @@ MPI_SCORE_CHUNK_FLOATS = 1 << 22
 MPI_WATCHDOG_TICKS = 10
 MPI_WATCHDOG_MIN_TICK_S = 0.1
 MPI_WATCHDOG_MAX_TICK_S = 5.0
+
+# Seconds a rank waits between writing why it stops and calling MPI_Abort: the ranks' stderr
+# reaches the terminal through mpiexec's forwarding, and an immediate abort could kill the
+# forwarder before it relayed the message (seen: a hung-rank job that ended with exit status 3
+# and an empty stderr, about one run in three).
+MPI_ABORT_GRACE_S = 1.0

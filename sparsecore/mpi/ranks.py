@@ -128,6 +128,7 @@ class Ranks(Single):
                         "rank (raise --rank-timeout if single steps or updates are this slow)\n"
                     )
                     sys.stderr.flush()
+                    time.sleep(config.MPI_ABORT_GRACE_S)  # (the message forwarded first)
                     self.comm.Abort(3)
 
         thread = threading.Thread(target=watch, name="sparsecore-mpi-watchdog", daemon=True)

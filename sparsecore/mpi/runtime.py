@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 
+from kernels import config
 from kernels.validation import coords_dtype
 from sparsecore.parallel import SIZE_VARS, launched_size, split  # noqa: F401 (re-exported)
 
@@ -69,6 +70,7 @@ def abort(code: int = 1):
     if comm is not None:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(config.MPI_ABORT_GRACE_S)  # let mpiexec forward what this rank said
         comm.Abort(code)
 
 
