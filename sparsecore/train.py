@@ -271,7 +271,7 @@ class Trainer:
                 report = self.par.update(self.updater, self.step, self.model, self.opt)
             except TrainingDiverged as e:  # (from the grow: a non-finite or huge gradient)
                 raise TrainingDiverged(
-                    f"{e} at step {self.step} (epoch {self.epoch}){self._last_good()}"
+                    f"at step {self.step} (epoch {self.epoch}), {e}{self._last_good()}"
                 ) from e
             if self.cfg.step_on_update:
                 self.opt.step(self.lr())

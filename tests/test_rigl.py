@@ -280,3 +280,23 @@ def test_exact_grow_on_a_gradient_that_could_overflow_says_the_run_diverged(rng)
     upd = RigL(UpdateSchedule(t_end=1000, delta_t=10, alpha=0.3), seed=0)
     with pytest.raises(TrainingDiverged, match=rf"layer {layer.name}: dY·Xᵀ may overflow"):
         upd.update(10, model)
+
+
+def test_a_diverging_grow_in_training_names_the_step_and_the_checkpoint(tmp_path, monkeypatch):
+    from sparsecore.rigl import selection
+    from sparsecore.train import TrainingDiverged
+
+    def huge(*a):
+        raise OverflowError("dY·Xᵀ may overflow float32: the largest row norms are 1e30")
+
+    cfg = TrainConfig(
+        arch=[784, 32, 10], sparsity=0.9, epochs=2, batch_size=64, delta_t=5, progress=False,
+        out=str(tmp_path),
+    )  # fmt: skip
+    tr = Trainer(cfg, mnist_subset(512, 128))
+    monkeypatch.setattr(selection, "check_scores_fit_float32", huge)
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"^at step 5 \(epoch 0\), RigL's exact grow of layer fc0: dY·Xᵀ may overflow .*this run wrote no checkpoint yet",
+    ):
+        tr.run()

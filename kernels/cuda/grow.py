@@ -270,7 +270,8 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     if k == 0 or m * n == 0:  # (k <= absent entries = 0 when m·n = 0)
         e = cupy.empty(0, dtype=idx_dtype)
         return e, e.copy(), cupy.empty(0, dtype=np.float32)
-    tile_bytes = auto_tile_bytes(cupy) if tile_bytes is None else tile_bytes
+    auto = tile_bytes is None
+    tile_bytes = auto_tile_bytes(cupy) if auto else tile_bytes
     factor = config.CUDA_TOPK_BUFFER_FACTOR if buffer_factor is None else buffer_factor
     cap = max(k + 1, int(factor * k))
     buf_s = cupy.empty(cap, dtype=np.int32)
@@ -320,7 +321,7 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
     rows = flat // n
     cols = flat - rows * n
     result = rows.astype(idx_dtype), cols.astype(idx_dtype), buf_s[:n_buf][order].view(np.float32)
-    if cupy is not np and tile.nbytes > config.CUDA_TOPK_TILE_BYTES:
+    if cupy is not np and auto and tile.nbytes > config.CUDA_TOPK_TILE_BYTES:
         # a tile enlarged from the device's memory would stay cached in CuPy's pool, where
         # torch (or anything else) cannot use it: hand the pool's unused blocks back
         u = None  # (the last tile view)
