@@ -29,6 +29,7 @@ from kernels.cpu import merge as cpu_merge
 from kernels.cpu import sddmm as cpu_sddmm
 from kernels.cpu import spmm as cpu_spmm
 from kernels.cpu import spmm_t as cpu_spmm_t
+from kernels.cuda import _module as cuda_module
 from kernels.cuda import drop as cuda_drop
 from kernels.cuda import elementwise as cuda_elementwise
 from kernels.cuda import grow as cuda_grow
@@ -177,8 +178,7 @@ class Backend:
         None on the CPU (the caller knows the host's limit)."""
         if not self.on_device or self.xp is np:
             return None
-        free = int(self.xp.cuda.Device().mem_info[0])
-        return free + int(self.xp.get_default_memory_pool().free_bytes())
+        return cuda_module.free_device_bytes(self.xp)[0]
 
     def sync(self):
         """Wait for the device's queued work (for timings); nothing on the CPU."""

@@ -125,6 +125,13 @@ def array_module(a):
     return cupy
 
 
+def free_device_bytes(cupy) -> tuple[int, int]:
+    """(free, total) bytes of the current device: the driver's free memory plus what CuPy's
+    pool holds unused (CuPy would hand that out first), and the device's total."""
+    free, total = (int(v) for v in cupy.cuda.Device().mem_info)
+    return free + int(cupy.get_default_memory_pool().free_bytes()), total
+
+
 def to_host(a):
     """A NumPy copy of a CuPy array (a NumPy array is returned as is)."""
     return a.get() if hasattr(a, "get") and not hasattr(a, "__array_interface__") else a

@@ -239,14 +239,10 @@ def auto_tile_bytes(cupy) -> int:
     floor = int(config.CUDA_TOPK_TILE_BYTES)
     if cupy is np:
         return floor
-    free, total = (int(v) for v in cupy.cuda.Device().mem_info)
-    free += int(cupy.get_default_memory_pool().free_bytes())
-    want = max(floor, min(int(config.CUDA_TOPK_TILE_MAX_BYTES), int(FRACTION() * total)))
+    free, total = _module.free_device_bytes(cupy)
+    share = int(config.CUDA_TOPK_TILE_FREE_FRACTION * total)
+    want = max(floor, min(int(config.CUDA_TOPK_TILE_MAX_BYTES), share))
     return want if want <= free else floor
-
-
-def FRACTION() -> float:  # (read at call time, so tests and users can change it)
-    return float(config.CUDA_TOPK_TILE_FREE_FRACTION)
 
 
 def tile_box(t: int, m: int, n: int, tr: int, tc: int) -> tuple[int, int, int, int]:
@@ -300,11 +296,12 @@ def topk_grow(indptr, indices, keep, dy, x, k, tile_bytes=None, buffer_factor=No
             _module.launch(select_plan(u, thr, 0, 0, 0, buf_s, buf_f, counter, cap))
             snaps[j : j + 1] = counter
         seen = to_host(snaps[: len(batch)])  # the one host sync of the batch
-        over = int(np.argmax(seen > cap)) if bool((seen > cap).any()) else -1
-        if over < 0:
+        full = seen > cap
+        if not full.any():
             n_buf, t = int(seen[-1]), t + len(batch)
             run = min(2 * run, snaps.shape[0])
             continue
+        over = int(np.argmax(full))  # the first tile of the run that overflowed
         # tile t + over overflowed: the tiles before it are in buf[:n_buf] (later tiles of the
         # batch found slots >= cap and wrote nothing); cut over buffer ∪ that tile's candidates
         n_buf = int(seen[over - 1]) if over else n_buf
