@@ -56,6 +56,9 @@ def configure_threads() -> None:
     if _state:
         return
     _state["numpy_loaded_first"] = "numpy" in sys.modules
+    # what OpenBLAS read (or will read) when it loads with NumPy: the user's value if NumPy came
+    # first, else whatever is in the environment once the defaults below are set
+    _state["user_openblas_timeout"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     # Numba's default choice tries tbb first: once the library is loaded, it is picked (no
     # variable is exported, so a child process that imports numba alone is not affected)
     _state["tbb"] = _load_tbb()
@@ -121,6 +124,43 @@ def check_fork_safe(what: str = "a sparse kernel") -> None:
         )
 
 
+def openblas_timeout_effective() -> bool:
+    """Whether OpenBLAS (if it is NumPy's BLAS) read an OPENBLAS_THREAD_TIMEOUT when it loaded:
+    ours (sparsecore imported before NumPy) or one the user exported before starting Python."""
+    if not _state.get("numpy_loaded_first", True):
+        return os.environ.get("OPENBLAS_THREAD_TIMEOUT") is not None
+    return _state.get("user_openblas_timeout") is not None
+
+
+def blas_spin_warning() -> str | None:
+    """A sentence saying why BLAS calls will slow the kernels that follow them, or None.
+
+    With NumPy imported before sparsecore, NumPy's OpenBLAS started with its default timeout: after
+    each multithreaded call its idle workers spin for about 2**28 cycles (~0.1 s) on the cores the
+    kernels then need. Measured on the 2-core development machine: a 16384-row layer's forward
+    took 191 ms right after an sgemm instead of 140 ms (bench/RESULTS.md, "Dense where dense
+    wins"). Such a process cannot change it any more; the next one can."""
+    if openblas_timeout_effective():
+        return None
+    from threadpoolctl import threadpool_info
+
+    spinning = [
+        p
+        for p in threadpool_info()
+        if p.get("user_api") == "blas" and p.get("internal_api") == "openblas"
+        and (p.get("num_threads") or 1) > 1
+    ]  # fmt: skip
+    if not spinning:
+        return None
+    return (
+        "NumPy was imported before sparsecore, so its OpenBLAS "
+        f"({spinning[0].get('num_threads')} threads) keeps its idle threads spinning for about "
+        "0.1 s after every BLAS call, and the sparse kernels that run next lose their cores to "
+        "them (measured up to 1.35x slower); import sparsecore (or kernels) before NumPy, or "
+        "export OPENBLAS_THREAD_TIMEOUT=4 before starting Python"
+    )
+
+
 def threading_info() -> dict:
     """The thread pools of this process: Numba's layer and threads, the BLAS, the settings."""
     import numba
@@ -144,7 +184,7 @@ def threading_info() -> dict:
                 "NUMBA_NUM_THREADS",
             )
         },
-        "openblas_timeout_effective": not _state.get("numpy_loaded_first", True),
+        "openblas_timeout_effective": openblas_timeout_effective(),
         "blas": [
             {k: p.get(k) for k in ("internal_api", "num_threads", "version", "threading_layer")}
             for p in threadpool_info()

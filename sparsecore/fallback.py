@@ -19,8 +19,11 @@ density does not change.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
+
+from kernels import _threads
 
 MODES = ("off", "auto", "on")
 # a layer goes dense under "auto" only when that is at least this much faster than its kernels
@@ -83,6 +86,12 @@ def choose(model, mode: str, batch: int, spare_bytes: int | None = None, reps=TI
                 left -= extra
         layer.set_compute(rec["compute"])
         records.append(rec)
+    on_cpu = (
+        any(r["compute"] == "dense" for r in records) and not model.sparse_layers()[0].dev.on_device
+    )
+    why = _threads.blas_spin_warning() if on_cpu else None
+    if why:  # the BLAS products would slow the kernels around them
+        warnings.warn(f"dense fallback: {why}", RuntimeWarning, stacklevel=2)
     return records
 
 

@@ -3,14 +3,17 @@
 Set SPARSECORE_TEST_SEED=<int> to replay a run.
 """
 
-import os
+import os  # noqa: I001 (kernels before NumPy, below)
 import secrets
 import zlib
+
+# kernels first, as the CLI does: its thread setup reaches NumPy's OpenBLAS only if it runs
+# before NumPy loads (else idle BLAS threads spin after each call; kernels/_threads.py)
+import kernels
 
 import numpy as np
 import pytest
 
-import kernels
 import sparsecore  # noqa: F401
 from tests import cases
 

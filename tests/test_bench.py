@@ -118,6 +118,17 @@ def test_engine_workers_measure_and_account(data_prefix):
         assert r["model_rss_mib"] >= 0
 
 
+def test_engine_worker_at_a_sparsity_too_high_for_its_warm_up_model(data_prefix):
+    # the worker warms up on a 16-wide model first; at 99.9% uniform a 16 x 16 layer keeps no
+    # connection (the config refuses that), which must not stop the measured model (W = 600)
+    r = _worker(
+        data_prefix, "sparsecore", arch=[784, 600, 600, 10], sparsity=0.999,
+        distribution="uniform", steps=4,
+    )  # fmt: skip
+    assert r["n_steps"] == 4 and r["config"]["sparsity"] == 0.999
+    assert r["nnz"] == sum(round(0.001 * m * n) for m, n in [(600, 784), (600, 600), (10, 600)])
+
+
 @pytest.mark.slow
 def test_torch_workers(data_prefix):
     pytest.importorskip("torch")

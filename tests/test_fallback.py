@@ -4,6 +4,7 @@ state nnz-sized and sparse, and is chosen (off | auto | on) within the memory bu
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -92,6 +93,22 @@ def test_choose_off_on_and_the_memory_left(rng):
     assert "exceeds the memory left" in recs[1]["why"]
     with pytest.raises(ValueError, match="dense_fallback must be one of off, auto, on"):
         fallback.choose(model, "yes", 16)
+
+
+def test_dense_layers_warn_when_openblas_threads_spin(rng, monkeypatch):
+    from kernels import _threads
+
+    model = small_model(rng, (30, 40, 20, 5), 0.5)
+    monkeypatch.setattr(_threads, "blas_spin_warning", lambda: "NumPy was imported before")
+    with pytest.warns(RuntimeWarning, match="dense fallback: NumPy was imported before"):
+        fallback.choose(model, "on", 16)
+    with warnings.catch_warnings():  # no dense layer: nothing to say
+        warnings.simplefilter("error")
+        fallback.choose(model, "off", 16)
+    monkeypatch.setattr(_threads, "blas_spin_warning", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fallback.choose(model, "on", 16)
 
 
 def test_auto_goes_dense_only_where_timed_faster(rng, monkeypatch):
