@@ -5,6 +5,12 @@ import numpy as np
 
 from kernels import config
 
+# unsigned offsets for the kernels' position counters: an index of a signed type makes Numba
+# emit negative-index wraparound code on every load (compare, conditional move, add), which
+# measured 1.4-2x slower on the per-nonzero loops of small batches (bench/RESULTS.md); with an
+# unsigned counter plus these (uint64 + int64 would be float64 in Numba's typing) there is none
+U1, U2, U3, U4 = (np.uint64(v) for v in (1, 2, 3, 4))
+
 
 def row_blocks(indptr: np.ndarray, n_rows: int) -> np.ndarray:
     """Split rows ``0..n_rows`` into contiguous blocks of about equal work.

@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from kernels import config
+from kernels.cpu._common import U1, U2, U3, U4
 from kernels.machine import cache_sizes
 
 
@@ -39,17 +40,17 @@ def _backward(t_indptr, t_indices, t_perm, data, dy, x, dw, dx, blocks, gate, ha
         for j in range(blocks[t], blocks[t + 1]):
             for b in range(n_batch):
                 dx[j, b] = 0.0
-            q = t_indptr[j]
-            end = t_indptr[j + 1]
-            while q + 4 <= end:
-                i0 = t_indices[q]
-                i1 = t_indices[q + 1]
-                i2 = t_indices[q + 2]
-                i3 = t_indices[q + 3]
-                p0 = t_perm[q]
-                p1 = t_perm[q + 1]
-                p2 = t_perm[q + 2]
-                p3 = t_perm[q + 3]
+            q = numba.uint64(t_indptr[j])  # (unsigned: see spmm.py's header)
+            end = numba.uint64(t_indptr[j + 1])
+            while q + U4 <= end:
+                i0 = numba.uint64(t_indices[q])
+                i1 = numba.uint64(t_indices[q + U1])
+                i2 = numba.uint64(t_indices[q + U2])
+                i3 = numba.uint64(t_indices[q + U3])
+                p0 = numba.uint64(t_perm[q])
+                p1 = numba.uint64(t_perm[q + U1])
+                p2 = numba.uint64(t_perm[q + U2])
+                p3 = numba.uint64(t_perm[q + U3])
                 v0 = data[p0]
                 v1 = data[p1]
                 v2 = data[p2]
@@ -73,10 +74,10 @@ def _backward(t_indptr, t_indices, t_perm, data, dy, x, dw, dx, blocks, gate, ha
                 dw[p1] = s1
                 dw[p2] = s2
                 dw[p3] = s3
-                q += 4
+                q += U4
             while q < end:
-                i0 = t_indices[q]
-                p0 = t_perm[q]
+                i0 = numba.uint64(t_indices[q])
+                p0 = numba.uint64(t_perm[q])
                 v0 = data[p0]
                 s0 = numba.float32(0.0)
                 for b in range(n_batch):
@@ -84,7 +85,7 @@ def _backward(t_indptr, t_indices, t_perm, data, dy, x, dw, dx, blocks, gate, ha
                     dx[j, b] += v0 * g0
                     s0 += g0 * x[j, b]
                 dw[p0] = s0
-                q += 1
+                q += U1
             if has_gate:
                 for b in range(n_batch):
                     if not gate[j, b] > 0:

@@ -11,6 +11,7 @@ Cost:     O(nnz) each, rows in parallel; a row's writes (or reads) fall in one d
           ascending column order. The dense array itself is zeroed once per pattern (a topology
           update clears the old entries and scatters the new ones: no O(m·n) pass per step).
 Requires: indices in [0, n) (trusted: the pattern is the engine's own, validated on entry).
+          Positions and indices are read unsigned (no wraparound code: see spmm.py's header).
 """
 
 import numba
@@ -22,24 +23,24 @@ from kernels import config
 def _scatter(indptr, indices, data, dense, blocks):
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
-            for p in range(indptr[i], indptr[i + 1]):
-                dense[i, indices[p]] = data[p]
+            for p in range(numba.uint64(indptr[i]), numba.uint64(indptr[i + 1])):
+                dense[i, numba.uint64(indices[p])] = data[p]
 
 
 @numba.njit(parallel=True, cache=config.CACHE, boundscheck=False)
 def _clear(indptr, indices, dense, blocks):
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
-            for p in range(indptr[i], indptr[i + 1]):
-                dense[i, indices[p]] = 0.0
+            for p in range(numba.uint64(indptr[i]), numba.uint64(indptr[i + 1])):
+                dense[i, numba.uint64(indices[p])] = 0.0
 
 
 @numba.njit(parallel=True, cache=config.CACHE, boundscheck=False)
 def _gather(indptr, indices, dense, out, blocks):
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
-            for p in range(indptr[i], indptr[i + 1]):
-                out[p] = dense[i, indices[p]]
+            for p in range(numba.uint64(indptr[i]), numba.uint64(indptr[i + 1])):
+                out[p] = dense[i, numba.uint64(indices[p])]
 
 
 def scatter(indptr, indices, data, dense, blocks):

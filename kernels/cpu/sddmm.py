@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import row_blocks
+from kernels.cpu._common import U1, U2, U3, U4, row_blocks
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
@@ -31,13 +31,13 @@ def _sddmm_kernel(indptr, indices, dy, x, out, blocks, bias_grad, has_bias):
                 for b in range(n_batch):
                     sb += dy[i, b]
                 bias_grad[i] = sb
-            p = indptr[i]
-            end = indptr[i + 1]
-            while p + 4 <= end:
-                c0 = indices[p]
-                c1 = indices[p + 1]
-                c2 = indices[p + 2]
-                c3 = indices[p + 3]
+            p = numba.uint64(indptr[i])  # (unsigned: see spmm.py's header)
+            end = numba.uint64(indptr[i + 1])
+            while p + U4 <= end:
+                c0 = numba.uint64(indices[p])
+                c1 = numba.uint64(indices[p + U1])
+                c2 = numba.uint64(indices[p + U2])
+                c3 = numba.uint64(indices[p + U3])
                 s0 = numba.float32(0.0)
                 s1 = numba.float32(0.0)
                 s2 = numba.float32(0.0)
@@ -49,17 +49,17 @@ def _sddmm_kernel(indptr, indices, dy, x, out, blocks, bias_grad, has_bias):
                     s2 += g * x[c2, b]
                     s3 += g * x[c3, b]
                 out[p] = s0
-                out[p + 1] = s1
-                out[p + 2] = s2
-                out[p + 3] = s3
-                p += 4
+                out[p + U1] = s1
+                out[p + U2] = s2
+                out[p + U3] = s3
+                p += U4
             while p < end:
-                c0 = indices[p]
+                c0 = numba.uint64(indices[p])
                 s0 = numba.float32(0.0)
                 for b in range(n_batch):
                     s0 += dy[i, b] * x[c0, b]
                 out[p] = s0
-                p += 1
+                p += U1
 
 
 _NO_BIAS = np.zeros(1, dtype=np.float32)

@@ -19,14 +19,18 @@ Threads:  one prange iteration per row block (blocks hold about equal nonzeros);
 Note:     indexing is 2-D (x[c, b]) on purpose: taking a row view x[c] inside a prange loop makes
           Numba touch the array's reference count atomically on every nonzero, and both cores then
           fight over that cache line (measured 2-5x slower).
-Requires: indices in [0, k); columns within a row in any order, duplicates summed.
+Requires: indices in [0, k) (trusted: the public API validates them); columns within a row in
+          any order, duplicates summed. Positions and indices are unsigned (numba.uint64, and
+          _common.U1..U4 for the offsets): a signed index makes Numba emit negative-index
+          wraparound code on every load, measured 1.4-2x slower on the per-nonzero loop of
+          small batches (bench/RESULTS.md).
 """
 
 import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import row_blocks
+from kernels.cpu._common import U1, U2, U3, U4, row_blocks
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
@@ -37,26 +41,26 @@ def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias, relu, ga
             b0 = bias[i] if has_bias else numba.float32(0.0)
             for b in range(n_batch):
                 out[i, b] = b0
-            p = indptr[i]
-            end = indptr[i + 1]
-            while p + 4 <= end:
-                c0 = indices[p]
-                c1 = indices[p + 1]
-                c2 = indices[p + 2]
-                c3 = indices[p + 3]
+            p = numba.uint64(indptr[i])  # (unsigned: no wraparound code, see the header)
+            end = numba.uint64(indptr[i + 1])
+            while p + U4 <= end:
+                c0 = numba.uint64(indices[p])
+                c1 = numba.uint64(indices[p + U1])
+                c2 = numba.uint64(indices[p + U2])
+                c3 = numba.uint64(indices[p + U3])
                 d0 = data[p]
-                d1 = data[p + 1]
-                d2 = data[p + 2]
-                d3 = data[p + 3]
+                d1 = data[p + U1]
+                d2 = data[p + U2]
+                d3 = data[p + U3]
                 for b in range(n_batch):
                     out[i, b] += d0 * x[c0, b] + d1 * x[c1, b] + d2 * x[c2, b] + d3 * x[c3, b]
-                p += 4
+                p += U4
             while p < end:
-                c0 = indices[p]
+                c0 = numba.uint64(indices[p])
                 d0 = data[p]
                 for b in range(n_batch):
                     out[i, b] += d0 * x[c0, b]
-                p += 1
+                p += U1
             if relu:
                 for b in range(n_batch):
                     v = out[i, b]
@@ -79,22 +83,22 @@ def _spmm_small(indptr, indices, data, x, out, blocks, bias, has_bias, relu, gat
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
             s0 = s1 = s2 = s3 = zero
-            p = indptr[i]
-            end = indptr[i + 1]
+            p = numba.uint64(indptr[i])
+            end = numba.uint64(indptr[i + 1])
             if nb == 1:
-                while p + 4 <= end:
-                    s0 += data[p] * x[indices[p], 0]
-                    s1 += data[p + 1] * x[indices[p + 1], 0]
-                    s2 += data[p + 2] * x[indices[p + 2], 0]
-                    s3 += data[p + 3] * x[indices[p + 3], 0]
-                    p += 4
+                while p + U4 <= end:
+                    s0 += data[p] * x[numba.uint64(indices[p]), 0]
+                    s1 += data[p + U1] * x[numba.uint64(indices[p + U1]), 0]
+                    s2 += data[p + U2] * x[numba.uint64(indices[p + U2]), 0]
+                    s3 += data[p + U3] * x[numba.uint64(indices[p + U3]), 0]
+                    p += U4
                 while p < end:
-                    s0 += data[p] * x[indices[p], 0]
-                    p += 1
+                    s0 += data[p] * x[numba.uint64(indices[p]), 0]
+                    p += U1
                 s0 = (s0 + s1) + (s2 + s3)
             else:
                 while p < end:
-                    c = indices[p]
+                    c = numba.uint64(indices[p])
                     d = data[p]
                     s0 += d * x[c, 0]
                     s1 += d * x[c, 1]
@@ -102,7 +106,7 @@ def _spmm_small(indptr, indices, data, x, out, blocks, bias, has_bias, relu, gat
                         s2 += d * x[c, 2]
                         if nb > 3:
                             s3 += d * x[c, 3]
-                    p += 1
+                    p += U1
             b0 = bias[i] if has_bias else zero
             for b in range(nb):
                 v = (s0 if b == 0 else s1 if b == 1 else s2 if b == 2 else s3) + b0

@@ -32,8 +32,9 @@ def _gather(data, perm, out):
     n = perm.shape[0]
     n_chunks = max(1, min(64, n // 8192))
     for t in numba.prange(n_chunks):
-        for j in range(t * n // n_chunks, (t + 1) * n // n_chunks):
-            out[j] = data[perm[j]]
+        # (unsigned: see spmm.py's header)
+        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+            out[j] = data[numba.uint64(perm[j])]
 
 
 def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None, gate=None):
