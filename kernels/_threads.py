@@ -124,22 +124,37 @@ def check_fork_safe(what: str = "a sparse kernel") -> None:
         )
 
 
+# OpenBLAS takes OPENBLAS_THREAD_TIMEOUT = n >= 1 (clamped to 4..30) as a spin of 2**n cycles
+# and ignores an empty, non-numeric or non-positive value (its default is 2**28, ~0.1 s). A
+# value up to this counts as a short spin here.
+SHORT_SPIN_MAX = 16
+
+
+def _short_spin(value) -> bool:
+    try:
+        return 1 <= int(str(value).strip()) <= SHORT_SPIN_MAX
+    except ValueError:
+        return False
+
+
 def openblas_timeout_effective() -> bool:
-    """Whether OpenBLAS (if it is NumPy's BLAS) read an OPENBLAS_THREAD_TIMEOUT when it loaded:
-    ours (sparsecore imported before NumPy) or one the user exported before starting Python."""
+    """Whether NumPy's OpenBLAS (where it is the BLAS) started with a short idle spin: it read
+    OPENBLAS_THREAD_TIMEOUT (1..16) when it loaded, i.e. ours (sparsecore imported before NumPy)
+    or the user's. The value is taken as os.environ held it when sparsecore was imported (an edit
+    made after NumPy loaded is wrongly believed, and cannot be detected)."""
     if not _state.get("numpy_loaded_first", True):
-        return os.environ.get("OPENBLAS_THREAD_TIMEOUT") is not None
-    return _state.get("user_openblas_timeout") is not None
+        return _short_spin(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+    return _short_spin(_state.get("user_openblas_timeout"))
 
 
 def blas_spin_warning() -> str | None:
     """A sentence saying why BLAS calls will slow the kernels that follow them, or None.
 
-    With NumPy imported before sparsecore, NumPy's OpenBLAS started with its default timeout: after
-    each multithreaded call its idle workers spin for about 2**28 cycles (~0.1 s) on the cores the
-    kernels then need. Measured on the 2-core development machine: a 16384-row layer's forward
-    took 191 ms right after an sgemm instead of 140 ms (bench/RESULTS.md, "Dense where dense
-    wins"). Such a process cannot change it any more; the next one can."""
+    Without a short timeout, NumPy's OpenBLAS (pthreads build) keeps its idle workers spinning
+    for about 2**28 cycles (~0.1 s) after each multithreaded call, on the cores the kernels then
+    need. Measured on the 2-core development machine: a 16384-row layer's forward took 191 ms
+    right after an sgemm instead of 140 ms (bench/RESULTS.md, "OpenBLAS's idle spin"). A running
+    process cannot change it any more; the next one can."""
     if openblas_timeout_effective():
         return None
     from threadpoolctl import threadpool_info
@@ -149,15 +164,28 @@ def blas_spin_warning() -> str | None:
         for p in threadpool_info()
         if p.get("user_api") == "blas" and p.get("internal_api") == "openblas"
         and (p.get("num_threads") or 1) > 1
+        and p.get("threading_layer") in (None, "pthreads")  # an OpenMP build follows OMP_*
     ]  # fmt: skip
     if not spinning:
         return None
+    first = _state.get("numpy_loaded_first", True)
+    read = (
+        _state.get("user_openblas_timeout") if first else os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    )
+    fix = "export OPENBLAS_THREAD_TIMEOUT=4"
+    if read is not None:  # a value OpenBLAS ignores, or a long spin
+        why = f"OPENBLAS_THREAD_TIMEOUT is {read!r}, so NumPy's OpenBLAS"
+    elif first:
+        why = "NumPy was imported before sparsecore, so its OpenBLAS"
+        if os.environ.get("SPARSECORE_THREAD_SETUP", "1") != "0":
+            fix = "import sparsecore (or kernels) before NumPy, or " + fix
+    else:
+        why = "OPENBLAS_THREAD_TIMEOUT is unset (SPARSECORE_THREAD_SETUP=0), so NumPy's OpenBLAS"
     return (
-        "NumPy was imported before sparsecore, so its OpenBLAS "
-        f"({spinning[0].get('num_threads')} threads) keeps its idle threads spinning for about "
-        "0.1 s after every BLAS call, and the sparse kernels that run next lose their cores to "
-        "them (measured up to 1.35x slower); import sparsecore (or kernels) before NumPy, or "
-        "export OPENBLAS_THREAD_TIMEOUT=4 before starting Python"
+        f"{why} ({spinning[0].get('num_threads')} threads) keeps its idle threads spinning for "
+        "about 0.1 s after every BLAS call, and the sparse kernels that run next lose their cores "
+        "to them (measured: the next layer's forward 1.36x slower, the optimizer 1.75x, the "
+        f"step 1.15x); {fix} before starting Python"
     )
 
 

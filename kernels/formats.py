@@ -103,7 +103,10 @@ class CSR(_Counts):
     """Canonical CSR matrix (float32 values, int32|int64 indices).
 
     Build with ``CSR(indptr, indices, data, shape)`` (fully validated, O(nnz)), or with
-    ``CSR.from_dense``, ``CSR.from_scipy``, ``CSR.random``.
+    ``CSR.from_dense``, ``CSR.from_scipy``, ``CSR.random``. ``check=False`` is for the engine's
+    own patterns only: it checks lengths and dtypes, not the contents, and the kernels read
+    indices unsigned and unchecked, so a negative or too-large index there reads outside the
+    arrays.
 
     Validated once, then trusted. What is checked when it is built: the O(nnz) scans (indptr
     monotone from 0 to nnz, columns in range, sorted and unique within each row, values finite).

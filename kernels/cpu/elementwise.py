@@ -37,7 +37,8 @@ def sgd_momentum(p, g, v, lr, momentum, weight_decay, nesterov):
     n = p.shape[0]
     n_chunks = max(1, min(64, n // 4096))
     for t in numba.prange(n_chunks):
-        for j in range(t * n // n_chunks, (t + 1) * n // n_chunks):
+        # (an unsigned counter: no wraparound code, and LLVM vectorises the loop; see spmm.py)
+        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
             gj = g[j] + weight_decay * p[j]
             vj = momentum * v[j] + gj
             v[j] = vj

@@ -69,7 +69,8 @@ def _backward(W, x, dy, gW, gb, dx, gate, need_dx, has_gate):
     n_batch = x.shape[1]
     n_chunks = max(1, min(64, n // 64))
     for t in numba.prange(n_chunks):
-        for j in range(t * n // n_chunks, (t + 1) * n // n_chunks):
+        # (an unsigned counter: no wraparound code; see spmm.py's header)
+        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
             for i in range(m):
                 s = numba.float32(0.0)
                 for b in range(n_batch):
