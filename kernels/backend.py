@@ -60,7 +60,7 @@ class Backend:
         self.spmm = launchers["spmm"].spmm  # (indptr, indices, data, x, out, blocks, bias=, relu=)
         self.spmm_t = launchers["spmm_t"].spmm_t  # (t_indptr, t_indices, t_perm, data, dy, out, ..)
         self.sddmm = launchers["sddmm"].sddmm  # (indptr, indices, dy, x, out, blocks, bias_grad=)
-        self.ew = launchers["elementwise"]  # relu, relu_backward, sgd_momentum (device: sgd, adam)
+        self.ew = launchers["elementwise"]  # relu, relu_backward, sgd_momentum, adam (device: sgd)
         self.drop = launchers["drop"].magnitude_drop  # magnitude_drop(data, k)
         self.grow = launchers["grow"].topk_grow  # topk_grow(indptr, indices, keep, dy, x, k, ...)
         self.row_sq_max = launchers["grow"].row_sq_max  # max_i Σ_b a[i, b]² (float64)

@@ -138,41 +138,27 @@ class Adam(Optimizer):
         self.decoupled = bool(decoupled)
 
     def _update(self, p, st, lr):
-        if self.dev.on_device:  # one fused pass, the same float32 maths as below
-            c1 = 1 - self.b1**self.t
-            c2 = 1 - self.b2**self.t
-            f = np.float32
-            self.dev.ew.adam(
-                p.value,
-                p.grad,
-                st["m"],
-                st["v"],
-                f(self.b1),
-                f(1 - self.b1),
-                f(self.b2),
-                f(1 - self.b2),
-                f(lr / c1),
-                f(c2),
-                f(self.eps),
-                f(self.weight_decay) if not self.decoupled else f(0),
-                self.decoupled,
-                f(lr * self.weight_decay) if self.decoupled else f(0),
-            )
-            return
-        g = p.grad
-        if self.weight_decay and not self.decoupled:
-            g = g + np.float32(self.weight_decay) * p.value
-        m, v = st["m"], st["v"]
-        m *= np.float32(self.b1)
-        m += np.float32(1 - self.b1) * g
-        v *= np.float32(self.b2)
-        v += np.float32(1 - self.b2) * (g * g)
+        # one fused pass (CPU: kernels/cpu/elementwise.adam, NumPy's float32 evaluation order
+        # bit for bit; a device: the CUDA kernel of the same arguments)
         c1 = 1 - self.b1**self.t
         c2 = 1 - self.b2**self.t
-        step = np.float32(lr / c1) * m / (np.sqrt(v / np.float32(c2)) + np.float32(self.eps))
-        if self.weight_decay and self.decoupled:
-            p.value -= np.float32(lr * self.weight_decay) * p.value
-        p.value -= step
+        f = np.float32
+        self.dev.ew.adam(
+            p.value.reshape(-1),
+            p.grad.reshape(-1),
+            st["m"].reshape(-1),
+            st["v"].reshape(-1),
+            f(self.b1),
+            f(1 - self.b1),
+            f(self.b2),
+            f(1 - self.b2),
+            f(lr / c1),
+            f(c2),
+            f(self.eps),
+            f(self.weight_decay) if not self.decoupled else f(0),
+            self.decoupled,
+            f(lr * self.weight_decay) if self.decoupled else f(0),
+        )
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, device=None):

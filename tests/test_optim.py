@@ -44,6 +44,38 @@ def test_adam_matches_its_formula(rng):
         np.testing.assert_allclose(opt.params["w"].value, w, rtol=1e-4, atol=1e-6)
 
 
+def _numpy_adam(p, g, m, v, lr, b1, b2, eps, wd, decoupled, t):
+    """Adam in NumPy float32, the formula the fused kernel must reproduce bit for bit."""
+    f = np.float32
+    if wd and not decoupled:
+        g = g + f(wd) * p
+    m *= f(b1)
+    m += f(1 - b1) * g
+    v *= f(b2)
+    v += f(1 - b2) * (g * g)
+    step = f(lr / (1 - b1**t)) * m / (np.sqrt(v / f(1 - b2**t)) + f(eps))
+    if wd and decoupled:
+        p -= f(lr * wd) * p
+    p -= step
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4097, 70001])  # (4097 and up: several thread chunks)
+@pytest.mark.parametrize(("wd", "decoupled"), [(0.0, False), (0.1, False), (0.01, True)])
+def test_fused_adam_is_numpys_formula_bit_for_bit(rng, n, wd, decoupled):
+    p = rng.standard_normal(n).astype(np.float32)
+    a = Adam([Param("w", p.copy(), np.zeros(n, np.float32))], lr=3e-3, weight_decay=wd,
+             decoupled=decoupled)  # fmt: skip
+    w, m, v = p.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for t in range(1, 6):
+        g = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
+        a.params["w"].grad[...] = g
+        a.step()
+        _numpy_adam(w, g, m, v, 3e-3, 0.9, 0.999, 1e-8, wd, decoupled, t)
+    np.testing.assert_array_equal(a.params["w"].value, w)
+    np.testing.assert_array_equal(a.state["w"]["m"], m)
+    np.testing.assert_array_equal(a.state["w"]["v"], v)
+
+
 def test_step_on_update_uses_the_batch_gradient(rng):
     model = small_model(rng, (30, 40, 5), 0.3)
     opt = SGD(model.params(), lr=0.1, momentum=0.0)

@@ -3,11 +3,14 @@ for ReLU cost ~0.4 ms per 4096 × 128 activation here, several times these loops
 
 relu(x, out):            out = max(x, 0)
 sgd_momentum(p, g, v, lr, momentum, weight_decay, nesterov): one fused pass of SGD (1-D arrays)
+adam(p, g, m, v, b1, a1, b2, a2, lr_c1, c2, eps, weight_decay, decoupled, lr_wd): one fused pass
+    of Adam/AdamW (1-D arrays; the CUDA kernel's arguments, kernels/cuda/elementwise.cu)
 relu_backward(dy, y, out): out = dy where y > 0, else 0   (y: the ReLU's output)
 All arrays float32, C-contiguous, 2-D of one shape; out may be dy (in place).
 """
 
 import numba
+import numpy as np
 
 from kernels import config
 
@@ -43,3 +46,37 @@ def sgd_momentum(p, g, v, lr, momentum, weight_decay, nesterov):
             vj = momentum * v[j] + gj
             v[j] = vj
             p[j] -= lr * (gj + momentum * vj if nesterov else vj)
+
+
+@numba.njit(parallel=True, cache=config.CACHE, boundscheck=False)
+def _adam(p, g, m, v, b1, a1, b2, a2, lr_c1, c2, eps, weight_decay, decoupled, lr_wd):
+    # no fast-math: with it LLVM fuses multiply-adds and the result is no longer NumPy's
+    n = p.shape[0]
+    n_chunks = max(1, min(64, n // 4096))
+    for t in numba.prange(n_chunks):
+        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+            gj = g[j]
+            pj = p[j]
+            if not decoupled:
+                gj = gj + weight_decay * pj
+            mj = b1 * m[j] + a1 * gj
+            vj = b2 * v[j] + a2 * (gj * gj)
+            m[j] = mj
+            v[j] = vj
+            if decoupled:
+                pj = pj - lr_wd * pj
+            p[j] = pj - lr_c1 * mj / (np.sqrt(vj / c2) + eps)
+
+
+def adam(p, g, m, v, b1, a1, b2, a2, lr_c1, c2, eps, weight_decay, decoupled, lr_wd):
+    """g' = g + wd·p (iff not decoupled); m = b1·m + a1·g'; v = b2·v + a2·g'²;
+    p -= lr_wd·p (iff decoupled); p -= lr_c1·m / (sqrt(v / c2) + eps). In place, one pass
+    instead of NumPy's eight with temporaries; float32 throughout, in the order NumPy evaluates
+    the same formula (no fast-math: no fused multiply-adds), so the result is NumPy's bit for
+    bit (tests/test_optim.py). Scalars are cast to float32 here."""
+    f = np.float32
+    _adam(
+        p, g, m, v, f(b1), f(a1), f(b2), f(a2), f(lr_c1), f(c2), f(eps), f(weight_decay),
+        bool(decoupled), f(lr_wd),
+    )  # fmt: skip
+    return p
