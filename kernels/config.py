@@ -40,7 +40,8 @@ SMALL_BATCH_MAX = 4
 # A sparse layer's backward runs as one pass over its nonzeros (kernels/cpu/backward.py: dX
 # and dW together, each dY row loaded once for both) when nnz <= this, else as spmm_t + sddmm.
 # The fused pass writes dW at scattered positions, which pays while dW stays in cache. None:
-# the machine's L2 (over all cores) / 4 bytes, read by kernels/machine.py; 0: never fused.
+# the machine's L2 (over all cores) / 6 bytes (kernels/cpu/backward.FUSED_L2_BYTES_PER_NNZ: dW's
+# 4 bytes and room for the dY rows), read by kernels/machine.py; 0: never fused.
 FUSED_BACKWARD_MAX_NNZ = None
 
 # Dense layers with at most this many outputs (a classifier) run on kernels/cpu/skinny.py instead

@@ -93,5 +93,5 @@ def test_fused_pays_reads_the_machine_by_default(monkeypatch):
 
     monkeypatch.setattr(config, "FUSED_BACKWARD_MAX_NNZ", None)
     c = cache_sizes()
-    limit = c.l2 * max(1, numba.get_num_threads() // c.l2_shared) // 4
+    limit = c.l2 * max(1, numba.get_num_threads() // c.l2_shared) // BW.FUSED_L2_BYTES_PER_NNZ
     assert BW.fused_pays(limit) and not BW.fused_pays(limit + 1) and not BW.fused_pays(0)

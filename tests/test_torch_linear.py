@@ -94,6 +94,7 @@ def _check_against_reference(layer, x, rng, monkeypatch):
     m, n = layer.out_features, layer.in_features
     layer.zero_grad(set_to_none=True)
     dx_spy, dw_spy = _Spy(monkeypatch, "dx"), _Spy(monkeypatch, "dw")
+    both = _Spy(monkeypatch, "dw_dx")  # the fused pass: dW and dX at once (counted for each)
     y = layer(x)
     lead = tuple(x.shape[:-1])
     assert tuple(y.shape) == lead + (m,) and y.dtype == torch.float32
@@ -111,24 +112,24 @@ def _check_against_reference(layer, x, rng, monkeypatch):
     _assert_within(y, y64.detach(), absy, n, "y")
 
     if x.requires_grad:
-        assert dx_spy.calls == 1
+        assert dx_spy.calls + both.calls == 1
         absdx = (G.abs() @ W.detach().abs()).reshape(x.shape)
         _assert_within(x.grad, x64.grad, absdx, m, "dx")
         assert tuple(x.grad.shape) == tuple(x.shape)
     else:
         assert x.grad is None
-        assert dx_spy.calls == 0, "dX was computed for an input that needs no gradient"
+        assert dx_spy.calls + both.calls == 0, "dX was computed for an input needing no gradient"
 
     rows, cols = _rows_cols(layer)
     if layer.values.requires_grad:
-        assert dw_spy.calls == 1
+        assert dw_spy.calls + both.calls == 1
         absdw = (G.abs().T @ X.abs())[rows, cols]
         _assert_within(layer.values.grad, W.grad[rows, cols], absdw, N, "d values")
     else:
-        assert layer.values.grad is None and dw_spy.calls == 0
+        assert layer.values.grad is None and dw_spy.calls + both.calls == 0
     if b is not None:
         _assert_within(layer.bias.grad, b.grad, G.abs().sum(0), N, "d bias")
-    return y
+    return y, both.calls
 
 
 def _layer(rng, m, n, density, bias=True, **kw):
@@ -188,9 +189,26 @@ def test_edge_cases_match_float64_reference(name, rng, monkeypatch):
     if density == 0.0:
         assert layer.nnz == 0
     x = _randn(rng, *lead, n).requires_grad_(grad)
-    y = _check_against_reference(layer, x, rng, monkeypatch)
+    y, _ = _check_against_reference(layer, x, rng, monkeypatch)
     if name == "nnz-0":  # y is the bias alone, broadcast
         torch.testing.assert_close(y, layer.bias.detach().expand(*lead, m), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("limit", [0, 10**9])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_and_separate_backward_match_the_reference(limit, bias, rng, monkeypatch):
+    # kernels/config.FUSED_BACKWARD_MAX_NNZ decides (as in the engine): 0 = the two products,
+    # 10**9 = the one-pass dW and dX (kernels/cpu/backward.py) for this layer
+    from kernels import config
+
+    monkeypatch.setattr(config, "FUSED_BACKWARD_MAX_NNZ", limit)
+    layer = _layer(rng, 37, 53, 0.3, bias=bias)
+    x = _randn(rng, 3, 19, 53).requires_grad_()
+    _, fused = _check_against_reference(layer, x, rng, monkeypatch)
+    assert fused == (1 if limit else 0)
+    layer.values.requires_grad_(False)  # only dX wanted: never the fused pass
+    _, fused = _check_against_reference(layer, x.detach().requires_grad_(), rng, monkeypatch)
+    assert fused == 0
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -292,7 +310,7 @@ def test_non_mergeable_leading_dims_are_copied_and_counted(rng, monkeypatch):
     layer = _layer(rng, 7, 5, 0.6)
     x = _randn(rng, 4, 3, 5).transpose(0, 1)  # (3, 4, 5): view(-1, 5) is impossible
     c = st.layout_copies()
-    y = _check_against_reference(layer, x.requires_grad_(), rng, monkeypatch)
+    y, _ = _check_against_reference(layer, x.requires_grad_(), rng, monkeypatch)
     assert st.layout_copies() > c and y.shape == (3, 4, 7)
 
 

@@ -123,14 +123,21 @@ def backward(t_indptr, t_indices, t_perm, data, dy, x, dw, dx, blocks, bias_grad
     return dx
 
 
+# L2 bytes per nonzero of the fused pass's working set: dW's 4 bytes, and the L2 it leaves to the
+# streaming dY rows (the crossover measured between 335k and 419k nonzeros on 2 x 1 MiB of L2)
+FUSED_L2_BYTES_PER_NNZ = 6
+
+
 def fused_pays(nnz: int) -> bool:
     """Whether the engine should take this pass for a layer of ``nnz`` nonzeros: while dW's
     scattered writes stay in cache (config.FUSED_BACKWARD_MAX_NNZ; None: the L2 of the kernel
-    threads' cores / 4 bytes, from kernels/machine.py). Measured on AMD EPYC (1 MiB L2 per
-    core, 2 cores, B = 128): 1.35-1.7x the two standalone kernels at 50k-170k nonzeros, even at
-    1.7M, 0.85x at 2.7M."""
+    threads' cores / FUSED_L2_BYTES_PER_NNZ, from kernels/machine.py). Measured on AMD EPYC
+    (1 MiB L2 per core, 2 cores, B = 128), against the standalone kernels with unsigned indexing:
+    1.15-1.39x from 52k to 335k nonzeros, 0.90x at 419k, 0.98x at 503k, 0.65x at 2.7M; so dW
+    (4 bytes per nonzero) pays while it takes up to about 2/3 of the L2."""
     limit = config.FUSED_BACKWARD_MAX_NNZ
     if limit is None:  # the L2 of the cores this process runs its kernels on
         caches = cache_sizes()
-        limit = caches.l2 * max(1, numba.get_num_threads() // max(1, caches.l2_shared)) // 4
+        l2 = caches.l2 * max(1, numba.get_num_threads() // max(1, caches.l2_shared))
+        limit = l2 // FUSED_L2_BYTES_PER_NNZ
     return 0 < nnz <= limit

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from kernels import backend as _kb
+from kernels.cpu import backward as _cpu_backward
 from kernels.cpu import fpmode as _fp
 from kernels.cpu._common import row_blocks as _row_blocks
 from kernels.cpu.structure import transpose as _cpu_transpose
@@ -317,6 +318,29 @@ class Pattern:
                     bias_grad=g if with_bias else None)  # fmt: skip
         return dw, db
 
+    def fused_backward_pays(self) -> bool:
+        """Whether dW and dX come faster from one pass over the nonzeros (the CPU's fused
+        backward, kernels/cpu/backward.py: while dW's scattered writes stay in L2)."""
+        return not self.b.on_device and _cpu_backward.fused_pays(self.nnz)
+
+    def dw_dx(self, values: Tensor, dyT: Tensor, xT: Tensor, with_bias: bool):
+        """(dW, d bias, dxT) in one pass over the nonzeros, column by column (CPU): each dY row
+        is loaded once for both products. Used where fused_backward_pays()."""
+        _check_float(values, "values", (self.nnz,), self.device)
+        self._operand(dyT, "dyT", self.rows)
+        self._operand(xT, "xT", self.cols)
+        if dyT.shape[1] != xT.shape[1]:
+            raise ValueError(f"dyT and xT disagree on N: {dyT.shape[1]} vs {xT.shape[1]}")
+        dw = torch.empty(self.nnz, dtype=torch.float32, device=self.device)
+        db = torch.empty(self.rows if with_bias else 0, dtype=torch.float32, device=self.device)
+        dxT = torch.empty((self.cols, dyT.shape[1]), dtype=torch.float32, device=self.device)
+        b = self.b
+        with _flushing(b):
+            v, dy, x, out, g, dx = arrays(b, values, dyT, xT, dw, db, dxT)
+            _cpu_backward.backward(self.t_indptr, self.t_indices, self.t_perm, v, dy, x, out, dx,
+                                   self.col_blocks, bias_grad=g if with_bias else None)  # fmt: skip
+        return dw, db, dxT
+
     def _operand(self, t, name, rows):
         _check_float(t, name, None, self.device)
         if t.dim() != 2 or t.shape[0] != rows:
@@ -431,6 +455,9 @@ def _grads(P, parts, values, xT, dyT, need_values, need_bias, need_x):
     torch.compile traces) when P is None."""
     dyT = contiguous(dyT)
     d_values = d_bias = d_x = None
+    if P is not None and need_values and need_x and P.fused_backward_pays():
+        d_values, db, d_x = P.dw_dx(values, dyT, xT, need_bias)  # one pass for both
+        return d_values, db if need_bias else None, d_x
     if need_values:
         if P is None:
             d_values, db = linear_dw(*parts, dyT, xT, need_bias)
