@@ -82,7 +82,22 @@ class Optimizer:
                         f"optimizer state {name}/{key} has shape {arr.shape}, expected "
                         f"{self.params[name].value.shape}"
                     )
-                st[key] = self.dev.asarray(np.array(arr, dtype=np.float32))
+                # (C order: a checkpoint may hold Fortran-ordered members; the fused updates
+                # work on flat views)
+                st[key] = self.dev.asarray(np.array(arr, dtype=np.float32, order="C"))
+
+
+def _flat(dev, arrays):
+    """1-D views of the arrays for a fused update (a C-contiguous copy of any that is not; such
+    copies are written back by _write_back: a reshape would silently copy and lose the update)."""
+    return [a.reshape(-1) if a.flags.c_contiguous else dev.xp.ascontiguousarray(a).reshape(-1)
+            for a in arrays]  # fmt: skip
+
+
+def _write_back(arrays, flats):
+    for a, f in zip(arrays, flats, strict=True):
+        if not a.flags.c_contiguous:
+            a[...] = f.reshape(a.shape)
 
 
 class SGD(Optimizer):
@@ -98,15 +113,16 @@ class SGD(Optimizer):
 
     def _update(self, p, st, lr):
         if self.momentum:  # one fused pass over the (flattened) arrays
+            arrays = (p.value, p.grad, st["momentum"])
+            flat = _flat(self.dev, arrays)
             self.dev.ew.sgd_momentum(
-                p.value.reshape(-1),
-                p.grad.reshape(-1),
-                st["momentum"].reshape(-1),
+                *flat,
                 np.float32(lr),
                 np.float32(self.momentum),
                 np.float32(self.weight_decay),
                 self.nesterov,
             )
+            _write_back(arrays, flat)
             return
         if self.dev.on_device:
             self.dev.ew.sgd(p.value, p.grad, lr, self.weight_decay)
@@ -143,11 +159,10 @@ class Adam(Optimizer):
         c1 = 1 - self.b1**self.t
         c2 = 1 - self.b2**self.t
         f = np.float32
+        arrays = (p.value, p.grad, st["m"], st["v"])
+        flat = _flat(self.dev, arrays)
         self.dev.ew.adam(
-            p.value.reshape(-1),
-            p.grad.reshape(-1),
-            st["m"].reshape(-1),
-            st["v"].reshape(-1),
+            *flat,
             f(self.b1),
             f(1 - self.b1),
             f(self.b2),
@@ -159,6 +174,7 @@ class Adam(Optimizer):
             self.decoupled,
             f(lr * self.weight_decay) if self.decoupled else f(0),
         )
+        _write_back(arrays, flat)
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, device=None):

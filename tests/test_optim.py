@@ -76,6 +76,53 @@ def test_fused_adam_is_numpys_formula_bit_for_bit(rng, n, wd, decoupled):
     np.testing.assert_array_equal(a.state["w"]["v"], v)
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_adam_keeps_numpys_answer_for_diverged_weights(rng, decoupled):
+    # no weight decay: a weight already inf or NaN must not turn its moments NaN through 0·inf
+    p = rng.standard_normal(64).astype(np.float32)
+    p[[3, 9]] = np.inf
+    p[17] = np.nan
+    p[21] = -0.0
+    a = Adam([Param("w", p.copy(), np.zeros(64, np.float32))], lr=1e-3, decoupled=decoupled)
+    w, m, v = p.copy(), np.zeros(64, np.float32), np.zeros(64, np.float32)
+    for t in range(1, 4):
+        g = rng.standard_normal(64).astype(np.float32)
+        a.params["w"].grad[...] = g
+        a.step()
+        _numpy_adam(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, decoupled, t)
+    for got, want in ((a.params["w"].value, w), (a.state["w"]["m"], m), (a.state["w"]["v"], v)):
+        np.testing.assert_array_equal(got, want)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: Adam(ps, lr=0.01)],
+    ids=["sgd-momentum", "adam"],
+)  # fmt: skip
+def test_fused_updates_reach_non_contiguous_arrays(make, rng):
+    # a Param over a transposed (Fortran-ordered) array, and state loaded from Fortran-ordered
+    # checkpoint members: the fused pass must update them, not a flattened copy
+    W = rng.standard_normal((6, 9)).astype(np.float32)
+    G = rng.standard_normal((6, 9)).astype(np.float32)
+    c = make([Param("w", W.copy(), G.copy())])
+    f = make([Param("w", np.asfortranarray(W), np.asfortranarray(G))])
+    assert not f.params["w"].value.flags.c_contiguous
+    for _ in range(3):
+        c.step()
+        f.step()
+    np.testing.assert_array_equal(f.params["w"].value, c.params["w"].value)
+    for key in c.state["w"]:
+        np.testing.assert_array_equal(f.state["w"][key], c.state["w"][key])
+        assert np.any(f.state["w"][key] != 0)
+    state = {k: np.asfortranarray(v) if v.ndim == 2 else v for k, v in c.state_dict().items()}
+    c2 = make([Param("w", c.params["w"].value.copy(), G.copy())])
+    c2.load_state_dict(state)
+    assert all(a.flags.c_contiguous for a in c2.state["w"].values())
+    before = {k: a.copy() for k, a in c2.state["w"].items()}
+    c2.step()
+    assert all(np.any(c2.state["w"][k] != before[k]) for k in before)
+
+
 def test_step_on_update_uses_the_batch_gradient(rng):
     model = small_model(rng, (30, 40, 5), 0.3)
     opt = SGD(model.params(), lr=0.1, momentum=0.0)

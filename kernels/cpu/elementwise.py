@@ -57,13 +57,13 @@ def _adam(p, g, m, v, b1, a1, b2, a2, lr_c1, c2, eps, weight_decay, decoupled, l
         for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
             gj = g[j]
             pj = p[j]
-            if not decoupled:
-                gj = gj + weight_decay * pj
+            if not decoupled and weight_decay != 0:  # (as NumPy did: no 0·inf for a
+                gj = gj + weight_decay * pj  # diverged weight when there is no decay)
             mj = b1 * m[j] + a1 * gj
             vj = b2 * v[j] + a2 * (gj * gj)
             m[j] = mj
             v[j] = vj
-            if decoupled:
+            if decoupled and lr_wd != 0:
                 pj = pj - lr_wd * pj
             p[j] = pj - lr_c1 * mj / (np.sqrt(vj / c2) + eps)
 
@@ -73,7 +73,8 @@ def adam(p, g, m, v, b1, a1, b2, a2, lr_c1, c2, eps, weight_decay, decoupled, lr
     p -= lr_wd·p (iff decoupled); p -= lr_c1·m / (sqrt(v / c2) + eps). In place, one pass
     instead of NumPy's eight with temporaries; float32 throughout, in the order NumPy evaluates
     the same formula (no fast-math: no fused multiply-adds), so the result is NumPy's bit for
-    bit (tests/test_optim.py). Scalars are cast to float32 here."""
+    bit (tests/test_optim.py), also for non-finite weights (a zero decay is skipped, not
+    multiplied; the CUDA kernel multiplies it). Scalars are cast to float32 here."""
     f = np.float32
     _adam(
         p, g, m, v, f(b1), f(a1), f(b2), f(a2), f(lr_c1), f(c2), f(eps), f(weight_decay),

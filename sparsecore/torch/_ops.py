@@ -6,7 +6,8 @@ Its backward (registered with ``torch.library.register_autograd``) is two more o
 ``sparsecore::linear_dx`` (dxT = Wᵀ·dyT, the race-free transposed SpMM on W's cached transpose
 structure; run only when the input needs a gradient) and ``sparsecore::linear_dw`` (the SDDMM at
 the stored entries, dW (nnz,), and the bias gradient in the same pass). No dense m × n tensor is
-made by any of them.
+made by any of them. (The eager path, ``LinearFunction``, computes dW and dX in one pass over the
+nonzeros on the CPU where that pays: ``Pattern.dw_dx``.)
 
 Each op takes the pattern as two tensors (``indptr``, ``indices``: ``SparseLinear``'s buffers),
 so the ops are pure functions of their inputs, have fake (meta) implementations that give the
@@ -326,6 +327,10 @@ class Pattern:
     def dw_dx(self, values: Tensor, dyT: Tensor, xT: Tensor, with_bias: bool):
         """(dW, d bias, dxT) in one pass over the nonzeros, column by column (CPU): each dY row
         is loaded once for both products. Used where fused_backward_pays()."""
+        if self.b.on_device:
+            raise RuntimeError(
+                "Pattern.dw_dx is the CPU's fused pass; a device Pattern uses dw and dx"
+            )
         _check_float(values, "values", (self.nnz,), self.device)
         self._operand(dyT, "dyT", self.rows)
         self._operand(xT, "xT", self.cols)
