@@ -305,13 +305,18 @@ class Pattern:
                 self._scratch_lock.release()
         return dxT
 
-    def dw(self, dyT: Tensor, xT: Tensor, with_bias: bool):
+    def _dw_outputs(self, dyT: Tensor, xT: Tensor, with_bias: bool):
+        """dyT and xT checked as dW's operands; dW (nnz,) and d bias ((m,) or (0,)) allocated."""
         self._operand(dyT, "dyT", self.rows)
         self._operand(xT, "xT", self.cols)
         if dyT.shape[1] != xT.shape[1]:
             raise ValueError(f"dyT and xT disagree on N: {dyT.shape[1]} vs {xT.shape[1]}")
         dw = torch.empty(self.nnz, dtype=torch.float32, device=self.device)
         db = torch.empty(self.rows if with_bias else 0, dtype=torch.float32, device=self.device)
+        return dw, db
+
+    def dw(self, dyT: Tensor, xT: Tensor, with_bias: bool):
+        dw, db = self._dw_outputs(dyT, xT, with_bias)
         b = self.b
         with _on_stream(b, dyT), _flushing(b):
             dy, x, out, g = arrays(b, dyT, xT, dw, db)
@@ -332,12 +337,7 @@ class Pattern:
                 "Pattern.dw_dx is the CPU's fused pass; a device Pattern uses dw and dx"
             )
         _check_float(values, "values", (self.nnz,), self.device)
-        self._operand(dyT, "dyT", self.rows)
-        self._operand(xT, "xT", self.cols)
-        if dyT.shape[1] != xT.shape[1]:
-            raise ValueError(f"dyT and xT disagree on N: {dyT.shape[1]} vs {xT.shape[1]}")
-        dw = torch.empty(self.nnz, dtype=torch.float32, device=self.device)
-        db = torch.empty(self.rows if with_bias else 0, dtype=torch.float32, device=self.device)
+        dw, db = self._dw_outputs(dyT, xT, with_bias)
         dxT = torch.empty((self.cols, dyT.shape[1]), dtype=torch.float32, device=self.device)
         b = self.b
         with _flushing(b):
