@@ -118,8 +118,14 @@ def remap(src, values, fill=0.0, out=None):
     if (
         values.dtype not in _NUMBA_DTYPES
         or out.dtype != values.dtype
+        or src.dtype.kind not in "iu"
+        or values.ndim != 1
+        or out.shape != src.shape
+        or not out.flags.writeable
         or np.may_share_memory(out, values)
-    ):  # (other dtypes, e.g. float16, or an out over values: NumPy's masks, which gather first)
+        or np.may_share_memory(out, src)
+    ):  # (other dtypes, e.g. float16, an out over an input, or a malformed call: NumPy's masks,
+        # which gather before they write and raise as they always did)
         old = src >= 0
         out[old] = values[src[old]]
         out[~old] = fill
