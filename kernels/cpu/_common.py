@@ -12,6 +12,24 @@ from kernels import config
 U1, U2, U3, U4 = (np.uint64(v) for v in (1, 2, 3, 4))
 
 
+@numba.njit(inline="always")
+def span(indptr, i):
+    """Row (or column) i's positions [start, end) as unsigned counters."""
+    return numba.uint64(indptr[i]), numba.uint64(indptr[i + 1])
+
+
+@numba.njit(inline="always")
+def four_at(a, p):
+    """a[p], a[p+1], a[p+2], a[p+3] (p unsigned) as unsigned indices: the four nonzeros a
+    product loop folds per pass over the batch."""
+    return (
+        numba.uint64(a[p]),
+        numba.uint64(a[p + U1]),
+        numba.uint64(a[p + U2]),
+        numba.uint64(a[p + U3]),
+    )
+
+
 def row_blocks(indptr: np.ndarray, n_rows: int) -> np.ndarray:
     """Split rows ``0..n_rows`` into contiguous blocks of about equal work.
 

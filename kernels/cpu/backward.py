@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import U1, U2, U3, U4
+from kernels.cpu._common import U1, U4, four_at, span
 from kernels.machine import cache_sizes
 
 
@@ -40,17 +40,10 @@ def _backward(t_indptr, t_indices, t_perm, data, dy, x, dw, dx, blocks, gate, ha
         for j in range(blocks[t], blocks[t + 1]):
             for b in range(n_batch):
                 dx[j, b] = 0.0
-            q = numba.uint64(t_indptr[j])  # (unsigned: see spmm.py's header)
-            end = numba.uint64(t_indptr[j + 1])
+            q, end = span(t_indptr, j)  # (unsigned: see spmm.py's header)
             while q + U4 <= end:
-                i0 = numba.uint64(t_indices[q])
-                i1 = numba.uint64(t_indices[q + U1])
-                i2 = numba.uint64(t_indices[q + U2])
-                i3 = numba.uint64(t_indices[q + U3])
-                p0 = numba.uint64(t_perm[q])
-                p1 = numba.uint64(t_perm[q + U1])
-                p2 = numba.uint64(t_perm[q + U2])
-                p3 = numba.uint64(t_perm[q + U3])
+                i0, i1, i2, i3 = four_at(t_indices, q)
+                p0, p1, p2, p3 = four_at(t_perm, q)
                 v0 = data[p0]
                 v1 = data[p1]
                 v2 = data[p2]

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import U1, U2, U3, U4, row_blocks
+from kernels.cpu._common import U1, U2, U3, U4, four_at, row_blocks, span
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
@@ -31,13 +31,9 @@ def _sddmm_kernel(indptr, indices, dy, x, out, blocks, bias_grad, has_bias):
                 for b in range(n_batch):
                     sb += dy[i, b]
                 bias_grad[i] = sb
-            p = numba.uint64(indptr[i])  # (unsigned: see spmm.py's header)
-            end = numba.uint64(indptr[i + 1])
+            p, end = span(indptr, i)  # (unsigned: see spmm.py's header)
             while p + U4 <= end:
-                c0 = numba.uint64(indices[p])
-                c1 = numba.uint64(indices[p + U1])
-                c2 = numba.uint64(indices[p + U2])
-                c3 = numba.uint64(indices[p + U3])
+                c0, c1, c2, c3 = four_at(indices, p)
                 s0 = numba.float32(0.0)
                 s1 = numba.float32(0.0)
                 s2 = numba.float32(0.0)

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import U1, U2, U3, U4, row_blocks
+from kernels.cpu._common import U1, U2, U3, U4, four_at, row_blocks, span
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
@@ -41,13 +41,9 @@ def _spmm_kernel(indptr, indices, data, x, out, blocks, bias, has_bias, relu, ga
             b0 = bias[i] if has_bias else numba.float32(0.0)
             for b in range(n_batch):
                 out[i, b] = b0
-            p = numba.uint64(indptr[i])  # (unsigned: no wraparound code, see the header)
-            end = numba.uint64(indptr[i + 1])
+            p, end = span(indptr, i)  # (unsigned: no wraparound code, see the header)
             while p + U4 <= end:
-                c0 = numba.uint64(indices[p])
-                c1 = numba.uint64(indices[p + U1])
-                c2 = numba.uint64(indices[p + U2])
-                c3 = numba.uint64(indices[p + U3])
+                c0, c1, c2, c3 = four_at(indices, p)
                 d0 = data[p]
                 d1 = data[p + U1]
                 d2 = data[p + U2]
@@ -83,8 +79,7 @@ def _spmm_small(indptr, indices, data, x, out, blocks, bias, has_bias, relu, gat
     for t in numba.prange(blocks.shape[0] - 1):
         for i in range(blocks[t], blocks[t + 1]):
             s0 = s1 = s2 = s3 = zero
-            p = numba.uint64(indptr[i])
-            end = numba.uint64(indptr[i + 1])
+            p, end = span(indptr, i)
             if nb == 1:
                 while p + U4 <= end:
                     s0 += data[p] * x[numba.uint64(indices[p]), 0]
