@@ -9,6 +9,8 @@ from kernels import config
 # emit negative-index wraparound code on every load (compare, conditional move, add), which
 # measured 1.4-2x slower on the per-nonzero loops of small batches (bench/RESULTS.md); with an
 # unsigned counter plus these (uint64 + int64 would be float64 in Numba's typing) there is none
+# (span and four_at below are inlined into the cached kernels of other files: Numba's on-disk
+# cache checks only the calling file, so after editing them clear kernels/cpu/__pycache__)
 U1, U2, U3, U4 = (np.uint64(v) for v in (1, 2, 3, 4))
 
 
