@@ -95,8 +95,10 @@ def _flat(dev, arrays):
 
 
 def _write_back(arrays, flats):
-    for a, f in zip(arrays, flats, strict=True):
-        if not a.flags.c_contiguous:
+    """The updated copies back into their non-contiguous arrays (the gradient, arrays[1], is
+    only read by the updates: not copied back)."""
+    for k, (a, f) in enumerate(zip(arrays, flats, strict=True)):
+        if k != 1 and not a.flags.c_contiguous:
             a[...] = f.reshape(a.shape)
 
 

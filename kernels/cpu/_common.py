@@ -21,6 +21,12 @@ def span(indptr, i):
 
 
 @numba.njit(inline="always")
+def chunk(t, n, n_chunks):
+    """Chunk t of n_chunks equal chunks of range(n), as unsigned bounds [start, end)."""
+    return numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)
+
+
+@numba.njit(inline="always")
 def four_at(a, p):
     """a[p], a[p+1], a[p+2], a[p+3] (p unsigned) as unsigned indices: the four nonzeros a
     product loop folds per pass over the batch."""

@@ -13,6 +13,7 @@ import numba
 import numpy as np
 
 from kernels import config
+from kernels.cpu._common import chunk
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
@@ -41,7 +42,7 @@ def sgd_momentum(p, g, v, lr, momentum, weight_decay, nesterov):
     n_chunks = max(1, min(64, n // 4096))
     for t in numba.prange(n_chunks):
         # (an unsigned counter: no wraparound code, and LLVM vectorises the loop; see spmm.py)
-        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+        for j in range(*chunk(t, n, n_chunks)):
             gj = g[j] + weight_decay * p[j]
             vj = momentum * v[j] + gj
             v[j] = vj
@@ -54,7 +55,7 @@ def _adam(p, g, m, v, b1, a1, b2, a2, lr_c1, c2, eps, weight_decay, decoupled, l
     n = p.shape[0]
     n_chunks = max(1, min(64, n // 4096))
     for t in numba.prange(n_chunks):
-        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+        for j in range(*chunk(t, n, n_chunks)):
             gj = g[j]
             pj = p[j]
             if not decoupled and weight_decay != 0:  # (as NumPy did: no 0·inf for a

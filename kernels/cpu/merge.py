@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import U1
+from kernels.cpu._common import U1, chunk
 
 
 @numba.njit(parallel=True, cache=config.CACHE, boundscheck=False)
@@ -96,7 +96,7 @@ def _remap(src, values, fill, out):
     n_chunks = max(1, min(64, n // 8192))
     for t in numba.prange(n_chunks):
         # (unsigned counter: no wraparound code; see spmm.py's header)
-        for w in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+        for w in range(*chunk(t, n, n_chunks)):
             s = src[w]
             out[w] = values[numba.uint64(s)] if s >= 0 else fill
 

@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from kernels import config
+from kernels.cpu._common import chunk
 
 
 def _chunks(n: int) -> int:
@@ -70,7 +71,7 @@ def _backward(W, x, dy, gW, gb, dx, gate, need_dx, has_gate):
     n_chunks = max(1, min(64, n // 64))
     for t in numba.prange(n_chunks):
         # (an unsigned counter: no wraparound code; see spmm.py's header)
-        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+        for j in range(*chunk(t, n, n_chunks)):
             for i in range(m):
                 s = numba.float32(0.0)
                 for b in range(n_batch):

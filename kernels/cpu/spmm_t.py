@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from kernels import config
-from kernels.cpu._common import row_blocks
+from kernels.cpu._common import chunk, row_blocks
 from kernels.cpu.spmm import spmm
 
 
@@ -33,7 +33,7 @@ def _gather(data, perm, out):
     n_chunks = max(1, min(64, n // 8192))
     for t in numba.prange(n_chunks):
         # (unsigned: see spmm.py's header)
-        for j in range(numba.uint64(t * n // n_chunks), numba.uint64((t + 1) * n // n_chunks)):
+        for j in range(*chunk(t, n, n_chunks)):
             out[j] = data[numba.uint64(perm[j])]
 
 
