@@ -66,6 +66,31 @@ def test_products(benchmark, case, kernel, impl):
     benchmark(fns[impl])
 
 
+@pytest.mark.parametrize("layout", ["feature", "batch", "batch-copies"])
+@pytest.mark.parametrize("kernel", ["spmm", "spmm_t", "sddmm"])
+def test_layouts(benchmark, case, kernel, layout, monkeypatch):
+    """The public call with feature-major operands, with batch-major ones (B × features: the
+    native batch-major kernels, kernels/cpu/panels.py), and batch-major through transposed
+    copies (the native kernels switched off: the path before them, and the GPU's)."""
+    W, X, dY = case
+    Xb, dYb = np.ascontiguousarray(X.T), np.ascontiguousarray(dY.T)
+    if layout == "batch-copies":
+        for name in ("spmm_batch", "spmm_t_batch", "sddmm_batch"):
+            monkeypatch.setattr(CPU, name, None)
+    batch = layout != "feature"
+    x, dy, lay = (Xb, dYb, "batch") if batch else (X, dY, "feature")
+    y = np.empty((BATCH, M) if batch else (M, BATCH), np.float32)
+    g = np.empty(W.nnz, np.float32)
+    fn = {
+        "spmm": lambda: kernels.spmm(W, x, out=y, layout=lay),
+        "spmm_t": lambda: kernels.spmm_t(W, dy, out=y, layout=lay),
+        "sddmm": lambda: kernels.sddmm(W, dy, x, out=g, layout=lay),
+    }[kernel]
+    benchmark.group = f"{kernel} layouts m={M} batch={BATCH} density={W.density:.2f}"
+    fn()
+    benchmark(fn)
+
+
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_grow(benchmark, impl):
     rng = np.random.default_rng(0)

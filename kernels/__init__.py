@@ -13,10 +13,13 @@ Every function takes the sparse weight W (m × n) as one of
 
 and dense operands as NumPy arrays. Activations are feature-major by default (``layout="feature"``:
 X is n × B, Y is m × B, so each nonzero touches one contiguous row of length B); with
-``layout="batch"`` they are batch-major (X is B × n, Y is B × m), at the cost of a transposed copy
-of each dense operand (none when it is the ``.T`` view of a feature-major array). Dense
-operands are used as float32 C-contiguous arrays (others are converted, a copy). ``out=`` must
-have exactly the result's shape, dtype float32 and be C-contiguous; it is overwritten entirely.
+``layout="batch"`` they are batch-major (X is B × n, Y is B × m). On the CPU ``spmm`` and
+``spmm_t`` read and write batch-major arrays of 8 or more rows where they are (the batch-panel
+kernel, kernels/cpu/panels.py); ``sddmm``, ``topk_grow``, smaller batches and the GPU make a
+transposed copy of each dense operand (none when it is the ``.T`` view of a feature-major
+array). Dense operands are used as float32 C-contiguous arrays (others are converted, a copy).
+``out=`` must have exactly the result's shape, dtype float32 and be C-contiguous; it is
+overwritten entirely.
 
 On the GPU the same functions take W as a ``DeviceCSR`` (``CSR.to_device()``), a
 ``cupyx.scipy.sparse`` matrix, or a tuple of CuPy arrays, with CuPy dense operands, and run the

@@ -49,6 +49,12 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
+# layout="batch" on the CPU: from this many batch rows the panel kernel reads and writes the
+# batch-major arrays where they are; below it the copies are small and the small-batch kernel
+# (registers per row, kernels/cpu/spmm.py) beats a panel of mostly unused lanes.
+BATCH_NATIVE_MIN = 8
+
+
 class Backend:
     """One side: ``xp``, the launchers (trusted, the same signatures on every side) and how
     this side accepts a sparse weight."""
@@ -65,6 +71,11 @@ class Backend:
         self.grow = launchers["grow"].topk_grow  # topk_grow(indptr, indices, keep, dy, x, k, ...)
         self.row_sq_max = launchers["grow"].row_sq_max  # max_i Σ_b a[i, b]² (float64)
         self.merge_kernels = launchers["merge"]  # merge(...), remap(src, values, fill, out=)
+        # batch-major products read and written where they are (kernels/cpu/panels.py); None
+        # where the side has none (the device transposes, see operand/deliver)
+        self.spmm_batch = getattr(launchers["spmm"], "spmm_batch", None)
+        self.spmm_t_batch = getattr(launchers["spmm_t"], "spmm_t_batch", None)
+        self.sddmm_batch = getattr(launchers["sddmm"], "sddmm_batch", None)
 
     def __repr__(self):
         return f"Backend({self.name!r}, xp={self.xp.__name__})"
@@ -137,6 +148,32 @@ class Backend:
                 return xp.ascontiguousarray(a.T)
             return transpose(a, scratch(name, (a.shape[1], a.shape[0])))
         return V.as_operand(a, name, n_rows, finite=finite, xp=xp)
+
+    def batch_operand(self, a, name: str, n_cols: int):
+        """layout="batch" with a native batch-major kernel on this side: ``a`` checked as a
+        (batch, n_cols) float32 C-contiguous array, read where it is; None when there is no
+        such kernel, or when ``a`` is the transposed view of a feature-major array (the
+        feature-major kernel then reads it with no copy: see operand)."""
+        if self.spmm_batch is None:
+            return None
+        a = V.on_side(a, name, self.xp, "a 2-D NumPy array", convert=True)
+        if a.ndim == 2 and a.shape[1] == n_cols and a.T.flags.c_contiguous and a.shape[0] > 1:
+            return None
+        if a.ndim == 2 and a.shape[0] < BATCH_NATIVE_MIN:
+            return None  # a few rows: the small-batch kernel after a copy of a few rows
+        a = V.as_operand(a, name, None, xp=self.xp)
+        if a.shape[1] != n_cols:
+            raise ValueError(f"{name} has shape {a.shape}, expected (batch, {n_cols})")
+        return a
+
+    def batch_result(self, out, rows: int, batch: int, *inputs):
+        """The batch-major (batch, rows) answer of a native batch-major product: ``out``,
+        checked against the shape and the inputs, or a new array."""
+        if out is None:
+            return self.xp.empty((batch, rows), dtype=np.float32)
+        V.check_out(out, "out", (batch, rows), xp=self.xp)
+        V.check_no_overlap(out, "out", *inputs, xp=self.xp)
+        return out
 
     def result(self, out, rows: int, batch: int, layout: str, *inputs):
         """The feature-major buffer a product writes: ``out`` itself when it can be (checked
@@ -296,6 +333,10 @@ def spmm_on(b: Backend, W, X, out=None, layout="feature"):
     given = b.given(W)
     W = b.sparse(W)
     m, n = W.shape
+    xb = b.batch_operand(X, "X", n) if layout == "batch" else None
+    if xb is not None:  # batch-major in and out, no layout copy
+        y = b.batch_result(out, m, xb.shape[0], W.data, xb, *given)
+        return b.spmm_batch(W.indptr, W.indices, W.data, xb, y, W.row_blocks())
     X = b.operand(X, "X", n, layout)
     y = b.result(out, m, X.shape[1], layout, W.data, X, *given)
     b.spmm(W.indptr, W.indices, W.data, X, y, W.row_blocks())
@@ -307,6 +348,11 @@ def spmm_t_on(b: Backend, W, dY, out=None, layout="feature"):
     given = b.given(W)
     W = b.sparse(W)
     m, n = W.shape
+    db = b.batch_operand(dY, "dY", m) if layout == "batch" else None
+    if db is not None:  # batch-major in and out, no layout copy
+        dx = b.batch_result(out, n, db.shape[0], W.data, db, *given)
+        t_indptr, t_indices, t_perm = W.transpose_structure()
+        return b.spmm_t_batch(t_indptr, t_indices, t_perm, W.data, db, dx, W.col_blocks())
     dY = b.operand(dY, "dY", m, layout)
     dx = b.result(out, n, dY.shape[1], layout, W.data, dY, *given)
     t_indptr, t_indices, t_perm = W.transpose_structure()
@@ -327,13 +373,29 @@ def sddmm_on(b: Backend, W, dY, X, out=None, layout="feature"):
     layout = V.check_layout(layout)
     given = b.given(W)
     W = b.sparse(W)
+    m, n = W.shape
+    if layout == "batch" and b.sddmm_batch is not None:
+        db = b.batch_operand(dY, "dY", m)
+        xb = b.batch_operand(X, "X", n) if db is not None else None
+        if xb is not None:  # dY read where it is, one transposed copy of X
+            if db.shape[0] != xb.shape[0]:
+                raise ValueError(
+                    f"dY and X disagree on the batch size: {db.shape[0]} vs {xb.shape[0]}"
+                )
+            out = _sddmm_out(b, W, out, db, xb, given)
+            x_t = scratch("X", (n, xb.shape[0]))
+            return b.sddmm_batch(W.indptr, W.indices, db, xb, out, W.row_blocks(), x_t)
     dY, X = _pair(b, W, dY, X, layout)
+    return b.sddmm(W.indptr, W.indices, dY, X, _sddmm_out(b, W, out, dY, X, given), W.row_blocks())
+
+
+def _sddmm_out(b: Backend, W, out, dY, X, given):
     if out is None:
         out = b.xp.empty(W.nnz, dtype=np.float32)
     else:
         V.check_out(out, "out", (W.nnz,), xp=b.xp)
         V.check_no_overlap(out, "out", W.data, dY, X, *given, xp=b.xp)
-    return b.sddmm(W.indptr, W.indices, dY, X, out, W.row_blocks())
+    return out
 
 
 def topk_grow_on(b: Backend, W, dY, X, k, keep=None, layout="feature", tile_bytes=None):

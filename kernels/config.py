@@ -37,6 +37,10 @@ TOPK_BUFFER_FACTOR = 2.0
 # 1.1-1.4x the batch-vector loop at B = 1..4, 0.9x at B = 8.
 SMALL_BATCH_MAX = 4
 
+# Width of the batch panels of kernels/cpu/panels.py (8, 16 or 32 floats), the kernel of
+# batch-major operands. None: one cache line of floats (kernels/machine.py reads its size).
+PANEL_WIDTH = None
+
 # A sparse layer's backward runs as one pass over its nonzeros (kernels/cpu/backward.py: dX
 # and dW together, each dY row loaded once for both) when nnz <= this, else as spmm_t + sddmm.
 # The fused pass writes dW at scattered positions, which pays while dW stays in cache. None:

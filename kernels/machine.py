@@ -33,6 +33,7 @@ class CacheSizes:
     l3_shared: int = 1
     cpus: int = 1
     source: str = "assumed"
+    line: int = 64  # bytes of the L1d's cache line (coherency_line_size), 64 when unsaid
 
     def total(self, level: int) -> int:
         """Bytes of that level over the whole machine (instances = CPUs / CPUs per instance)."""
@@ -99,6 +100,13 @@ def _read_sysfs(root: Path) -> dict | None:
             shared = 1
         name = "l1d" if level == 1 else f"l{level}"
         found[name] = size
+        if level == 1:
+            try:
+                line = int((d / "coherency_line_size").read_text())
+                if line in (32, 64, 128, 256):
+                    found["line"] = line
+            except (OSError, ValueError):
+                pass
         found[f"{name}_shared"] = max(1, shared)
     return found if found.get("l1d") else None
 
@@ -135,6 +143,7 @@ def cache_sizes(root: str | None = SYSFS_CACHE, getconf: bool = True) -> CacheSi
             l3_shared=got.get("l3_shared", cpus),
             cpus=cpus,
             source="sysfs",
+            line=got.get("line", 64),
         )
     got = _read_getconf() if getconf else None
     if got:

@@ -75,6 +75,14 @@ def test_cache_sizes_from_a_fake_sysfs(tmp_path):
     assert c.source == "sysfs" and not c.assumed
     assert (c.l1d, c.l2, c.l3) == (48 << 10, 2 << 20, 96 << 20)  # the instruction L1 ignored
     assert (c.l1d_shared, c.l2_shared, c.l3_shared) == (2, 2, 16)
+    assert c.line == 64  # no coherency_line_size: the common 64 bytes
+    (Path(root) / "index0" / "coherency_line_size").write_text("128\n")
+    M.cache_sizes.cache_clear()
+    assert M.cache_sizes(root, getconf=False).line == 128  # (an Apple-M-like line)
+    (Path(root) / "index0" / "coherency_line_size").write_text("7\n")
+    M.cache_sizes.cache_clear()
+    assert M.cache_sizes(root, getconf=False).line == 64  # nonsense is not taken
+    M.cache_sizes.cache_clear()
 
 
 def test_cache_sizes_without_sysfs(tmp_path):

@@ -21,6 +21,7 @@ import kernels
 from kernels import backend as B
 from kernels import formats as F
 from kernels import layout
+from kernels.cpu import sddmm as cpu_sddmm
 from kernels.formats import CSR
 
 
@@ -520,20 +521,30 @@ def test_the_parallel_transpose(shape, rng, monkeypatch):
 def test_batch_major_results_are_the_feature_major_ones(rng, monkeypatch):
     copies = []
     real = B.transpose
-    monkeypatch.setattr(B, "transpose", lambda a, out=None: copies.append(a.shape) or real(a, out))
+    counted = lambda a, out=None: copies.append(a.shape) or real(a, out)  # noqa: E731
+    monkeypatch.setattr(B, "transpose", counted)
+    monkeypatch.setattr(cpu_sddmm, "transpose", counted)
     monkeypatch.setattr(layout, "PARALLEL_MIN", 0)
     W = CSR.random((70, 90), 0.1, seed=3)
     X, dY = _operands(W.shape, 12, rng)
     Xb, dYb = np.ascontiguousarray(X.T), np.ascontiguousarray(dY.T)
-    np.testing.assert_array_equal(kernels.spmm(W, Xb, layout="batch"), kernels.spmm(W, X).T)
-    np.testing.assert_array_equal(kernels.spmm_t(W, dYb, layout="batch"), kernels.spmm_t(W, dY).T)
+    W64 = W.to_scipy().astype(np.float64)
+    # spmm and spmm_t read and write batch-major arrays where they are (the panel kernel: its
+    # sums run in another order than the feature-major kernel's, hence a float64 reference)
+    np.testing.assert_allclose(
+        kernels.spmm(W, Xb, layout="batch"), (W64 @ X).T, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        kernels.spmm_t(W, dYb, layout="batch"), (W64.T @ dY).T, rtol=1e-5, atol=1e-5
+    )
+    assert copies == []
     np.testing.assert_array_equal(
         kernels.sddmm(W, dYb, Xb, layout="batch"), kernels.sddmm(W, dY, X)
     )
-    assert len(copies) == 6  # one per operand and per result
-    out = np.empty((12, 70), np.float32)
+    assert copies == [(12, 90)]  # sddmm reads dY where it is and copies X
+    out = np.full((12, 70), np.nan, np.float32)
     assert kernels.spmm(W, Xb, out=out, layout="batch") is out
-    np.testing.assert_array_equal(out, kernels.spmm(W, X).T)
+    np.testing.assert_allclose(out, (W64 @ X).T, rtol=1e-5, atol=1e-5)
     # a transposed view of a feature-major array is used as it is: no copy of it
     copies.clear()
     np.testing.assert_array_equal(kernels.spmm(W, X.T, layout="batch"), kernels.spmm(W, X).T)
@@ -571,7 +582,7 @@ def test_batch_major_scratch_never_leaves_the_call(rng):
     Y2 = kernels.spmm(W, np.ascontiguousarray(X2.T), layout="batch")
     kernels.spmm_t(W, np.ascontiguousarray(dY2.T), layout="batch")
     np.testing.assert_array_equal(Y1, keep)  # not overwritten by the later calls
-    np.testing.assert_array_equal(Y2, kernels.spmm(W, X2).T)
+    np.testing.assert_allclose(Y2, kernels.spmm(W, X2).T, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(G1, kernels.sddmm(W, dY1, X1))
     for a in B._scratch.arrays.values():
         for answer in (Y1, Y2, G1):
@@ -581,13 +592,20 @@ def test_batch_major_scratch_never_leaves_the_call(rng):
 def test_batch_major_scratch_is_per_thread_and_bounded(rng, monkeypatch):
     W = CSR.random((200, 300), 0.05, seed=2)
     inputs = [rng.standard_normal((16 + t, 300)).astype(np.float32) for t in range(4)]
-    wants = [kernels.spmm(W, np.ascontiguousarray(x.T)).T for x in inputs]
+    W64 = W.to_scipy().astype(np.float64)
+    wants = [(W64 @ x.T.astype(np.float64)).T for x in inputs]
+    dY = [rng.standard_normal((16 + t, 200)).astype(np.float32) for t in range(4)]
+    grads = [kernels.sddmm(W, np.ascontiguousarray(d.T), np.ascontiguousarray(x.T))
+             for d, x in zip(dY, inputs, strict=True)]  # fmt: skip
     errors = []
 
-    def work(t):
+    def work(t):  # the panel kernel's slots (spmm) and the copies' scratch (sddmm), per thread
         try:
             for _ in range(20):
-                np.testing.assert_array_equal(kernels.spmm(W, inputs[t], layout="batch"), wants[t])
+                got = kernels.spmm(W, inputs[t], layout="batch")
+                np.testing.assert_allclose(got, wants[t], rtol=1e-5, atol=1e-5)
+                got = kernels.sddmm(W, dY[t], inputs[t], layout="batch")
+                np.testing.assert_array_equal(got, grads[t])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -599,7 +617,8 @@ def test_batch_major_scratch_is_per_thread_and_bounded(rng, monkeypatch):
     assert not errors
     monkeypatch.setattr(B, "SCRATCH_MAX_BYTES", 3 * 4 * 300 * 16)
     for b in range(16, 24):  # eight shapes, room for three arrays of the smallest
-        kernels.spmm(W, np.zeros((b, 300), np.float32), layout="batch")
+        kernels.sddmm(W, np.zeros((b, 200), np.float32), np.zeros((b, 300), np.float32),
+                      layout="batch")  # fmt: skip
         assert sum(a.nbytes for a in B._scratch.arrays.values()) <= B.SCRATCH_MAX_BYTES
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from kernels import config
 from kernels.cpu._common import U1, U2, U3, U4, four_at, row_blocks, span
+from kernels.cpu.panels import spmm_panels
 
 
 @numba.njit(parallel=True, fastmath=config.FASTMATH, cache=config.CACHE, boundscheck=False)
@@ -138,3 +139,9 @@ def spmm(indptr, indices, data, x, out, blocks=None, bias=None, relu=False, gate
             has_gate,
         )
     return out
+
+
+def spmm_batch(indptr, indices, data, x, out, blocks=None):
+    """Launcher of the batch-major product (trusts its inputs): x (B, k) -> out (B, m), both
+    C-contiguous float32, read and written where they are (kernels/cpu/panels.py)."""
+    return spmm_panels(indptr, indices, data, x, out, blocks, x_batch=True, out_batch=True)

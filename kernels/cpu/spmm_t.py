@@ -24,6 +24,7 @@ import numpy as np
 
 from kernels import config
 from kernels.cpu._common import chunk, row_blocks
+from kernels.cpu.panels import spmm_panels
 from kernels.cpu.spmm import spmm
 
 
@@ -46,3 +47,14 @@ def spmm_t(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None,
     if t_perm.shape[0]:
         _gather(data, t_perm, t_data)
     return spmm(t_indptr, t_indices, t_data, dy, out, blocks, gate=gate)
+
+
+def spmm_t_batch(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data=None):
+    """Launcher of the batch-major dX = dY·W (trusts its inputs): dy (B, m) -> out (B, k),
+    both C-contiguous float32, read and written where they are (kernels/cpu/panels.py on the
+    transpose structure, after the same value gather)."""
+    if t_data is None:
+        t_data = np.empty(t_perm.shape[0], dtype=np.float32)
+    if t_perm.shape[0]:
+        _gather(data, t_perm, t_data)
+    return spmm_panels(t_indptr, t_indices, t_data, dy, out, blocks, x_batch=True, out_batch=True)
