@@ -149,18 +149,23 @@ class Backend:
             return transpose(a, scratch(name, (a.shape[1], a.shape[0])))
         return V.as_operand(a, name, n_rows, finite=finite, xp=xp)
 
-    def batch_operand(self, a, name: str, n_cols: int):
-        """layout="batch" with a native batch-major kernel on this side: ``a`` checked as a
-        (batch, n_cols) float32 C-contiguous array, read where it is; None when there is no
-        such kernel, or when ``a`` is the transposed view of a feature-major array (the
-        feature-major kernel then reads it with no copy: see operand)."""
-        if self.spmm_batch is None:
+    def batch_operand(self, a, name: str, n_cols: int, kernel, out=None):
+        """layout="batch" with ``kernel``, this side's native batch-major kernel for the call
+        (None: there is none): ``a`` checked as a (batch, n_cols) float32 C-contiguous array,
+        read where it is. None (the caller then takes the copying path) when there is no such
+        kernel, when ``a`` is the transposed view of a feature-major array (the feature-major
+        kernel reads it with no copy: see operand), when it has fewer than BATCH_NATIVE_MIN
+        rows, or when ``out`` shares memory with it (an in-place call: the copying path reads
+        a copy of it, as it always did)."""
+        if kernel is None:
             return None
         a = V.on_side(a, name, self.xp, "a 2-D NumPy array", convert=True)
         if a.ndim == 2 and a.shape[1] == n_cols and a.T.flags.c_contiguous and a.shape[0] > 1:
             return None
         if a.ndim == 2 and a.shape[0] < BATCH_NATIVE_MIN:
             return None  # a few rows: the small-batch kernel after a copy of a few rows
+        if isinstance(out, self.xp.ndarray) and self.xp.may_share_memory(out, a):
+            return None
         a = V.as_operand(a, name, None, xp=self.xp)
         if a.shape[1] != n_cols:
             raise ValueError(f"{name} has shape {a.shape}, expected (batch, {n_cols})")
@@ -333,7 +338,7 @@ def spmm_on(b: Backend, W, X, out=None, layout="feature"):
     given = b.given(W)
     W = b.sparse(W)
     m, n = W.shape
-    xb = b.batch_operand(X, "X", n) if layout == "batch" else None
+    xb = b.batch_operand(X, "X", n, b.spmm_batch, out) if layout == "batch" else None
     if xb is not None:  # batch-major in and out, no layout copy
         y = b.batch_result(out, m, xb.shape[0], W.data, xb, *given)
         return b.spmm_batch(W.indptr, W.indices, W.data, xb, y, W.row_blocks())
@@ -348,7 +353,7 @@ def spmm_t_on(b: Backend, W, dY, out=None, layout="feature"):
     given = b.given(W)
     W = b.sparse(W)
     m, n = W.shape
-    db = b.batch_operand(dY, "dY", m) if layout == "batch" else None
+    db = b.batch_operand(dY, "dY", m, b.spmm_t_batch, out) if layout == "batch" else None
     if db is not None:  # batch-major in and out, no layout copy
         dx = b.batch_result(out, n, db.shape[0], W.data, db, *given)
         t_indptr, t_indices, t_perm = W.transpose_structure()
@@ -374,9 +379,9 @@ def sddmm_on(b: Backend, W, dY, X, out=None, layout="feature"):
     given = b.given(W)
     W = b.sparse(W)
     m, n = W.shape
-    if layout == "batch" and b.sddmm_batch is not None:
-        db = b.batch_operand(dY, "dY", m)
-        xb = b.batch_operand(X, "X", n) if db is not None else None
+    if layout == "batch":
+        db = b.batch_operand(dY, "dY", m, b.sddmm_batch, out)
+        xb = b.batch_operand(X, "X", n, b.sddmm_batch, out) if db is not None else None
         if xb is not None:  # dY read where it is, one transposed copy of X
             if db.shape[0] != xb.shape[0]:
                 raise ValueError(

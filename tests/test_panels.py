@@ -30,7 +30,7 @@ def _reference(W, X, bias=None, relu=False):
 def test_panels_against_float64_on_random_shapes(pw, dtype, rng):
     for trial in range(12):
         m, k = (int(v) for v in rng.integers(1, 75, 2))
-        batch = int(rng.choice([1, 7, 8, 9, 15, 16, 17, 31, 33, 40]))
+        batch = int(rng.choice([1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40]))
         density = float(rng.choice([0.0, 0.04, 0.3, 1.0]))
         indptr, indices, data, W = _pattern(m, k, density, rng, dtype)
         X = rng.standard_normal((k, batch)).astype(np.float32)
@@ -88,9 +88,11 @@ def test_panels_empty_and_degenerate():
 def test_panel_width_from_the_machine(monkeypatch):
     from kernels import machine
 
-    line = machine.cache_sizes().line
-    assert P.panel_width(128) == min(32, max(8, line // 4))
-    assert P.panel_width(8) == 8 and P.panel_width(3) == 8
+    for line, want in ((32, 8), (64, 16), (128, 32), (256, 32)):
+        fake = machine.CacheSizes(l1d=32 << 10, l2=1 << 20, l3=0, line=line)
+        monkeypatch.setattr(P, "cache_sizes", lambda fake=fake: fake)
+        assert P.panel_width(128) == want  # one line of floats, within the compiled widths
+        assert P.panel_width(8) == 8 and P.panel_width(3) == 8  # a batch of at most 8
     monkeypatch.setattr(config, "PANEL_WIDTH", 32)
     assert P.panel_width(128) == 32
 
@@ -105,14 +107,26 @@ def test_coarser_blocks_cover_the_rows():
 
 
 def test_scratch_is_on_huge_page_aligned_memory_and_bounded(monkeypatch):
-    a = P._huge_pages((3, 100, 16))
+    a, nbytes = P._huge_pages((3, 100, 16))
     assert a.shape == (3, 100, 16) and a.dtype == np.float32 and a.flags.c_contiguous
-    assert a.ctypes.data % P.HUGE_PAGE == 0
-    monkeypatch.setattr(P, "SCRATCH_MAX_BYTES", 1)
+    assert a.ctypes.data % P.HUGE_PAGE == 0 and nbytes >= a.nbytes + P.HUGE_PAGE
     P._scratch.slots = {}
-    P._slots(("panel", 10, 16), (26, 16))
-    P._slots(("panel", 20, 16), (36, 16))
-    assert list(P._scratch.slots) == [("panel", 20, 16)]  # the older shape went
+    monkeypatch.setattr(P, "SCRATCH_MAX_BYTES", 3 * nbytes)  # room for three small shapes
+    for k in range(1, 40):  # many shapes: what is held (padding included) stays bounded
+        P._slots(("panel", k, 16), (k + 16, 16))
+        assert sum(b for _, b in P._scratch.slots.values()) <= 3 * nbytes
+    assert list(P._scratch.slots) == [("panel", k, 16) for k in (37, 38, 39)]  # the newest
+    monkeypatch.setattr(P, "SCRATCH_MAX_BYTES", 1)
+    P._slots(("panel", 5, 16), (21, 16))
+    assert list(P._scratch.slots) == [("panel", 5, 16)]  # always the one in use
+
+
+def test_the_launcher_refuses_strided_arrays():
+    indptr, indices, data = np.zeros(3, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    big = np.zeros((4, 32), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        P.spmm_panels(indptr, indices, data, big[:, :16], np.zeros((2, 16), np.float32),
+                      x_batch=False, out_batch=False, pw=16)  # fmt: skip
 
 
 # ----------------------------------------------------------------------- the public path
@@ -132,16 +146,20 @@ def test_public_batch_major_products_copy_nothing(batch, dtype, rng, monkeypatch
     dx = np.full((batch, 45), np.nan, np.float32)
     assert kernels.spmm_t(W, dYb, out=dx, layout="batch") is dx
     np.testing.assert_allclose(dx, _reference(W64.T.tocsr(), dYb.T).T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(  # new arrays, and a float64 strided input converted once
-        kernels.spmm(W, Xb.astype(np.float64)[:, ::1], layout="batch"),
-        _reference(W64, Xb.T).T, rtol=1e-5, atol=1e-5,
+    wide = np.repeat(Xb.astype(np.float64), 2, axis=1)  # float64, every other column: strided
+    assert not wide[:, ::2].flags.c_contiguous
+    np.testing.assert_allclose(  # new arrays, and the strided input converted once
+        kernels.spmm(W, wide[:, ::2], layout="batch"), _reference(W64, Xb.T).T, rtol=1e-5,
+        atol=1e-5,
     )  # fmt: skip
     assert copies == []
-    buf = np.zeros(batch * (45 + 67), np.float32)  # an out= sharing 5 floats with X
+    buf = np.zeros(batch * (45 + 67), np.float32)  # an out= sharing 5 floats with X: works
     x2 = buf[: batch * 45].reshape(batch, 45)
     out2 = buf[batch * 45 - 5 : batch * 45 - 5 + batch * 67].reshape(batch, 67)
-    with pytest.raises(ValueError, match="out overlaps an input"):
-        kernels.spmm(W, x2, out=out2, layout="batch")
+    x2[...] = Xb
+    want = _reference(W64, Xb.T).T
+    assert kernels.spmm(W, x2, out=out2, layout="batch") is out2  # (through a copy of x2)
+    np.testing.assert_allclose(out2, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"out has shape \(.*\), expected"):
         kernels.spmm(W, Xb, out=np.empty((batch, 66), np.float32), layout="batch")
 
@@ -188,3 +206,26 @@ def test_batch_major_sddmm_reads_dy_where_it_is(share, dtype, rng, monkeypatch):
     assert copies == [(8, 45), (9, 45), (17, 3), (40, 77), (128, 64)]  # X only, never dY
     with pytest.raises(ValueError, match="disagree on the batch size: 8 vs 9"):
         kernels.sddmm(W, dYb[:8], np.zeros((9, 64), np.float32), layout="batch")
+
+
+def test_batch_major_in_place_calls_still_work(rng):
+    """out= sharing memory with the batch-major operand: the copying path, as before the native
+    kernels (which read the operand while writing out)."""
+    W = CSR.random((45, 45), 0.2, seed=7)
+    W64 = W.to_scipy().astype(np.float64)
+    for batch in (5, 8, 40):
+        X = rng.standard_normal((batch, 45)).astype(np.float32)
+        want = (W64 @ X.T.astype(np.float64)).T
+        a = X.copy()
+        assert kernels.spmm(W, a, out=a, layout="batch") is a
+        np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5)
+        a = X.copy()
+        assert kernels.spmm_t(W, a, out=a, layout="batch") is a
+        np.testing.assert_allclose(a, (W64.T @ X.T.astype(np.float64)).T, rtol=1e-5, atol=1e-5)
+        dY = rng.standard_normal((batch, 45)).astype(np.float32)
+        want_g = kernels.sddmm(W, np.ascontiguousarray(dY.T), np.ascontiguousarray(X.T))
+        buf = np.concatenate([dY.ravel(), np.zeros(W.nnz, np.float32)])
+        d2 = buf[: dY.size].reshape(dY.shape)
+        g = buf[dY.size - 3 : dY.size - 3 + W.nnz]  # sharing three floats with dY
+        assert kernels.sddmm(W, d2, X, out=g, layout="batch") is g
+        np.testing.assert_array_equal(g, want_g)

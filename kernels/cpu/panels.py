@@ -260,28 +260,30 @@ _scratch = threading.local()
 HUGE_PAGE = 2 << 20
 
 
-def _huge_pages(shape) -> np.ndarray:
+def _huge_pages(shape) -> tuple[np.ndarray, int]:
     """A float32 array on 2 MiB-aligned memory of at least 4 MiB, which NumPy asks Linux to back
-    with transparent huge pages (madvise). A panel on 4 KiB pages lands on physical pages that
-    can crowd some sets of the physically indexed L2 (the kernel's speed then changed by 30%
-    from one process to the next); on one huge page it is contiguous."""
+    with transparent huge pages (madvise), and the bytes allocated for it. A panel on 4 KiB
+    pages lands on physical pages that can crowd some sets of the physically indexed L2 (the
+    kernel's speed then changed by 30% from one process to the next); on one huge page it is
+    contiguous."""
     n = int(np.prod(shape)) * 4
     raw = np.empty(max(n + HUGE_PAGE, 2 * HUGE_PAGE + (4 << 20)), dtype=np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
-    return raw[start : start + n].view(np.float32).reshape(shape)
+    return raw[start : start + n].view(np.float32).reshape(shape), raw.nbytes
 
 
 def _slots(key, shape) -> np.ndarray:
-    """Per-thread slots of ``shape`` (one per Numba thread), kept under ``key``."""
+    """Per-thread slots of ``shape`` (one per Numba thread), kept under ``key``; the cache
+    counts the bytes allocated (with the huge-page padding), not the slots' own size."""
     cache = getattr(_scratch, "slots", None)
     if cache is None:
         cache = _scratch.slots = {}
     n = numba.config.NUMBA_NUM_THREADS
-    a = cache.pop(key, None)
+    a, nbytes = cache.pop(key, (None, 0))
     if a is None or a.shape[0] < n:
-        a = _huge_pages((n, *shape))
-    cache[key] = a  # (re)inserted last: the dict's order is the order of use
-    while sum(v.nbytes for v in cache.values()) > SCRATCH_MAX_BYTES and len(cache) > 1:
+        a, nbytes = _huge_pages((n, *shape))
+    cache[key] = (a, nbytes)  # (re)inserted last: the dict's order is the order of use
+    while sum(b for _, b in cache.values()) > SCRATCH_MAX_BYTES and len(cache) > 1:
         del cache[next(iter(cache))]
     return a
 
@@ -324,6 +326,8 @@ def spmm_panels(
     """Launcher (trusts its inputs; the public API validates): fills and returns ``out``.
     blocks: row blocks as _common.row_blocks makes them (the CSR caches them), of which the
     launcher takes as many as the panels need; computed when None."""
+    if not (x.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("the panel kernel reads x and writes out as C-contiguous arrays")
     m = out.shape[1] if out_batch else out.shape[0]
     k, n_batch = (x.shape[1], x.shape[0]) if x_batch else x.shape
     if m == 0 or n_batch == 0:

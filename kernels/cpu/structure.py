@@ -14,22 +14,24 @@ from kernels import config
 
 @numba.njit(cache=config.CACHE, boundscheck=False)
 def _transpose_kernel(indptr, indices, t_indptr, t_indices, t_perm):
+    # (positions and indices unsigned, as in spmm.py: no wraparound code per nonzero)
     n_rows = indptr.shape[0] - 1
     n_cols = t_indptr.shape[0] - 1
     for j in range(n_cols + 1):
         t_indptr[j] = 0
-    for p in range(indptr[n_rows]):
-        t_indptr[indices[p] + 1] += 1
+    one = numba.uint64(1)
+    for p in range(numba.uint64(indptr[n_rows])):
+        t_indptr[numba.uint64(indices[p]) + one] += 1
     for j in range(n_cols):
         t_indptr[j + 1] += t_indptr[j]
     nxt = t_indptr[:n_cols].copy()
     for i in range(n_rows):
-        for p in range(indptr[i], indptr[i + 1]):
-            c = indices[p]
-            q = nxt[c]
+        for p in range(numba.uint64(indptr[i]), numba.uint64(indptr[i + 1])):
+            c = numba.uint64(indices[p])
+            q = numba.uint64(nxt[c])
             t_indices[q] = i
             t_perm[q] = p
-            nxt[c] = q + 1
+            nxt[c] = q + one
 
 
 def transpose(indptr, indices, n_cols):
