@@ -17,11 +17,11 @@ X is n × B, Y is m × B, so each nonzero touches one contiguous row of length B
 ``spmm_t`` read and write batch-major arrays of 8 or more rows where they are (the batch-panel
 kernel, kernels/cpu/panels.py: its float32 sums run in another order than the feature-major
 kernel's, so the last bits may differ from ``spmm(W, X.T).T``), and ``sddmm`` reads dY where it
-is and copies X; ``topk_grow``, smaller batches, an ``out=`` sharing memory with the operand and
-the GPU make a transposed copy of each dense operand (none when it is the ``.T`` view of a
-feature-major array). Dense operands are used as float32 C-contiguous arrays (others are
-converted, a copy). ``out=`` must have exactly the result's shape, dtype float32 and be
-C-contiguous; it is overwritten entirely.
+is and copies X; ``topk_grow``, batches of fewer than 8 rows and the GPU make a transposed
+copy of each dense operand (none when it is the ``.T`` view of a feature-major array). An
+``out=`` sharing memory with an operand is refused in either layout. Dense operands are used
+as float32 C-contiguous arrays (others are converted, a copy). ``out=`` must have exactly the
+result's shape, dtype float32 and be C-contiguous; it is overwritten entirely.
 
 On the GPU the same functions take W as a ``DeviceCSR`` (``CSR.to_device()``), a
 ``cupyx.scipy.sparse`` matrix, or a tuple of CuPy arrays, with CuPy dense operands, and run the

@@ -154,18 +154,18 @@ class Backend:
         (None: there is none): ``a`` checked as a (batch, n_cols) float32 C-contiguous array,
         read where it is. None (the caller then takes the copying path) when there is no such
         kernel, when ``a`` is the transposed view of a feature-major array (the feature-major
-        kernel reads it with no copy: see operand), when it has fewer than BATCH_NATIVE_MIN
-        rows, or when ``out`` shares memory with it (an in-place call: the copying path reads
-        a copy of it, as it always did)."""
+        kernel reads it with no copy: see operand), or when it has fewer than
+        BATCH_NATIVE_MIN rows. An ``out`` sharing memory with ``a`` is refused on either path
+        (the kernels read their inputs while they write out)."""
+        a = V.on_side(a, name, self.xp, "a 2-D NumPy array", convert=True)
+        if isinstance(out, self.xp.ndarray):  # (the copying path would read a copy: no matter,
+            V.check_no_overlap(out, "out", a, xp=self.xp)  # the contract is the same)
         if kernel is None:
             return None
-        a = V.on_side(a, name, self.xp, "a 2-D NumPy array", convert=True)
         if a.ndim == 2 and a.shape[1] == n_cols and a.T.flags.c_contiguous and a.shape[0] > 1:
             return None
         if a.ndim == 2 and a.shape[0] < BATCH_NATIVE_MIN:
             return None  # a few rows: the small-batch kernel after a copy of a few rows
-        if isinstance(out, self.xp.ndarray) and self.xp.may_share_memory(out, a):
-            return None
         a = V.as_operand(a, name, None, xp=self.xp)
         if a.shape[1] != n_cols:
             raise ValueError(f"{name} has shape {a.shape}, expected (batch, {n_cols})")
@@ -381,8 +381,8 @@ def sddmm_on(b: Backend, W, dY, X, out=None, layout="feature"):
     m, n = W.shape
     if layout == "batch":
         db = b.batch_operand(dY, "dY", m, b.sddmm_batch, out)
-        xb = b.batch_operand(X, "X", n, b.sddmm_batch, out) if db is not None else None
-        if xb is not None:  # dY read where it is, one transposed copy of X
+        xb = b.batch_operand(X, "X", n, b.sddmm_batch, out)
+        if db is not None and xb is not None:  # dY read where it is, one copy of X
             if db.shape[0] != xb.shape[0]:
                 raise ValueError(
                     f"dY and X disagree on the batch size: {db.shape[0]} vs {xb.shape[0]}"

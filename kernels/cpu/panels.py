@@ -179,7 +179,6 @@ def _panels_kernel(
     k8 = k - k % 8
     k16 = k - k % 16
     zero = numba.float32(0.0)
-    direct = (not x_batch) and n_batch == pw
     for task in numba.prange(n_panels * n_rb):
         b0 = (task // n_rb) * pw
         rb = task % n_rb
@@ -213,7 +212,7 @@ def _panels_kernel(
             for c in range(k8, k):
                 for r in range(pw):
                     s[c, r] = st[r, c]
-        elif not direct:
+        else:
             for c in range(k):
                 for r in range(bq):
                     s[c, r] = x[c, b0 + r]
@@ -224,10 +223,7 @@ def _panels_kernel(
         while i < r1:
             nr = min(GROUP, r1 - i)
             for ii in range(nr):
-                if direct:  # a feature-major X of exactly one panel is read where it is
-                    _row(pw, indptr, indices, data, x, i + ii, s, k + ii)
-                else:
-                    _row(pw, indptr, indices, data, s, i + ii, s, k + ii)
+                _row(pw, indptr, indices, data, s, i + ii, s, k + ii)
                 if has_bias or relu:
                     b_i = bias[i + ii] if has_bias else zero
                     for r in range(pw):
@@ -302,6 +298,17 @@ def panel_width(n_batch: int) -> int:
     return min(WIDTHS[-1], max(WIDTHS[0], cache_sizes().line // 4))
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of an input: Numba compiles one specialization per array type, and a
+    read-only array is another type; the kernel (about 7 s to compile) then has one per index
+    dtype, whatever the caller's arrays' flags."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _coarser(blocks: np.ndarray, n_blocks: int) -> np.ndarray:
     """About n_blocks row blocks out of finer ones (_common.row_blocks'), in O(n_blocks)."""
     fine = blocks.shape[0] - 1
@@ -348,10 +355,10 @@ def spmm_panels(
     stage = _slots(("stage", k, pw), (pw, k)) if partial else _NO_STAGE
     has_bias = bias is not None
     _panels_kernel(
-        indptr,
-        indices,
-        data,
-        x,
+        _read_only(indptr),
+        _read_only(indices),
+        _read_only(data),
+        _read_only(x),
         bool(x_batch),
         out,
         bool(out_batch),
@@ -359,7 +366,7 @@ def spmm_panels(
         pw,
         scratch,
         stage,
-        bias if has_bias else _NO_BIAS,
+        _read_only(bias if has_bias else _NO_BIAS),
         has_bias,
         bool(relu),
     )

@@ -142,5 +142,7 @@ def sddmm_batch(indptr, indices, dy, x, out, blocks=None, x_t=None):
     if out.shape[0] == 0:
         return out
     xf = transpose(x, x_t)
+    dy = dy.view()  # read-only, as CSR's indices are: one compiled specialization (see
+    dy.flags.writeable = False  # kernels/cpu/panels._read_only)
     _sddmm_dy_batch_kernel(indptr, indices, dy, xf, out, blocks, _dy_slots(n_batch))
     return out

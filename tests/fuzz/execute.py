@@ -509,6 +509,12 @@ def warm_up(ctx) -> None:
             lambda W=W, X=X: kernels.spmm(W, np.ascontiguousarray(X.T), layout="batch"),
             lambda W=W, dY=dY: kernels.spmm_t(W, dY),
             lambda W=W, X=X, dY=dY: kernels.sddmm(W, dY, X),
+            # the batch-major kernels (from 8 rows: kernels/cpu/panels.py, about 7 s to compile)
+            lambda W=W: kernels.spmm(W, np.ones((16, 5), np.float32), layout="batch"),
+            lambda W=W: kernels.spmm_t(W, np.ones((16, 6), np.float32), layout="batch"),
+            lambda W=W: kernels.sddmm(
+                W, np.ones((16, 6), np.float32), np.ones((16, 5), np.float32), layout="batch"
+            ),
             lambda W=W, X=X, dY=dY: kernels.topk_grow(W, dY, X, 2),
             lambda W=W: kernels.magnitude_drop(W, 2),
             lambda W=W: kernels.remap(*kernels.merge(W, np.zeros(W.nnz, bool), [0], [0])[1:], W.data),
