@@ -14,14 +14,16 @@ Every function takes the sparse weight W (m × n) as one of
 and dense operands as NumPy arrays. Activations are feature-major by default (``layout="feature"``:
 X is n × B, Y is m × B, so each nonzero touches one contiguous row of length B); with
 ``layout="batch"`` they are batch-major (X is B × n, Y is B × m). On the CPU ``spmm`` and
-``spmm_t`` read and write batch-major arrays of 8 or more rows where they are (the batch-panel
-kernel, kernels/cpu/panels.py: its float32 sums run in another order than the feature-major
-kernel's, so the last bits may differ from ``spmm(W, X.T).T``), and ``sddmm`` reads dY where it
-is and copies X; ``topk_grow``, batches of fewer than 8 rows and the GPU make a transposed
-copy of each dense operand (none when it is the ``.T`` view of a feature-major array). An
-``out=`` sharing memory with an operand is refused in either layout. Dense operands are used
-as float32 C-contiguous arrays (others are converted, a copy). ``out=`` must have exactly the
-result's shape, dtype float32 and be C-contiguous; it is overwritten entirely.
+``spmm_t`` read and write C-contiguous batch-major arrays of 8 or more rows where they are (the
+batch-panel kernel, kernels/cpu/panels.py: its float32 sums run in another order than the
+feature-major kernel's, so the last bits may differ from ``spmm(W, X.T).T``), and ``sddmm``
+reads dY where it is and copies X (bitwise the feature-major result); ``topk_grow``, batches
+of fewer than 8 rows and the GPU make a transposed copy of each dense operand, and an operand
+that is the ``.T`` view of a feature-major array is read by the feature-major kernel with no
+copy (the result is transposed into the answer). In batch layout an ``out=`` whose memory
+range overlaps an operand's is refused. Dense operands are used as float32 C-contiguous arrays
+(others are converted, a copy). ``out=`` must have exactly the result's shape, dtype float32
+and be C-contiguous; it is overwritten entirely.
 
 On the GPU the same functions take W as a ``DeviceCSR`` (``CSR.to_device()``), a
 ``cupyx.scipy.sparse`` matrix, or a tuple of CuPy arrays, with CuPy dense operands, and run the

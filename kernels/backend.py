@@ -381,8 +381,13 @@ def sddmm_on(b: Backend, W, dY, X, out=None, layout="feature"):
     m, n = W.shape
     if layout == "batch":
         db = b.batch_operand(dY, "dY", m, b.sddmm_batch, out)
-        xb = b.batch_operand(X, "X", n, b.sddmm_batch, out)
-        if db is not None and xb is not None:  # dY read where it is, one copy of X
+        if db is not None:
+            xb = b.batch_operand(X, "X", n, b.sddmm_batch, out)
+        else:  # (X is converted by the copying path: only its overlap with out checked here)
+            xb = None
+            if isinstance(out, b.xp.ndarray) and isinstance(X, b.xp.ndarray):
+                V.check_no_overlap(out, "out", X, xp=b.xp)
+        if xb is not None:  # dY read where it is, one transposed copy of X
             if db.shape[0] != xb.shape[0]:
                 raise ValueError(
                     f"dY and X disagree on the batch size: {db.shape[0]} vs {xb.shape[0]}"

@@ -263,7 +263,8 @@ def _huge_pages(shape) -> tuple[np.ndarray, int]:
     kernel's speed then changed by 30% from one process to the next); on one huge page it is
     contiguous."""
     n = int(np.prod(shape)) * 4
-    raw = np.empty(max(n + HUGE_PAGE, 2 * HUGE_PAGE + (4 << 20)), dtype=np.uint8)
+    # NumPy madvises from 4 MiB; the aligned start lies within the first 2 MiB
+    raw = np.empty(max(n + HUGE_PAGE, 4 << 20), dtype=np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     return raw[start : start + n].view(np.float32).reshape(shape), raw.nbytes
 
@@ -298,7 +299,7 @@ def panel_width(n_batch: int) -> int:
     return min(WIDTHS[-1], max(WIDTHS[0], cache_sizes().line // 4))
 
 
-def _read_only(a: np.ndarray) -> np.ndarray:
+def read_only_view(a: np.ndarray) -> np.ndarray:
     """A read-only view of an input: Numba compiles one specialization per array type, and a
     read-only array is another type; the kernel (about 7 s to compile) then has one per index
     dtype, whatever the caller's arrays' flags."""
@@ -355,10 +356,10 @@ def spmm_panels(
     stage = _slots(("stage", k, pw), (pw, k)) if partial else _NO_STAGE
     has_bias = bias is not None
     _panels_kernel(
-        _read_only(indptr),
-        _read_only(indices),
-        _read_only(data),
-        _read_only(x),
+        read_only_view(indptr),
+        read_only_view(indices),
+        read_only_view(data),
+        read_only_view(x),
         bool(x_batch),
         out,
         bool(out_batch),
@@ -366,7 +367,7 @@ def spmm_panels(
         pw,
         scratch,
         stage,
-        _read_only(bias if has_bias else _NO_BIAS),
+        read_only_view(bias if has_bias else _NO_BIAS),
         has_bias,
         bool(relu),
     )

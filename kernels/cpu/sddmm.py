@@ -24,6 +24,7 @@ import numpy as np
 
 from kernels import config
 from kernels.cpu._common import U1, U2, U3, U4, four_at, row_blocks, span
+from kernels.cpu.panels import read_only_view
 from kernels.layout import block8_at, transpose
 from kernels.machine import cache_sizes
 
@@ -142,7 +143,7 @@ def sddmm_batch(indptr, indices, dy, x, out, blocks=None, x_t=None):
     if out.shape[0] == 0:
         return out
     xf = transpose(x, x_t)
-    dy = dy.view()  # read-only, as CSR's indices are: one compiled specialization (see
-    dy.flags.writeable = False  # kernels/cpu/panels._read_only)
+    # the inputs as read-only views: one compiled specialization (see panels.read_only_view)
+    indptr, indices, dy, blocks = (read_only_view(a) for a in (indptr, indices, dy, blocks))
     _sddmm_dy_batch_kernel(indptr, indices, dy, xf, out, blocks, _dy_slots(n_batch))
     return out
