@@ -230,8 +230,11 @@ def test_the_level_runs_end_to_end(tmp_path, monkeypatch, capsys):
         assert p["l1_capped"] == (p["nnz"] > p["out_rows"] * p["l1_k"])
         for key in ("gflops", "l1_gflops", "bw_gflops", "bw_no_reuse_gflops"):
             assert math.isfinite(p[key]) and p[key] > 0, key
+        # a fraction of a ceiling measured in the same run: near 1 or below, but this tiny
+        # preset times 3 rounds of 3 ms, and one preempted round of the ceiling's probe has
+        # made it 3.5 (2 runs in 14 on the 2-core VM); the bound catches unit mistakes
         for key in ("fraction_l1", "fraction"):
-            assert 0 < p[key] <= 1.5, (key, p)
+            assert 0 < p[key] <= 10, (key, p)
         assert p["bound"] in ("L1", "bandwidth")
     assert [(q["density"], q["batch"]) for q in r["small_batch"]] == [(0.05, 1), (0.05, 4)]
     for q in r["small_batch"]:
