@@ -1,4 +1,4 @@
-"""Y = W·X on the CPU in batch panels: the kernel of batch-major operands and of narrow batches.
+"""Y = W·X on the CPU in batch panels: the kernel of batch-major operands (spmm, spmm_t).
 
 Maths:    Y[i, b] = bias[i] + Σ_{p in row i} data[p] · X[indices[p], b]   (bias optional)
           X and Y each either feature-major (X (k, B), Y (m, B)) or batch-major (X (B, k),
@@ -23,8 +23,9 @@ Cost:     2·nnz·B flops; a nonzero reads one PW-float slice of the panel (at P
           cache line) from a panel of 4·k·PW bytes, which stays in L2 where the whole X would
           not (X at k = 4096, B = 128 is 2 MiB; its 16-column panel 256 KiB). The price: the
           structure (8 bytes per nonzero) is read once per panel, and the panel copy.
-          The batch-vector kernel (spmm.py) instead loads and stores its output slice once per
-          group of four nonzeros; at B <= 32 that chain through memory is what limits it.
+          The batch-vector loop (spmm.py) instead loads and stores its output slice once per
+          group of four nonzeros; on panels of 8-32 columns that chain through memory made it
+          2-4x slower than these registers (bench/RESULTS.md, Session 24).
 Threads:  prange over panels × row blocks; a task writes only its rows of its panel (no races).
 Requires: indices in [0, k) (trusted: the public API validates them); positions unsigned as in
           spmm.py.
