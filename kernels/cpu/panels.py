@@ -1,8 +1,8 @@
 """Y = W·X on the CPU in batch panels: the kernel of batch-major operands (spmm, spmm_t).
 
-Maths:    Y[i, b] = bias[i] + Σ_{p in row i} data[p] · X[indices[p], b]   (bias optional)
-          X and Y each either feature-major (X (k, B), Y (m, B)) or batch-major (X (B, k),
-          Y (B, m), the NumPy / PyTorch ``x @ W.T`` convention), C-contiguous float32.
+Maths:    Y[b, i] = Σ_{p in row i} data[p] · X[b, indices[p]]
+          X (B, k) and Y (B, m) batch-major (the NumPy / PyTorch ``x @ W.T`` convention),
+          C-contiguous float32.
 Buffers:  indptr (m+1,) int32|int64, indices (nnz,) int32|int64, data (nnz,) float32   [in]
           x, out: as above; every element of out overwritten                         [in/out]
           blocks (R+1,) int64 row-block boundaries                                       [in]
@@ -10,15 +10,14 @@ Buffers:  indptr (m+1,) int32|int64, indices (nnz,) int32|int64, data (nnz,) flo
                   transparent huge pages (_huge_pages)                          [tmp]
           stage (T, PW, k) float32: the rows of a last, partial batch-major panel, zero-padded
                   (a (1, 1, 1) placeholder when there is none)                  [tmp]
-          bias (m,) float32 or None; relu: bool, max(·, 0) after the bias                 [in]
 How:      the batch is cut into panels of PW columns (8, 16 or 32 floats; by default one cache
           line, panel_width()). A task takes one panel and one row block. It first
-          copies the panel of X into its scratch slot as a (k, PW) array, transposing it in
-          8 × 8 register blocks when X is batch-major (kernels/layout.block8_at). Then each row
+          transposes the panel of X into its scratch slot as a (k, PW) array in 8 × 8 register
+          blocks (kernels/layout.block8_at). Then each row
           is one pass over its nonzeros with the PW sums in vector registers for the whole row
           (_row_intrinsic below: 64 / PW accumulators, one per nonzero of a group, so that eight
           FMA chains overlap), and the sums of 16 rows are written out, transposed in 8 × 8
-          blocks for a batch-major Y. No layout copy of X or Y is ever made.
+          blocks. No layout copy of X or Y is ever made.
 Cost:     2·nnz·B flops; a nonzero reads one PW-float slice of the panel (at PW = 16 exactly one
           cache line) from a panel of 4·k·PW bytes, which stays in L2 where the whole X would
           not (X at k = 4096, B = 128 is 2 MiB; its 16-column panel 256 KiB). The price: the
@@ -155,26 +154,8 @@ def _row(pw, indptr, indices, data, s, i, dst, dr):
 
 
 @numba.njit(parallel=True, cache=config.CACHE, boundscheck=False)
-def _panels_kernel(
-    indptr,
-    indices,
-    data,
-    x,
-    x_batch,
-    out,
-    out_batch,
-    blocks,
-    pw,
-    scratch,
-    stage,
-    bias,
-    has_bias,
-    relu,
-):
-    if x_batch:
-        n_batch, k = x.shape
-    else:
-        k, n_batch = x.shape
+def _panels_kernel(indptr, indices, data, x, out, blocks, pw, scratch, stage):
+    n_batch, k = x.shape
     n_rb = blocks.shape[0] - 1
     n_panels = (n_batch + pw - 1) // pw
     k8 = k - k % 8
@@ -185,7 +166,7 @@ def _panels_kernel(
         rb = task % n_rb
         bq = min(pw, n_batch - b0)
         s = scratch[numba.get_thread_id()]  # rows 0..k-1: the panel; k..k+15: 16 rows of sums
-        if x_batch and bq == pw:
+        if bq == pw:
             # a whole 64-byte line of each of 8 rows of X at a time (two 8 x 8 blocks): the rows
             # are 4·k bytes apart, often a multiple of 4 KiB, so they share an L1 set; reading
             # both halves of a line before the next 8 rows keeps them within its 8 ways
@@ -199,7 +180,7 @@ def _panels_kernel(
             for c in range(k8, k):
                 for r in range(pw):
                     s[c, r] = x[b0 + r, c]
-        elif x_batch:  # a last, partial panel: its rows staged with zero rows after them
+        else:  # a last, partial panel: its rows staged with zero rows after them
             st = stage[numba.get_thread_id()]
             for r in range(bq):
                 for c in range(k):
@@ -213,39 +194,23 @@ def _panels_kernel(
             for c in range(k8, k):
                 for r in range(pw):
                     s[c, r] = st[r, c]
-        else:
-            for c in range(k):
-                for r in range(bq):
-                    s[c, r] = x[c, b0 + r]
-                for r in range(bq, pw):
-                    s[c, r] = zero
         i = blocks[rb]
         r1 = blocks[rb + 1]
         while i < r1:
             nr = min(GROUP, r1 - i)
             for ii in range(nr):
                 _row(pw, indptr, indices, data, s, i + ii, s, k + ii)
-                if has_bias or relu:
-                    b_i = bias[i + ii] if has_bias else zero
-                    for r in range(pw):
-                        v = s[k + ii, r] + b_i
-                        s[k + ii, r] = v if (v > 0 or not relu) else zero
-            if out_batch and nr == GROUP and bq == pw:
+            if nr == GROUP and bq == pw:
                 for r in range(0, pw, 8):  # whole 64-byte lines of Y's rows, as for X above
                     block8_at(s, k, r, out, b0 + r, i)
                     block8_at(s, k + 8, r, out, b0 + r, i + 8)
-            elif out_batch:
-                for ii in range(nr):
-                    for r in range(bq):
-                        out[b0 + r, i + ii] = s[k + ii, r]
             else:
                 for ii in range(nr):
                     for r in range(bq):
-                        out[i + ii, b0 + r] = s[k + ii, r]
+                        out[b0 + r, i + ii] = s[k + ii, r]
             i += nr
 
 
-_NO_BIAS = np.zeros(1, dtype=np.float32)
 _NO_STAGE = np.zeros((1, 1, 1), dtype=np.float32)
 # The kernel's per-thread slots, kept per calling Python thread (two threads may launch at
 # once, and Numba's thread ids would then collide) and by shape, at most SCRATCH_MAX_BYTES per
@@ -270,7 +235,7 @@ def _huge_pages(shape) -> tuple[np.ndarray, int]:
     return raw[start : start + n].view(np.float32).reshape(shape), raw.nbytes
 
 
-def _slots(key, shape) -> np.ndarray:
+def slots(key, shape) -> np.ndarray:
     """Per-thread slots of ``shape`` (one per Numba thread), kept under ``key``; the cache
     counts the bytes allocated (with the huge-page padding), not the slots' own size."""
     cache = getattr(_scratch, "slots", None)
@@ -318,27 +283,15 @@ def _coarser(blocks: np.ndarray, n_blocks: int) -> np.ndarray:
     return blocks[np.linspace(0, fine, n_blocks + 1).round().astype(np.int64)]
 
 
-def spmm_panels(
-    indptr,
-    indices,
-    data,
-    x,
-    out,
-    blocks=None,
-    *,
-    x_batch,
-    out_batch,
-    bias=None,
-    relu=False,
-    pw=None,
-):
-    """Launcher (trusts its inputs; the public API validates): fills and returns ``out``.
-    blocks: row blocks as _common.row_blocks makes them (the CSR caches them), of which the
-    launcher takes as many as the panels need; computed when None."""
+def spmm_panels(indptr, indices, data, x, out, blocks=None, *, pw=None):
+    """Launcher (trusts its inputs; the public API validates): x (B, k) -> out (B, m), both
+    float32 C-contiguous; fills and returns ``out``. blocks: row blocks as
+    _common.row_blocks makes them (the CSR caches them), of which the launcher takes as many
+    as the panels need; computed when None."""
     if not (x.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("the panel kernel reads x and writes out as C-contiguous arrays")
-    m = out.shape[1] if out_batch else out.shape[0]
-    k, n_batch = (x.shape[1], x.shape[0]) if x_batch else x.shape
+    n_batch, k = x.shape
+    m = out.shape[1]
     if m == 0 or n_batch == 0:
         return out
     pw = panel_width(n_batch) if pw is None else pw
@@ -351,25 +304,11 @@ def spmm_panels(
     if blocks is None:
         blocks = row_blocks(indptr, m)
     blocks = _coarser(blocks, n_rb)
-    scratch = _slots(("panel", k, pw), (k + GROUP, pw))
-    # a batch-major X whose last panel is partial stages that panel's rows (pw, k)
-    partial = x_batch and n_batch % pw
-    stage = _slots(("stage", k, pw), (pw, k)) if partial else _NO_STAGE
-    has_bias = bias is not None
+    scratch = slots(("panel", k, pw), (k + GROUP, pw))
+    # a last, partial panel stages its rows (pw, k)
+    stage = slots(("stage", k, pw), (pw, k)) if n_batch % pw else _NO_STAGE
     _panels_kernel(
-        read_only_view(indptr),
-        read_only_view(indices),
-        read_only_view(data),
-        read_only_view(x),
-        bool(x_batch),
-        out,
-        bool(out_batch),
-        blocks,
-        pw,
-        scratch,
-        stage,
-        read_only_view(bias if has_bias else _NO_BIAS),
-        has_bias,
-        bool(relu),
-    )
+        *(read_only_view(a) for a in (indptr, indices, data, x)),
+        out, blocks, pw, scratch, stage,
+    )  # fmt: skip
     return out

@@ -17,14 +17,12 @@ Threads:  prange over row blocks balanced by nonzeros; each thread writes its ow
           reassociation: float32 sums in a different order than a sequential loop).
 """
 
-import threading
-
 import numba
 import numpy as np
 
 from kernels import config
 from kernels.cpu._common import U1, U2, U3, U4, four_at, row_blocks, span
-from kernels.cpu.panels import read_only_view
+from kernels.cpu.panels import read_only_view, slots
 from kernels.layout import block8_at, transpose
 from kernels.machine import cache_sizes
 
@@ -119,17 +117,12 @@ def sddmm(indptr, indices, dy, x, out, blocks=None, bias_grad=None):
 # batch-major dY: the rows a task moves into its slot at a time fill about this share of one
 # core's L2 (the rest for the X rows that stream by)
 DY_SLOT_L2_SHARE = 0.25
-_slots_cache = threading.local()
 
 
 def _dy_slots(n_batch: int) -> np.ndarray:
     rows = int(cache_sizes().l2 * DY_SLOT_L2_SHARE) // (4 * max(1, n_batch))
     rows = max(8, rows - rows % 8)
-    n = numba.config.NUMBA_NUM_THREADS
-    a = getattr(_slots_cache, "a", None)
-    if a is None or a.shape[0] < n or a.shape[1:] != (rows, n_batch):
-        a = _slots_cache.a = np.empty((n, rows, n_batch), dtype=np.float32)
-    return a
+    return slots(("dy", rows, n_batch), (rows, n_batch))  # (the panel kernel's slot cache)
 
 
 def sddmm_batch(indptr, indices, dy, x, out, blocks=None, x_t=None):

@@ -144,4 +144,4 @@ def spmm(indptr, indices, data, x, out, blocks=None, bias=None, relu=False, gate
 def spmm_batch(indptr, indices, data, x, out, blocks=None):
     """Launcher of the batch-major product (trusts its inputs): x (B, k) -> out (B, m), both
     C-contiguous float32, read and written where they are (kernels/cpu/panels.py)."""
-    return spmm_panels(indptr, indices, data, x, out, blocks, x_batch=True, out_batch=True)
+    return spmm_panels(indptr, indices, data, x, out, blocks)

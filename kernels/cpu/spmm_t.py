@@ -57,4 +57,4 @@ def spmm_t_batch(t_indptr, t_indices, t_perm, data, dy, out, blocks=None, t_data
         t_data = np.empty(t_perm.shape[0], dtype=np.float32)
     if t_perm.shape[0]:
         _gather(data, t_perm, t_data)
-    return spmm_panels(t_indptr, t_indices, t_data, dy, out, blocks, x_batch=True, out_batch=True)
+    return spmm_panels(t_indptr, t_indices, t_data, dy, out, blocks)
